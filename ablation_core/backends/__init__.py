@@ -1,0 +1,5 @@
+"""Adapters that give the core one view of a model, whichever program loaded it."""
+
+from .base import Conditioning, ModelView
+
+__all__ = ["Conditioning", "ModelView"]

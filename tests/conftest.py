@@ -1,0 +1,64 @@
+"""Tiny models of the real architectures, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from ablation_core.backends.diffusers import DiffusersModelView  # noqa: E402
+from ablation_core.random_models import build_components  # noqa: E402
+from ablation_core.settings import make_config  # noqa: E402
+from ablation_core.single_file import save_single_file  # noqa: E402
+
+TINY_TRAINING = dict(steps=12, batch_size=4, learning_rate=1e-3, anchor_images=8, sampler_steps=3,
+                     anchor_prompt_count=16)
+
+
+def tiny_config(target: str = "Grumpy Cat", anchor: str = "cat", **overrides):
+    return make_config(target, anchor, **{**TINY_TRAINING, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    return {family: build_components(family, seed=1, with_vae=True) for family in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def sd1_view(tiny_components):
+    return DiffusersModelView(tiny_components["sd1"])
+
+
+@pytest.fixture(scope="session")
+def sdxl_view(tiny_components):
+    return DiffusersModelView(tiny_components["sdxl"])
+
+
+@pytest.fixture(scope="session")
+def checkpoint_files(tiny_components, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for family, components in tiny_components.items():
+        paths[family] = folder / f"tiny_{family}.safetensors"
+        save_single_file(components, paths[family])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sd1_result(sd1_view):
+    from ablation_core.ablate import ablate
+
+    return ablate(sd1_view, tiny_config(steps=30))
+
+
+def unet_weights(view) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in view.unet.state_dict().items()}
