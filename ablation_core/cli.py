@@ -166,6 +166,35 @@ def _fake_modules(state: dict, prefix: str):
             yield key[len(prefix):-len(".weight")], torch.nn.Linear(1, 1)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .patch import load_patch
+
+    view = _load(args)
+    patch = load_patch(args.patch)
+    if view.family.name == "toy":
+        from .evaluate import evaluate_toy, to_json
+
+        evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set, args.seed,
+                                  args.strength, args.grid)
+        print(to_json(evaluation) if args.json else evaluation.table())
+        return 0
+    from .model_metrics import prediction_gaps
+    from .prompts import choose_anchor_prompts, target_prompts
+
+    anchors = choose_anchor_prompts(args.anchor, args.kind, 8, args.seed)
+    targets = target_prompts(anchors, args.anchor, args.target, args.kind)
+    gaps = prediction_gaps(view, patch, targets, anchors, args.seed, strength=args.strength)
+    print(json.dumps(gaps, indent=2) if args.json else "\n".join(f"{k}: {v:.4f}" for k, v in gaps.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), args.target, args.anchor, args.group, args.objective, args.seed)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -262,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", choices=["kv", "attn", "full"], default="kv", help="layers to extract from --finetuned")
     _patch_output_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="measure a patch: classifier figures on the toy world, model-side gaps anywhere")
+    _model_args(p)
+    p.add_argument("--patch", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--anchor", required=True)
+    p.add_argument("--kind", choices=KINDS, default="object")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--per-set", type=int, default=48, help="samples per prompt set (toy world)")
+    p.add_argument("--grid", default=None, help="also write a before/after grid image here (toy world)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="ablate a concept from the embedded toy model, evaluate it, draw the grid")
+    p.add_argument("--out", default="demo_output", help="folder for the patch, the table and the grid")
+    p.add_argument("--target", default="grumpy cat")
+    p.add_argument("--anchor", default="cat")
+    p.add_argument("--group", choices=list(GROUP_HELP), default="kv")
+    p.add_argument("--objective", choices=list(OBJECTIVE_HELP), default="model")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
     p.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], required=True)

@@ -60,3 +60,21 @@ def make_config(target: str, anchor: str, preset: str = "default", **overrides: 
     config = replace(AblationConfig(target, anchor, preset=preset), **PRESETS[preset])
     chosen = {k: v for k, v in overrides.items() if v is not None}
     return replace(config, **chosen)
+
+
+TOY_OVERRIDES: dict[str, object] = {
+    "steps": 100, "batch_size": 8, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20,
+    "guidance": 4.0, "sample_batch_size": 64,
+}
+
+
+def toy_config(target: str, anchor: str, **overrides: object) -> AblationConfig:
+    """Settings for the embedded toy world: its own prompt phrasing (its text encoder knows no other words)."""
+    from .evaluate import toy_anchor_prompts
+    from .toy.concepts import axis_of
+
+    kind = "style" if axis_of(target.lower().strip()) == "style" else "object"
+    prompts = tuple(toy_anchor_prompts(anchor.lower().strip(), kind))
+    chosen = {**TOY_OVERRIDES, "kind": kind, "anchor_prompts": prompts, "anchor_prompt_count": len(prompts),
+              **{k: v for k, v in overrides.items() if v is not None}}
+    return make_config(target.lower().strip(), anchor.lower().strip(), "default", **chosen)

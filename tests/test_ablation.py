@@ -137,3 +137,14 @@ def test_adapters_switch_off_to_give_the_frozen_model(sd1_view):
             with adapters.disabled():
                 off = sd1_view.eps(x, t, cond)
     assert torch.equal(frozen, off) and not torch.allclose(frozen, changed)
+
+
+def test_ablation_moves_the_target_onto_the_anchor(sd1_view, sd1_result):
+    """The point of it all: after the patch, target prompts predict much closer to what their anchor twins did."""
+    from ablation_core.model_metrics import prediction_gaps
+    from ablation_core.prompts import choose_anchor_prompts, target_prompts
+
+    anchors = choose_anchor_prompts("cat", "object", 16, seed=0)[:6]
+    gaps = prediction_gaps(sd1_view, sd1_result.patch, target_prompts(anchors, "cat", "Grumpy Cat", "object"), anchors)
+    assert gaps["target_anchor_gap_before"] > 0.01
+    assert gaps["target_anchor_gap_after"] < 0.7 * gaps["target_anchor_gap_before"]

@@ -167,9 +167,9 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
                prediction_type: str | None = None) -> DiffusersModelView:
     """Load ``toy``, a diffusers folder or a single-file ``.safetensors`` checkpoint as a ``ModelView``."""
     if str(spec) == TOY_MODEL:
-        from ..toy.model import TOY_WEIGHTS  # the toy world is optional at import time
+        from ..toy.model import WEIGHTS_DIR  # the toy world is imported only when asked for
 
-        components, tokenizers, acp = load_diffusers_folder(TOY_WEIGHTS, family="toy")
+        components, tokenizers, acp = load_diffusers_folder(WEIGHTS_DIR, family="toy")
         return DiffusersModelView(components, tokenizers, acp, device, dtype, source=TOY_MODEL)
     path = Path(spec)
     if path.is_dir():
