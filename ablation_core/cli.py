@@ -44,9 +44,8 @@ def _save_patch(patch, args: argparse.Namespace) -> Path:
 # Commands ------------------------------------------------------------------------------------------------------
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .ablate import Progress, ablate
+    from .ablate import ablate
+    from .console import progress_bars
     from .prompts import read_prompt_file
     from .settings import make_config
 
@@ -57,21 +56,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         regularization=args.regularize or None, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_rank=args.lora_rank, anchor_images=args.anchor_images,
         sampler_steps=args.sampler_steps, guidance=args.guidance, misspelled_targets=args.misspellings,
-        anchor_prompts=anchor_prompts, seed=args.seed)
-    bars: dict[str, tqdm] = {}
-
-    def on_progress(progress: Progress) -> None:
-        label = "anchor images" if progress.phase == "anchors" else "training"
-        bar = bars.get(progress.phase) or bars.setdefault(progress.phase, tqdm(total=progress.total, desc=label))
-        bar.update(progress.step - bar.n)
-        if progress.loss is not None:
-            bar.set_postfix(loss=f"{progress.loss:.4g}")
-
-    try:
+        anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed)
+    with progress_bars() as on_progress:
         result = ablate(view, config, on_progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
     path = _save_patch(result.patch, args)
     print(f"patch written to {path} ({_size(path)}); loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}; "
           f"anchors {result.seconds_anchors:.1f}s, training {result.seconds_training:.1f}s")
@@ -254,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--misspellings", type=int, help="also train on this many misspelled targets")
     p.add_argument("--anchor-prompts", help="file with one anchor prompt per line (instead of the built-in bank)")
+    p.add_argument("--latent-size", type=int, help="anchor image size in latent pixels (default: the model's own, "
+                   "64 for SD1.5 = 512 px); smaller is faster")
     p.add_argument("--seed", type=int, default=0)
     _patch_output_args(p)
     p.set_defaults(func=cmd_ablate)

@@ -10,12 +10,13 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .ablate import Progress, ablate
+from .ablate import ablate
 from .backends.diffusers import load_model
+from .console import progress_bars
 from .evaluate import evaluate_toy
 from .settings import toy_config
+
+DEMO_SAMPLES_PER_SET = 24
 
 
 def run_demo(out: Path, target: str, anchor: str, group: str = "kv", objective: str = "model", seed: int = 0) -> dict:
@@ -24,22 +25,13 @@ def run_demo(out: Path, target: str, anchor: str, group: str = "kv", objective: 
     view = load_model("toy")
     config = toy_config(target, anchor, group=group, objective=objective, seed=seed)
     print(f"Ablating '{config.target}' -> '{config.anchor}' from the embedded toy model ({group}, {objective} loss)")
-    bars: dict[str, tqdm] = {}
-
-    def on_progress(progress: Progress) -> None:
-        label = "anchor images" if progress.phase == "anchors" else "training"
-        bar = bars.get(progress.phase) or bars.setdefault(progress.phase, tqdm(total=progress.total, desc=label))
-        bar.update(progress.step - bar.n)
-        if progress.loss is not None:
-            bar.set_postfix(loss=f"{progress.loss:.4g}")
-
-    result = ablate(view, config, on_progress)
-    for bar in bars.values():
-        bar.close()
+    with progress_bars() as on_progress:
+        result = ablate(view, config, on_progress)
     patch_path = result.patch.compressed().save(out / "patch.safetensors")
     print(f"patch written to {patch_path} ({patch_path.stat().st_size / 1e3:.1f} kB)")
     print("evaluating: sampling target, misspelt, anchor and surrounding prompts before and after ...")
-    evaluation = evaluate_toy(view, result.patch, target, anchor, seed=seed, grid_path=str(out / "before_after.png"))
+    evaluation = evaluate_toy(view, result.patch, target, anchor, per_set=DEMO_SAMPLES_PER_SET, seed=seed,
+                              grid_path=str(out / "before_after.png"))
     table = evaluation.table()
     (out / "eval.txt").write_text(table + "\n")
     (out / "eval.json").write_text(json.dumps(evaluation.as_json(), indent=2) + "\n")

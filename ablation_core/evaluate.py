@@ -52,7 +52,7 @@ class Evaluation:
         for s in self.sets:
             lines.append(f"{s.name:<24}{s.concept:<14}{s.shown_before:>8.1%}{s.shown_after:>8.1%}{s.samples:>9}")
         lines.append("")
-        lines += [f"{k:<24}{v:.3f}" for k, v in self.summary.items()]
+        lines += [f"{k:<30}{v:.3f}" for k, v in self.summary.items()]
         return "\n".join(lines)
 
 
@@ -66,12 +66,12 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) 
     concept = CONCEPTS_BY_NAME.get(target)
     neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (target, anchor)]
 
-    def captions(name: str) -> list[str]:
+    def captions(name: str, count: int = per_set) -> list[str]:
         if axis_of(name) == "style":
             labels = [ToyLabel(s, name) for s in SUBJECTS]
         else:
             labels = [ToyLabel(name, s) for s in STYLES]
-        return [caption(labels[i % len(labels)], i // len(labels)) for i in range(per_set)]
+        return [caption(labels[i % len(labels)], i // len(labels)) for i in range(count)]
 
     target_prompts = captions(target)
     typos = misspellings(target, 4, seed)
@@ -80,9 +80,9 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) 
     if misspelt:
         sets.append(PromptSet("misspelt target", target, misspelt))
     sets.append(PromptSet("anchor", anchor, captions(anchor)))
-    per_neighbour = max(4, per_set // max(1, len(neighbours)))
+    per_neighbour = max(16, per_set // max(1, len(neighbours)))
     for name in neighbours:
-        sets.append(PromptSet(f"surrounding: {name}", name, captions(name)[:per_neighbour]))
+        sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
     return sets
 
 
@@ -131,7 +131,7 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
         for prompt_set, before_images, after_images in pictures:
             rows += [list(view.decode(before_images)), list(view.decode(after_images))]
             labels += [f"before | {prompt_set.name}", f"after  | {prompt_set.name}"]
-        grid(rows, labels, [prompt_set.prompts[i][:26] for i in range(6)], cell=64).save(grid_path)
+        grid(rows, labels, [f"sample {i + 1}" for i in range(6)], cell=64).save(grid_path)
     return evaluation
 
 

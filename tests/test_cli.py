@@ -8,7 +8,8 @@ import pytest
 
 from ablation_core.cli import main
 
-TINY = ["--steps", "4", "--batch-size", "2", "--anchor-images", "4", "--sampler-steps", "2", "--lr", "1e-3"]
+TINY = ["--steps", "4", "--batch-size", "2", "--anchor-images", "4", "--sampler-steps", "2", "--lr", "1e-3",
+        "--latent-size", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def test_inspect_prints_metadata(cli_patch, capsys):
 def test_apply_renders_before_and_after(cli_patch, checkpoint_files, tmp_path):
     image = tmp_path / "compare.png"
     assert main(["apply", "--model", str(checkpoint_files["sd1"]), "--patch", str(cli_patch), "--prompt",
-                 "a photo of Grumpy Cat", "--out", str(image), "--images", "2", "--sampler-steps", "2"]) == 0
+                 "a photo of Grumpy Cat", "--out", str(image), "--images", "2", "--sampler-steps", "2",
+                 "--latent-size", "8"]) == 0
     from PIL import Image
 
     assert Image.open(image).size[0] > 2 * 128

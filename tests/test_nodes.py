@@ -1,0 +1,302 @@
+"""The ComfyUI nodes and the comfy backend, run against small fakes of ComfyUI (CI has no ComfyUI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ablation_core.backends import comfy as backend
+from ablation_core.errors import AblationError, UnsupportedModelError
+from ablation_core.patch import META, AblationPatch, LayerDelta, fingerprint, load_patch
+from ablation_core.settings import make_config
+from tests import comfy_fakes as fakes
+
+REPO = Path(__file__).resolve().parents[1]
+NODES_INIT = REPO / "nodes" / "__init__.py"
+TINY = {"steps": 3, "batch_size": 2, "anchor_images": 2, "sampler_steps": 2, "sample_batch_size": 2,
+        "anchor_prompt_count": 3, "latent_size": 4}
+
+
+def _import_nodes():
+    import nodes
+
+    return nodes
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    state = fakes.install(tmp_path, monkeypatch)
+    nodes = _import_nodes()
+    nodes.setup()
+    return state
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """One tiny ablation through the comfy backend, shared by the tests that only need a patch."""
+    mp = pytest.MonkeyPatch()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        fakes.install(Path(folder), mp)
+        model, clip = fakes.make_model(), fakes.make_clip()
+        config = make_config("Van Gogh", "painting", "fast", kind="style", **TINY)
+        out_model, out_clip, patch = backend.ablate_concept(model, clip, config)
+    mp.undo()
+    return model, clip, out_model, out_clip, patch
+
+
+def _nodes():
+    return _import_nodes().NODE_CLASS_MAPPINGS
+
+
+def _patch_for(model: fakes.ModelPatcher, value: float, target: str = "x") -> AblationPatch:
+    view = backend.ComfyModelView(model)
+    layers = view.unet_layers("kv")
+    deltas = {layer.key: LayerDelta(diff=torch.full(tuple(layer.weight.shape), value)) for layer in layers}
+    metadata = {META + "targets": json.dumps([target]), META + "anchors": json.dumps(["y"]),
+                META + "base_family": "sd1",
+                META + "base_fingerprint": fingerprint({layer.key: layer.weight for layer in layers})}
+    return AblationPatch(deltas, metadata)
+
+
+# Declarations --------------------------------------------------------------------------------------------------
+
+def test_every_node_declares_valid_inputs_and_outputs():
+    nodes = _import_nodes()
+    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    known_types = {"MODEL", "CLIP", "VAE", "IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN", "ABLATION_PATCH"}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if name == "LoadAblationPatch":
+            continue  # lists files through folder_paths; checked with the fakes below
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional", "hidden"}, name
+        for section in ("required", "optional"):
+            for spec in inputs.get(section, {}).values():
+                kind = spec[0]
+                assert isinstance(kind, list) or kind in known_types, (name, spec)
+                if len(spec) > 1 and "default" in spec[1] and isinstance(kind, list):
+                    assert spec[1]["default"] in kind, (name, spec)
+        assert all(t in known_types for t in cls.RETURN_TYPES), name
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert cls.CATEGORY.startswith("conditioning/ablation")
+        if hasattr(cls, "RETURN_NAMES"):
+            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+
+
+def test_load_node_lists_patch_and_lora_folders(comfy, tmp_path):
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    (tmp_path / "models" / "loras" / "a.safetensors").write_bytes(b"")
+    (tmp_path / "models" / "ablation_patches").mkdir(parents=True)
+    (tmp_path / "models" / "ablation_patches" / "b.safetensors").write_bytes(b"")
+    choices = _nodes()["LoadAblationPatch"].INPUT_TYPES()["required"]["patch_name"][0]
+    assert choices == ["b.safetensors", "a.safetensors"]
+
+
+def test_package_entry_point_imports_without_comfyui(monkeypatch):
+    """The folder loaded the way ComfyUI loads custom nodes: a package from its ``__init__.py``."""
+    spec = importlib.util.spec_from_file_location("concept_ablation_entry", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert module.WEB_DIRECTORY == "./web"
+    assert "AblateConcept" in module.NODE_CLASS_MAPPINGS
+    assert (REPO / "web" / "concept_ablation.js").exists()
+
+
+# The backend's view of a ComfyUI model ------------------------------------------------------------------------
+
+def test_view_keys_and_fingerprint_match_the_diffusers_backend(tmp_path):
+    """Same checkpoint, both backends: the same patch keys and the same base-model fingerprint."""
+    from safetensors.torch import load_file
+
+    from ablation_core.backends.diffusers import load_model
+    from ablation_core.random_models import build_components
+    from ablation_core.single_file import save_single_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_single_file(build_components("sd1", seed=3), path)
+    state = load_file(path)
+    unet_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    base = fakes.BaseModel(fakes.module_tree_from_state_dict(unet_state).diffusion_model)
+    comfy_layers = backend.ComfyModelView(fakes.ModelPatcher(base)).unet_layers("kv")
+    diffusers_layers = load_model(path).unet_layers("kv")
+    assert sorted(layer.key for layer in comfy_layers) == sorted(layer.key for layer in diffusers_layers)
+    assert fingerprint({layer.key: layer.weight for layer in comfy_layers}) == \
+        fingerprint({layer.key: layer.weight for layer in diffusers_layers})
+
+
+def test_view_names_layers_and_encodes_like_comfyui(comfy):
+    view = backend.ComfyModelView(fakes.make_model(), fakes.make_clip())
+    keys = {layer.key for layer in view.unet_layers("kv")}
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k" in keys
+    assert view.state_key("lora_unet_middle_block_0_transformer_blocks_0_attn2_to_v") == \
+        ("model", "diffusion_model.middle_block.0.transformer_blocks.0.attn2.to_v.weight")
+    assert [layer.key for layer in view.text_layers("embedding")] == ["lora_te_text_model_embeddings_token_embedding"]
+    with torch.no_grad():
+        both = view.encode(["a cat", "a dog"])
+        single = view.encode(["a dog"])
+    assert both.context.shape == (2, 77, fakes.CONTEXT_DIM)
+    torch.testing.assert_close(both.context[1:], single.context)
+    assert view.token_ids("grumpy cat") == [view.clip.tokenizer("grumpy cat", add_special_tokens=False).input_ids]
+
+
+def test_eps_matches_the_models_noise_prediction_for_v_models(comfy):
+    eps_view = backend.ComfyModelView(fakes.make_model())
+    v_view = backend.ComfyModelView(fakes.make_model(model_type=fakes.ModelType.V_PREDICTION))
+    x_t, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    cond = backend.Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
+    with torch.no_grad():
+        v = eps_view.eps(x_t, t, cond)  # same weights: this is the raw output
+        eps = v_view.eps(x_t, t, cond)
+    acp = v_view.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(eps, acp.sqrt() * v + (1 - acp).sqrt() * x_t)
+
+
+def test_sdxl_conditioning_carries_y(comfy):
+    view = backend.ComfyModelView(fakes.make_model("sdxl"), fakes.make_clip())
+    assert view.family.name == "sdxl"
+    with torch.no_grad():
+        cond = view.encode(["a cat", "a dog"])
+        out = view.eps(torch.randn(2, 4, 4, 4), torch.tensor([5, 500]), cond)
+    assert cond.extra["y"].shape == (2, fakes.CONTEXT_DIM + 16) and out.shape == (2, 4, 4, 4)
+
+
+def test_models_without_cross_attention_get_a_clear_error():
+    model = fakes.make_model()
+    model.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(UnsupportedModelError, match="MM-DiT"):
+        backend.ComfyModelView(model)
+    flow = fakes.make_model(model_type=fakes.ModelType.FLOW)
+    with pytest.raises(UnsupportedModelError, match="FLOW"):
+        backend.ComfyModelView(flow)
+
+
+# Nodes against the fakes --------------------------------------------------------------------------------------
+
+def test_ablate_node_trains_under_inference_mode_and_leaves_the_input_model_alone(comfy, monkeypatch):
+    model, clip = fakes.make_model(), fakes.make_clip()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    node = _nodes()["AblateConcept"]()
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        out_model, out_clip, patch = _run_ablate(node, model, clip, monkeypatch, unique_id="7")
+    assert model.patches == {} and out_clip is clip
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert len(patch.deltas) == 6 and all(k.endswith(("to_k", "to_v")) for k in patch.deltas)
+    patched_keys = set(out_model.patches)
+    assert patched_keys == {backend.ComfyModelView(model).state_key(k)[1] for k in patch.deltas}
+    assert comfy.loaded and all(force for _, force in comfy.loaded)
+    assert comfy.progress[-1] == (comfy.progress[-1][1], comfy.progress[-1][1])
+    events = [data for event, data in comfy.messages if event == backend.PROGRESS_EVENT]
+    assert [e["phase"] for e in events if e["phase"] == "train"] == ["train"] * TINY["steps"]
+    assert events[-1]["phase"] == "done" and events[-1]["node"] == "7"
+
+
+def _run_ablate(node, model, clip, monkeypatch, unique_id=None, use_cache=True):
+    """The node with its own inputs, shrunk further (anchor images, batch) through the backend call it makes."""
+    original = backend.ablate_concept
+
+    def tiny(model, clip, config, **kwargs):
+        return original(model, clip, replace(config, **{k: v for k, v in TINY.items() if k != "steps"}), **kwargs)
+
+    monkeypatch.setattr(backend, "ablate_concept", tiny)
+    return node.ablate(model, clip, "Van Gogh", "painting", "style", "kv", "fast", TINY["steps"], 0,
+                       image_size=TINY["latent_size"] * 8, use_cache=use_cache, unique_id=unique_id)
+
+
+def test_second_run_reuses_the_disk_cache(comfy, monkeypatch):
+    model, clip = fakes.make_model(), fakes.make_clip()
+    node = _nodes()["AblateConcept"]()
+    _, _, first = _run_ablate(node, model, clip, monkeypatch)
+    comfy.messages.clear()
+    _, _, second = _run_ablate(node, model, clip, monkeypatch)
+    assert [d["phase"] for _, d in comfy.messages] == ["done"] and comfy.messages[0][1]["cached"]
+    for key, delta in first.deltas.items():
+        torch.testing.assert_close(second.deltas[key].full(), delta.full())
+
+
+def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, monkeypatch):
+    model, clip = fakes.make_model(), fakes.make_clip()
+    comfy.interrupt_after = 3
+    with pytest.raises(fakes.InterruptProcessingException):
+        _run_ablate(_nodes()["AblateConcept"](), model, clip, monkeypatch, use_cache=False)
+    assert model.patches == {}
+    for module in model.model.diffusion_model.modules():
+        assert not module._forward_hooks
+
+
+def test_embedding_group_patches_the_clip(comfy):
+    model, clip = fakes.make_model(), fakes.make_clip()
+    config = make_config("Van Gogh", "painting", "fast", kind="style", group="embedding", **TINY)
+    out_model, out_clip, patch = backend.ablate_concept(model, clip, config)
+    assert list(patch.deltas) == ["lora_te_text_model_embeddings_token_embedding"]
+    assert set(out_clip.patcher.patches) == {"clip_l.transformer.text_model.embeddings.token_embedding.weight"}
+    assert out_model.patches == {} and clip.patcher.patches == {}
+
+
+def test_apply_node_adds_diff_patches_with_strength_and_checks_the_fingerprint(comfy, trained):
+    model, clip, _, _, patch = trained
+    out_model, out_clip = _nodes()["ApplyAblationPatch"]().apply(model, patch, 0.5, clip)["result"]
+    view = backend.ComfyModelView(model)
+    for key, delta in patch.deltas.items():
+        state_key = view.state_key(key)[1]
+        expected = model.model.state_dict()[state_key].float() + 0.5 * delta.full()
+        torch.testing.assert_close(out_model.patched_weight(state_key), expected)
+    assert model.patches == {}
+    other = fakes.make_model(seed=5)
+    status = _nodes()["ApplyAblationPatch"]().apply(other, patch, 1.0, clip)["ui"]["text"][0]
+    assert status.startswith("WARNING")
+
+
+def test_save_then_load_round_trips_through_the_loras_folder(comfy, tmp_path, trained):
+    patch = trained[4]
+    save = _nodes()["SaveAblationPatch"]()
+    preview = torch.rand(1, 16, 16, 3)
+    ui = save.save(patch, "ablation/vangogh", "loras", "full rank (exact)", 0.999, preview=preview)["ui"]
+    assert ui["text"] == ["saved vangogh_00001.safetensors (loras)"]
+    save.save(patch, "ablation/vangogh", "loras", "low rank (small)", 0.999)
+    folder = tmp_path / "models" / "loras" / "ablation"
+    assert sorted(p.name for p in folder.iterdir()) == ["vangogh_00001.preview.png", "vangogh_00001.safetensors",
+                                                        "vangogh_00002.safetensors"]
+    assert "ablation/vangogh_00001.safetensors" in _nodes()["LoadAblationPatch"].INPUT_TYPES()["required"][
+        "patch_name"][0]
+    loaded, text = _nodes()["LoadAblationPatch"]().load("ablation/vangogh_00001.safetensors")["result"]
+    assert "Van Gogh" in text
+    for key, delta in patch.deltas.items():
+        torch.testing.assert_close(loaded.deltas[key].full(), delta.full(), atol=1e-3, rtol=1e-2)
+    assert load_patch(folder / "vangogh_00002.safetensors").is_low_rank
+    with pytest.raises(AblationError, match="leaves"):
+        save.save(patch, "../../outside", "loras", "full rank (exact)", 0.999)
+
+
+def test_stack_applies_each_patch_and_merge_sums_them(comfy):
+    model = fakes.make_model()
+    first, second = _patch_for(model, 1.0, "a"), _patch_for(model, 2.0, "b")
+    (stack,) = _nodes()["StackAblationPatches"]().stack(first, 1.0, second, 0.5)
+    stacked, _ = _nodes()["ApplyAblationPatch"]().apply(model, stack, 2.0)["result"]
+    (merged,) = _nodes()["MergeAblationPatches"]().merge(first, 1.0, second, 0.5, "weighted sum")
+    applied, _ = _nodes()["ApplyAblationPatch"]().apply(model, merged, 2.0)["result"]
+    key = next(iter(stacked.patches))
+    assert len(stacked.patches[key]) == 2 and len(applied.patches[key]) == 1
+    torch.testing.assert_close(stacked.patched_weight(key), applied.patched_weight(key))
+    torch.testing.assert_close(applied.patched_weight(key) - model.model.state_dict()[key], torch.full_like(
+        applied.patched_weight(key), 2.0 * (1.0 + 0.5 * 2.0)))
+    assert json.loads(merged.metadata[META + "targets"]) == ["a", "b"]
+
+
+def test_report_renders_before_and_after_rows(comfy, trained):
+    model, clip, _, _, patch = trained
+    image, text = _nodes()["AblationReport"]().report(model, clip, fakes.VAE(), patch, 1.0, "a dog", 0, 2, 3.0, 1,
+                                                       64)
+    rows = backend.report_prompts(patch, "a dog")
+    assert rows == ["Van Gogh", "painting", "a dog"]
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 3 * 64
+    assert "targets" in text and model.patches == {}

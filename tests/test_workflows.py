@@ -1,0 +1,68 @@
+"""The example workflows load in ComfyUI: valid UI-format JSON, only known node types, consistent links, and one
+widget value per widget of each node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import comfy_fakes as fakes
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+CONNECTION_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "ABLATION_PATCH"}
+
+# ComfyUI core nodes the examples use: their widget values in UI order (KSampler's seed brings a control value).
+CORE_WIDGETS = {
+    "CheckpointLoaderSimple": 1,
+    "CLIPTextEncode": 1,
+    "EmptyLatentImage": 3,
+    "KSampler": 7,
+    "VAEDecode": 0,
+    "SaveImage": 1,
+    "PreviewImage": 0,
+    "LoraLoader": 3,
+    "LoraLoaderModelOnly": 2,
+}
+
+
+def _our_widget_counts() -> dict[str, int]:
+    import nodes
+
+    counts = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        specs = [*inputs.get("required", {}).values(), *inputs.get("optional", {}).values()]
+        widgets = [s for s in specs if isinstance(s[0], list) or s[0] not in CONNECTION_TYPES]
+        controls = [s for s in widgets if len(s) > 1 and s[1].get("control_after_generate")]
+        counts[name] = len(widgets) + len(controls)
+    return counts
+
+
+@pytest.fixture
+def widget_counts(tmp_path, monkeypatch):
+    fakes.install(tmp_path, monkeypatch)
+    return {**CORE_WIDGETS, **_our_widget_counts()}
+
+
+def test_there_are_at_least_three_examples():
+    assert len(WORKFLOWS) >= 3
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_is_loadable_ui_json(path, widget_counts):
+    workflow = json.loads(path.read_text())
+    assert {"nodes", "links", "version", "last_node_id", "last_link_id"} <= set(workflow)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert max(nodes) <= workflow["last_node_id"]
+    for node in nodes.values():
+        assert node["type"] in widget_counts, f"{path.name}: unknown node type {node['type']}"
+        assert len(node.get("widgets_values", [])) == widget_counts[node["type"]], (path.name, node["type"])
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id <= workflow["last_link_id"]
+        assert nodes[origin]["outputs"][origin_slot]["type"] == kind
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["type"] == kind
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+    assert any(node["type"] in _our_widget_counts() for node in nodes.values())
