@@ -80,7 +80,7 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) 
     if misspelt:
         sets.append(PromptSet("misspelt target", target, misspelt))
     sets.append(PromptSet("anchor", anchor, captions(anchor)))
-    per_neighbour = max(16, per_set // max(1, len(neighbours)))
+    per_neighbour = max(min(16, per_set), per_set // max(1, len(neighbours)))
     for name in neighbours:
         sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
     return sets

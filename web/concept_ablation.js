@@ -121,7 +121,8 @@ async function showPatchInfo(node, name) {
 app.registerExtension({
   name: "concept_ablation.ui",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    const ours = nodeData.python_module && String(nodeData.python_module).includes("concept_ablation");
+    // By category, not python_module: the folder name differs between git clone, the Manager and a symlink.
+    const ours = nodeData.category === "conditioning/ablation";
     if (!ours) return;
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
