@@ -135,8 +135,17 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
     return evaluation
 
 
+def _shows(prediction, concept: str) -> bool:
+    """Strict: an object counts only without an instance's marking (a grumpy cat is not a plain "cat")."""
+    from .toy.concepts import NO_INSTANCE, axis_of
+
+    if axis_of(concept) == "object":
+        return prediction.object == concept and prediction.instance == NO_INSTANCE
+    return prediction.shows(concept)
+
+
 def _shown(predictions: list, concept: str) -> float:
-    return sum(p.shows(concept) for p in predictions) / len(predictions)
+    return sum(_shows(p, concept) for p in predictions) / len(predictions)
 
 
 def _summary(results: list[SetResult]) -> dict[str, float]:

@@ -66,6 +66,7 @@ TOY_OVERRIDES: dict[str, object] = {
     "steps": 100, "batch_size": 8, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20,
     "guidance": 4.0, "sample_batch_size": 64,
 }
+TOY_FULL_LEARNING_RATE = 1e-4  # every UNet weight moves: a tenth of the step keeps the neighbours
 
 
 def toy_config(target: str, anchor: str, **overrides: object) -> AblationConfig:
@@ -75,6 +76,8 @@ def toy_config(target: str, anchor: str, **overrides: object) -> AblationConfig:
 
     kind = "style" if axis_of(target.lower().strip()) == "style" else "object"
     prompts = tuple(toy_anchor_prompts(anchor.lower().strip(), kind))
-    chosen = {**TOY_OVERRIDES, "kind": kind, "anchor_prompts": prompts, "anchor_prompt_count": len(prompts),
-              **{k: v for k, v in overrides.items() if v is not None}}
+    chosen = {**TOY_OVERRIDES, "kind": kind, "anchor_prompts": prompts, "anchor_prompt_count": len(prompts)}
+    if overrides.get("group") == "full":
+        chosen["learning_rate"] = TOY_FULL_LEARNING_RATE
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
     return make_config(target.lower().strip(), anchor.lower().strip(), "default", **chosen)
