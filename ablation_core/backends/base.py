@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..families import Family
 from ..layers import Layer
@@ -80,10 +80,6 @@ class ModelView(ABC):
             for layer in self.layers(group):
                 found[layer.key] = layer
         return found
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """Modules whose parameters must be frozen while adapters train."""
-        return []
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to RGB images in [0, 1], shape [B, 3, H, W]."""
