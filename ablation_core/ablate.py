@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """What a progress bar shows: phase ("anchors" or "train"), step of total, the loss and time left."""
+    """What a progress bar shows: phase ("prompts", "anchors" or "train"), step of total, the loss and time left."""
 
     phase: str
     step: int
@@ -80,6 +80,20 @@ def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationC
     return masks
 
 
+ENCODE_CHUNK = 32
+
+
+def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn, cancelled: CancelFn) -> Conditioning:
+    """Encode in chunks, reporting ("prompts", done, total) and checking cancel between chunks."""
+    parts = []
+    for start in range(0, len(prompts), ENCODE_CHUNK):
+        if cancelled():
+            raise AblationCancelled("cancelled while encoding prompts; nothing was written")
+        parts.append(view.encode(prompts[start:start + ENCODE_CHUNK]))
+        report(Progress("prompts", min(start + ENCODE_CHUNK, len(prompts)), len(prompts)))
+    return Conditioning.cat(parts)
+
+
 def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
     user = list(config.anchor_prompts) if config.anchor_prompts else None
     anchors = prompt_lib.choose_anchor_prompts(config.anchor, config.kind, config.anchor_prompt_count, config.seed,
@@ -108,23 +122,37 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     variants = len(target_prompts) // len(anchor_prompts)
     generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
-        anchor_cond = view.encode(anchor_prompts)
-        target_cond = view.encode(target_prompts) if config.group != "embedding" else None
+        to_encode = anchor_prompts + (target_prompts if config.group != "embedding" else [])
+        encoded = _encode_with_progress(view, to_encode, report, cancelled)
+        anchor_cond = encoded.select(list(range(len(anchor_prompts))))
+        target_cond = encoded.select(list(range(len(anchor_prompts), len(to_encode)))) if config.group != "embedding" \
+            else None
 
     # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
     started = time.perf_counter()
-    sampled_prompts = target_prompts[: len(anchor_prompts)] if config.objective == "maximize" else anchor_prompts
+    if config.objective == "maximize":
+        sampled_prompts = target_prompts[: len(anchor_prompts)]
+        sampled_cond = target_cond.select(list(range(len(anchor_prompts)))) if target_cond is not None else None
+    else:
+        sampled_prompts, sampled_cond = anchor_prompts, anchor_cond
     image_prompt = torch.arange(config.anchor_images) % len(anchor_prompts)
     image_prompt = image_prompt[torch.randperm(len(image_prompt), generator=generator)]
 
-    def on_batch(done: int, total: int) -> None:
+    reported = [-1]
+
+    def on_sampler_step(done: float, total: int) -> None:
         if cancelled():
             raise AblationCancelled("cancelled while sampling anchor images; nothing was written")
-        report(Progress("anchors", done, total))
+        if int(done) != reported[0]:  # at most one report per finished image's worth of solver steps
+            reported[0] = int(done)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (total - done) if done else None  # this phase only
+            report(Progress("anchors", int(done), total, None, eta))
 
     with _oom_guard():
         latents = sample_latents(view, sampled_prompts, image_prompt, config.sampler_steps, config.guidance,
-                                 config.sample_batch_size, config.seed, config.latent_size, on_batch)
+                                 config.sample_batch_size, config.seed, config.latent_size, on_sampler_step,
+                                 sampled_cond)
     seconds_anchors = time.perf_counter() - started
 
     # 4. Train adapters on the frozen model.

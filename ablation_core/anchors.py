@@ -31,12 +31,18 @@ def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning,
 @torch.no_grad()
 def sample_latents(view: ModelView, prompts: list[str], prompt_index: Tensor, steps: int, guidance: float,
                    batch_size: int, seed: int, latent_size: int | None = None,
-                   on_batch: Callable[[int, int], None] | None = None) -> Tensor:
-    """Sample one latent per entry of ``prompt_index`` (indices into ``prompts``); returns them on the CPU."""
+                   on_progress: Callable[[float, int], None] | None = None,
+                   encoded: Conditioning | None = None) -> Tensor:
+    """Sample one latent per entry of ``prompt_index`` (indices into ``prompts``); returns them on the CPU.
+
+    ``on_progress(images_done, images_total)`` is called after every sampler step, with a fractional count of images
+    (a batch half-way through its solver steps counts half), so progress bars and cancel checks stay live.
+    ``encoded`` may hold ``prompts`` already encoded, to skip encoding them again.
+    """
     size = latent_size or view.default_latent_size
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompt_index), view.latent_channels, size, size, generator=generator)
-    cond_all = view.encode(prompts)
+    cond_all = encoded if encoded is not None else view.encode(prompts)
     uncond = view.encode([""])
     latents = []
     for start in range(0, len(prompt_index), batch_size):
@@ -44,9 +50,12 @@ def sample_latents(view: ModelView, prompts: list[str], prompt_index: Tensor, st
         cond = cond_all.select(index)
         uncond_batch = uncond.select([0] * len(index))
         eps = guided_eps(view, cond, uncond_batch, guidance)
+
+        def on_step(i: int, start: int = start, count: int = len(index)) -> None:
+            if on_progress is not None:
+                on_progress(start + count * (i + 1) / steps, len(prompt_index))
+
         x0 = sample_dpmpp_2m(eps, noise[start:start + len(index)].to(view.device, view.dtype),
-                             view.alphas_cumprod, steps)
+                             view.alphas_cumprod, steps, on_step)
         latents.append(x0.float().cpu())
-        if on_batch is not None:
-            on_batch(start + len(index), len(prompt_index))
     return torch.cat(latents)

@@ -9,14 +9,16 @@ from tqdm import tqdm
 
 from .ablate import Progress
 
+PHASE_LABELS = {"prompts": "encoding prompts", "anchors": "anchor images", "train": "training"}
+
 
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Callable[[Progress], None]]:
-    """A progress callback drawing one bar per phase (anchor images, training) with the loss; closes them after."""
+    """A progress callback drawing one bar per phase (prompts, anchor images, training) with the loss; closes them."""
     bars: dict[str, tqdm] = {}
 
     def on_progress(progress: Progress) -> None:
-        label = "anchor images" if progress.phase == "anchors" else "training"
+        label = PHASE_LABELS.get(progress.phase, progress.phase)
         bar = bars.get(progress.phase) or bars.setdefault(progress.phase, tqdm(total=progress.total, desc=label))
         bar.update(progress.step - bar.n)
         if progress.loss is not None:

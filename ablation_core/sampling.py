@@ -51,6 +51,8 @@ def sample_dpmpp_2m(eps: EpsFn, noise: Tensor, alphas_cumprod: Tensor, steps: in
         x0 = (x - sigma_t * eps_pred) / alpha_t
         if i + 1 == len(timesteps):
             x = x0
+            if on_step is not None:
+                on_step(i)
             break
         t_next = timesteps[i + 1]
         alpha_n, sigma_n = float(acp[t_next].sqrt()), float((1 - acp[t_next]).sqrt())

@@ -238,8 +238,24 @@ class ModelPatcher:
         return weight
 
 
+class CLIPLayer(nn.Module):
+    """ComfyUI's ``comfy.clip_model.CLIPLayer``: residuals added in place, as ComfyUI does."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = lambda x, mask, optimized_attention: x * 0.5  # stand-in for CLIPAttention
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, optimized_attention=None) -> Tensor:
+        x += self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+        x += self.mlp(self.layer_norm2(x))
+        return x
+
+
 class ClipModel(nn.Module):
-    """``cond_stage_model`` of SD1: the text encoder under ``clip_l.transformer``."""
+    """``cond_stage_model`` of SD1: the text encoder under ``clip_l.transformer`` (HF layers, then one ComfyUI-style
+    in-place ``CLIPLayer``)."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -249,6 +265,7 @@ class ClipModel(nn.Module):
         self.clip_l.transformer.text_model = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=32))
+        self.clip_l.transformer.comfy_layer = CLIPLayer(CONTEXT_DIM)
 
 
 class CLIP:
@@ -272,7 +289,8 @@ class CLIP:
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
         ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens["l"]])
         out = self.cond_stage_model.clip_l.transformer.text_model(ids)
-        cond = out.last_hidden_state.reshape(1, -1, CONTEXT_DIM)
+        hidden = self.cond_stage_model.clip_l.transformer.comfy_layer(out.last_hidden_state)
+        cond = hidden.reshape(1, -1, CONTEXT_DIM)
         return (cond, out.pooler_output[:1]) if return_pooled else cond
 
 

@@ -78,6 +78,22 @@ def test_progress_reports_loss_and_eta(sd1_view):
     train = [p for p in seen if p.phase == "train"]
     assert [p.step for p in train] == [1, 2, 3] and all(p.loss is not None for p in train)
     assert train[-1].eta_seconds == 0 and any(p.phase == "anchors" for p in seen)
+    phases = list(dict.fromkeys(p.phase for p in seen))
+    assert phases == ["prompts", "anchors", "train"]
+    prompts = [p for p in seen if p.phase == "prompts"]
+    assert prompts[-1].step == prompts[-1].total > 0
+
+
+def test_anchor_sampling_reports_and_cancels_within_a_batch(sd1_view):
+    # One batch of 4 images over 4 solver steps: progress must arrive per step, not only once the batch is done.
+    seen: list[Progress] = []
+    config = tiny_config(steps=1, anchor_images=4, sample_batch_size=4, sampler_steps=4)
+    ablate(sd1_view, config, on_progress=seen.append)
+    anchors = [p.step for p in seen if p.phase == "anchors"]
+    assert anchors == [1, 2, 3, 4] and all(p.total == 4 for p in seen if p.phase == "anchors")
+    checks = iter(range(100))
+    with pytest.raises(AblationCancelled, match="sampling anchor images"):
+        ablate(sd1_view, config, should_cancel=lambda: next(checks) >= 2)
 
 
 def test_cancel_stops_and_leaves_model_untouched(sd1_view):

@@ -240,6 +240,8 @@ def test_embedding_group_patches_the_clip(comfy):
     assert list(patch.deltas) == ["lora_te_text_model_embeddings_token_embedding"]
     assert set(out_clip.patcher.patches) == {"clip_l.transformer.text_model.embeddings.token_embedding.weight"}
     assert out_model.patches == {} and clip.patcher.patches == {}
+    # Trained through ComfyUI's in-place CLIPLayer residuals; the layer's own forward is back afterwards.
+    assert "forward" not in vars(clip.cond_stage_model.clip_l.transformer.comfy_layer)
 
 
 def test_apply_node_adds_diff_patches_with_strength_and_checks_the_fingerprint(comfy, trained):

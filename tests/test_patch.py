@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -198,3 +200,13 @@ def test_interrupted_save_leaves_no_file(sd1_result, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sd1_result.patch.save(tmp_path / "p.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_patch_gets_the_usual_file_permissions(sd1_result, tmp_path):
+    # The atomic temp file is private (0600); the finished patch must be readable like any file the user saves.
+    old = os.umask(0o022)
+    try:
+        path = sd1_result.patch.save(tmp_path / "p.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

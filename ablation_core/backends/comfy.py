@@ -6,15 +6,17 @@ module exists to handle (DESIGN section 7):
 - nodes run under ``torch.inference_mode()``, and weights loaded there are inference tensors that autograd cannot
   save; training runs under ``inference_mode(False)`` on a clone whose weights are copied on use when needed;
 - ``BaseModel.apply_model`` returns x0, so ``eps`` calls ``diffusion_model`` directly (SDXL with ``y``);
-- the user's model is never changed: training hooks a clone, and results are ``add_patches`` on clones.
+- the user's model is never changed: training hooks a clone, and results are ``add_patches`` on clones;
+- ComfyUI's ``CLIPLayer`` adds residuals in place, so the embedding group runs it out of place while it trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,30 @@ def _clip_encoders(clip) -> list[tuple[str, str]]:
     found = select_text_modules(clip.cond_stage_model.named_modules(), "embedding")
     heads = [name.split(".", 1)[0] for name, _ in found]
     return [(head, head.removeprefix("clip_")) for head in heads]
+
+
+@contextlib.contextmanager
+def _out_of_place_residuals(text_model: nn.Module) -> Iterator[None]:
+    """ComfyUI's ``CLIPLayer`` adds its residuals in place (``x += attn(norm(x))``), which autograd refuses once the
+    token embedding trains ("modified by an inplace operation"). While gradients flow, such layers run the same
+    computation out of place; their own ``forward`` is back afterwards."""
+    parts = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+    layers = [m for m in text_model.modules()
+              if type(m).__name__ == "CLIPLayer" and all(hasattr(m, p) for p in parts) and "forward" not in vars(m)]
+
+    def out_of_place(layer: nn.Module) -> Callable[..., Tensor]:
+        def forward(x: Tensor, mask: Tensor | None = None, optimized_attention=None) -> Tensor:
+            x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+            return x + layer.mlp(layer.layer_norm2(x))
+        return forward
+
+    for layer in layers:
+        layer.forward = out_of_place(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 class ComfyModelView(ModelView):
@@ -148,8 +174,9 @@ class ComfyModelView(ModelView):
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """Encoded once per prompt and kept (no-grad only), so training never reloads the text encoder."""
-        if torch.is_grad_enabled():
-            return self._encode_many(prompts)
+        if torch.is_grad_enabled():  # the embedding group trains through the text encoder
+            with _out_of_place_residuals(self._require_clip().cond_stage_model):
+                return self._encode_many(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._encoded]
         if missing:
             encoded = self._encode_many(missing)
@@ -265,8 +292,9 @@ class NodeProgress:
         self.bar = comfy.utils.ProgressBar(self.total)
 
     def __call__(self, progress: Progress) -> None:
-        value = progress.step if progress.phase == "anchors" else self.anchor_images + progress.step
-        self.bar.update_absolute(value, self.total)
+        if progress.phase != "prompts":  # the bar covers anchor images, then training steps
+            value = progress.step if progress.phase == "anchors" else self.anchor_images + progress.step
+            self.bar.update_absolute(value, self.total)
         self._send({"node": self.node_id, "phase": progress.phase, "step": progress.step, "total": progress.total,
                     "loss": progress.loss, "eta": progress.eta_seconds})
 
@@ -390,7 +418,7 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
             _ensure_loaded(patcher)
             view = ComfyModelView(patcher, text, latent_size=latent_size)
             latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,
-                                     latent_size, on_batch=lambda done, total: _cancel_requested())
+                                     latent_size, on_progress=lambda done, total: _cancel_requested())
             images[name] = view.decode_with(vae, latents).cpu()
     rows = []
     for p in range(len(prompts)):
