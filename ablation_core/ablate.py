@@ -124,27 +124,27 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     with torch.no_grad():
         to_encode = anchor_prompts + (target_prompts if config.group != "embedding" else [])
         encoded = _encode_with_progress(view, to_encode, report, cancelled)
-        anchor_cond = encoded.select(list(range(len(anchor_prompts))))
-        target_cond = encoded.select(list(range(len(anchor_prompts), len(to_encode)))) if config.group != "embedding" \
-            else None
+        anchor_cond = encoded.slice(0, len(anchor_prompts))
+        target_cond = encoded.slice(len(anchor_prompts), len(to_encode)) if config.group != "embedding" else None
 
     # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
     started = time.perf_counter()
     if config.objective == "maximize":
         sampled_prompts = target_prompts[: len(anchor_prompts)]
-        sampled_cond = target_cond.select(list(range(len(anchor_prompts)))) if target_cond is not None else None
+        sampled_cond = target_cond.slice(0, len(anchor_prompts)) if target_cond is not None else None
     else:
         sampled_prompts, sampled_cond = anchor_prompts, anchor_cond
     image_prompt = torch.arange(config.anchor_images) % len(anchor_prompts)
     image_prompt = image_prompt[torch.randperm(len(image_prompt), generator=generator)]
 
-    reported = [-1]
+    reported = -1
 
     def on_sampler_step(done: float, total: int) -> None:
+        nonlocal reported
         if cancelled():
             raise AblationCancelled("cancelled while sampling anchor images; nothing was written")
-        if int(done) != reported[0]:  # at most one report per finished image's worth of solver steps
-            reported[0] = int(done)
+        if int(done) != reported:  # at most one report per finished image's worth of solver steps
+            reported = int(done)
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (total - done) if done else None  # this phase only
             report(Progress("anchors", int(done), total, None, eta))

@@ -30,6 +30,10 @@ class Conditioning:
         index = torch.as_tensor(index, device=self.context.device)
         return Conditioning(self.context[index], {k: v[index.to(v.device)] for k, v in self.extra.items()})
 
+    def slice(self, start: int, stop: int) -> Conditioning:
+        """Rows ``start:stop`` as views (no copy)."""
+        return Conditioning(self.context[start:stop], {k: v[start:stop] for k, v in self.extra.items()})
+
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
         keys = parts[0].extra.keys()
