@@ -9,13 +9,19 @@ from __future__ import annotations
 import os
 import re
 
+from ablation_core import (
+    GROUP_HELP,
+    GROUPS,
+    KINDS,
+    PRESET_HELP,
+    PRESET_NAMES,
+    PatchError,
+    load_patch,
+    make_config,
+    merge_weighted,
+)
 from ablation_core.backends import comfy as backend
-from ablation_core.errors import PatchError
-from ablation_core.layers import GROUP_HELP, GROUPS
-from ablation_core.merge import merge_weighted
-from ablation_core.patch import DEFAULT_ENERGY, load_patch
-from ablation_core.prompts import KINDS
-from ablation_core.settings import PRESETS, make_config
+from ablation_core.patches.patch import DEFAULT_ENERGY
 
 CATEGORY = "conditioning/ablation"
 PATCH_TYPE = "ABLATION_PATCH"
@@ -102,9 +108,7 @@ class AblateConcept:
                                                   "memorization: the exact prompt"}),
                 "group": (list(GROUPS), {"default": "kv", "tooltip": "; ".join(f"{k}: {v}"
                                                                               for k, v in GROUP_HELP.items())}),
-                "preset": (list(PRESETS), {"default": "default",
-                                           "tooltip": "fast: preview; default: reference steps, fewer anchor "
-                                                      "images; paper: the paper's recipe"}),
+                "preset": (list(PRESET_NAMES), {"default": "default", "tooltip": PRESET_HELP}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "training steps; 0 = preset"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
             },
@@ -126,8 +130,9 @@ class AblateConcept:
         user_prompts = tuple(line.strip() for line in anchor_prompts.splitlines() if line.strip()) or None
         config = make_config(target, anchor, preset, kind=kind, group=group, steps=steps or None, seed=seed,
                              anchor_prompts=user_prompts, latent_size=(image_size // 8) or None)
-        return backend.ablate_concept(model, clip, config, node_id=unique_id,
-                                      cache_dir=_cache_dir() if use_cache else None)
+        model_out, clip_out, patch, summary = backend.ablate_concept(
+            model, clip, config, node_id=unique_id, cache_dir=_cache_dir() if use_cache else None)
+        return {"ui": {"text": [summary]}, "result": (model_out, clip_out, patch)}
 
 
 class ApplyAblationPatch:

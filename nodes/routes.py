@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ablation_core.errors import PatchError
-from ablation_core.patch import describe, load_patch
+from ablation_core import PatchError, describe_patch, load_patch
 
 from .ablation_nodes import patch_file_path
 
@@ -15,7 +14,7 @@ ROUTE = "/concept_ablation/patch_info"
 
 def patch_info(name: str) -> dict:
     try:
-        info = describe(load_patch(patch_file_path(name)))
+        info = describe_patch(load_patch(patch_file_path(name)))
     except PatchError as err:
         return {"error": str(err)}
     info.pop("keys")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ablation_core.sampling import sd_alphas_cumprod
-from ablation_core.tokenizer import sd_clip_tokenizer
+from ablation_core.models.sampling import sd_alphas_cumprod
+from ablation_core.models.tokenizer import sd_clip_tokenizer
 
 CONTEXT_DIM = 64
 CHANNELS = 32
@@ -178,7 +178,7 @@ class BaseModel(nn.Module):
         self.latent_format = LatentFormat()
         self.model_type = model_type
         self.manual_cast_dtype = None
-        self.model_config = types.SimpleNamespace(unet_config={"context_dim": context_dim,
+        self.model_config = types.SimpleNamespace(unet_config={"context_dim": context_dim, "channel_mult": (1,),
                                                                "adm_in_channels": adm_channels})
         self.adm_channels = adm_channels
 

@@ -15,10 +15,10 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from ablation_core import make_config  # noqa: E402
 from ablation_core.backends.diffusers import DiffusersModelView  # noqa: E402
-from ablation_core.random_models import build_components  # noqa: E402
-from ablation_core.settings import make_config  # noqa: E402
-from ablation_core.single_file import save_single_file  # noqa: E402
+from ablation_core.models.random_models import build_components  # noqa: E402
+from ablation_core.models.single_file import save_single_file  # noqa: E402
 
 TINY_TRAINING = dict(steps=12, batch_size=4, learning_rate=1e-3, anchor_images=8, sampler_steps=3,
                      anchor_prompt_count=16)
@@ -55,7 +55,7 @@ def checkpoint_files(tiny_components, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd1_result(sd1_view):
-    from ablation_core.ablate import ablate
+    from ablation_core import ablate
 
     return ablate(sd1_view, tiny_config(steps=30))
 

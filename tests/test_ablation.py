@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import tiny_config, unet_weights
 
-from ablation_core.ablate import Progress, ablate
-from ablation_core.adapters import AdapterSet
+from ablation_core import Progress, ablate
 from ablation_core.errors import (
     AblationCancelled,
     OutOfMemoryError,
     PromptError,
     TrainingDivergedError,
 )
-from ablation_core.layers import GROUPS
+from ablation_core.methods.ablation.adapters import AdapterSet
+from ablation_core.models.layers import GROUPS
 
 
 def test_model_based_loss_falls(sd1_result):
@@ -79,7 +79,7 @@ def test_progress_reports_loss_and_eta(sd1_view):
     assert [p.step for p in train] == [1, 2, 3] and all(p.loss is not None for p in train)
     assert train[-1].eta_seconds == 0 and any(p.phase == "anchors" for p in seen)
     phases = list(dict.fromkeys(p.phase for p in seen))
-    assert phases == ["prompts", "anchors", "train"]
+    assert phases == ["prompts", "anchors", "train", "check"]
     prompts = [p for p in seen if p.phase == "prompts"]
     assert prompts[-1].step == prompts[-1].total > 0
 
@@ -157,8 +157,8 @@ def test_adapters_switch_off_to_give_the_frozen_model(sd1_view):
 
 def test_ablation_moves_the_target_onto_the_anchor(sd1_view, sd1_result):
     """The point of it all: after the patch, target prompts predict much closer to what their anchor twins did."""
-    from ablation_core.model_metrics import prediction_gaps
-    from ablation_core.prompts import choose_anchor_prompts, target_prompts
+    from ablation_core.evaluation.model_metrics import prediction_gaps
+    from ablation_core.methods.prompts import choose_anchor_prompts, target_prompts
 
     anchors = choose_anchor_prompts("cat", "object", 16, seed=0)[:6]
     gaps = prediction_gaps(sd1_view, sd1_result.patch, target_prompts(anchors, "cat", "Grumpy Cat", "object"), anchors)

@@ -60,7 +60,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_interrupted_ablation_writes_nothing(checkpoint_files, tmp_path, monkeypatch, capsys):
-    import ablation_core.ablate as ablate_module
+    import ablation_core.methods.ablation.loop as ablate_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

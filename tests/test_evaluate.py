@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from ablation_core.ablate import ablate
+from ablation_core import ablate, evaluate_toy, make_config
 from ablation_core.backends.diffusers import load_model
-from ablation_core.evaluate import evaluate_toy, toy_anchor_prompts, toy_prompt_sets
-from ablation_core.settings import toy_config
+from ablation_core.evaluation.toy_eval import toy_prompt_sets
+from ablation_core.toy.prompts import anchor_prompts as toy_anchor_prompts
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,13 @@ def test_toy_prompt_sets_cover_target_typos_anchor_and_neighbours():
     assert names[:3] == ["target", "misspelt target", "anchor"] and any(n.startswith("surrounding") for n in names)
     assert all("grumpy cat" not in p for p in sets[1].prompts)
     assert all(len(s.prompts) >= 10 for s in sets)
-    assert "a painting of a cat" in toy_anchor_prompts("cat", "object")
+    assert "a painting of a cat" in toy_anchor_prompts("cat")
+    trained_on = set(toy_anchor_prompts("cat")) | set(toy_anchor_prompts("grumpy cat"))
+    assert not trained_on & {p for s in sets for p in s.prompts}, "evaluation prompts must not be training prompts"
 
 
 def test_toy_ablation_removes_the_target_and_keeps_the_anchor(toy_view, tmp_path):
-    result = ablate(toy_view, toy_config("grumpy cat", "cat", steps=50, anchor_images=16, sampler_steps=12))
+    result = ablate(toy_view, make_config("grumpy cat", "cat", steps=50, anchor_images=16, sampler_steps=12))
     grid = tmp_path / "grid.png"
     evaluation = evaluate_toy(toy_view, result.patch, "grumpy cat", "cat", per_set=8, grid_path=str(grid))
     summary = evaluation.summary

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from ablation_core.backends.diffusers import DiffusersModelView, load_model
 from ablation_core.errors import UnsupportedModelError
-from ablation_core.prompts import anchor_prompt_bank, misspellings, target_prompts
-from ablation_core.tokenizer import sd_clip_tokenizer
+from ablation_core.methods.prompts import anchor_prompt_bank, misspellings, target_prompts
+from ablation_core.models.tokenizer import sd_clip_tokenizer
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

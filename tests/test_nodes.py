@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ablation_core import AblationPatch, Conditioning, LayerDelta, load_patch, make_config
 from ablation_core.backends import comfy as backend
 from ablation_core.errors import AblationError, UnsupportedModelError
-from ablation_core.patch import META, AblationPatch, LayerDelta, fingerprint, load_patch
-from ablation_core.settings import make_config
+from ablation_core.patches.patch import META, fingerprint
 from tests import comfy_fakes as fakes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def trained():
         fakes.install(Path(folder), mp)
         model, clip = fakes.make_model(), fakes.make_clip()
         config = make_config("Van Gogh", "painting", "fast", kind="style", **TINY)
-        out_model, out_clip, patch = backend.ablate_concept(model, clip, config)
+        out_model, out_clip, patch, _ = backend.ablate_concept(model, clip, config)
     mp.undo()
     return model, clip, out_model, out_clip, patch
 
@@ -118,8 +118,8 @@ def test_view_keys_and_fingerprint_match_the_diffusers_backend(tmp_path):
     from safetensors.torch import load_file
 
     from ablation_core.backends.diffusers import load_model
-    from ablation_core.random_models import build_components
-    from ablation_core.single_file import save_single_file
+    from ablation_core.models.random_models import build_components
+    from ablation_core.models.single_file import save_single_file
 
     path = tmp_path / "tiny.safetensors"
     save_single_file(build_components("sd1", seed=3), path)
@@ -152,7 +152,7 @@ def test_eps_matches_the_models_noise_prediction_for_v_models(comfy):
     eps_view = backend.ComfyModelView(fakes.make_model())
     v_view = backend.ComfyModelView(fakes.make_model(model_type=fakes.ModelType.V_PREDICTION))
     x_t, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
-    cond = backend.Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
+    cond = Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
     with torch.no_grad():
         v = eps_view.eps(x_t, t, cond)  # same weights: this is the raw output
         eps = v_view.eps(x_t, t, cond)
@@ -208,8 +208,10 @@ def _run_ablate(node, model, clip, monkeypatch, unique_id=None, use_cache=True):
         return original(model, clip, replace(config, **{k: v for k, v in TINY.items() if k != "steps"}), **kwargs)
 
     monkeypatch.setattr(backend, "ablate_concept", tiny)
-    return node.ablate(model, clip, "Van Gogh", "painting", "style", "kv", "fast", TINY["steps"], 0,
-                       image_size=TINY["latent_size"] * 8, use_cache=use_cache, unique_id=unique_id)
+    output = node.ablate(model, clip, "Van Gogh", "painting", "style", "kv", "fast", TINY["steps"], 0,
+                         image_size=TINY["latent_size"] * 8, use_cache=use_cache, unique_id=unique_id)
+    assert output["ui"]["text"][0]
+    return output["result"]
 
 
 def test_second_run_reuses_the_disk_cache(comfy, monkeypatch):
@@ -236,7 +238,7 @@ def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, monkeypatch
 def test_embedding_group_patches_the_clip(comfy):
     model, clip = fakes.make_model(), fakes.make_clip()
     config = make_config("Van Gogh", "painting", "fast", kind="style", group="embedding", **TINY)
-    out_model, out_clip, patch = backend.ablate_concept(model, clip, config)
+    out_model, out_clip, patch, _ = backend.ablate_concept(model, clip, config)
     assert list(patch.deltas) == ["lora_te_text_model_embeddings_token_embedding"]
     assert set(out_clip.patcher.patches) == {"clip_l.transformer.text_model.embeddings.token_embedding.weight"}
     assert out_model.patches == {} and clip.patcher.patches == {}

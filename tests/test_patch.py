@@ -11,15 +11,16 @@ import pytest
 import torch
 from conftest import unet_weights
 
-from ablation_core.adapters import AdapterSet
+from ablation_core import AblationPatch, LayerDelta, apply_patch, load_patch
 from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.errors import PatchError, PatchMismatchError
-from ablation_core.importers import patch_from_finetuned, read_delta_bin
-from ablation_core.ldm_keys import UNetLayout, unet_module_to_ldm
-from ablation_core.merge import merge_weighted
-from ablation_core.model_configs import unet_config
-from ablation_core.patch import AblationPatch, LayerDelta, apply_patch, load_patch, low_rank
-from ablation_core.random_models import build_components
+from ablation_core.methods.ablation.adapters import AdapterSet
+from ablation_core.models.configs import unet_config
+from ablation_core.models.ldm_keys import UNetLayout, unet_module_to_ldm
+from ablation_core.models.random_models import build_components
+from ablation_core.patches.importers import patch_from_finetuned, read_delta_bin
+from ablation_core.patches.merge import merge_weighted
+from ablation_core.patches.patch import low_rank
 
 
 def test_full_rank_patch_reproduces_the_finetuned_model(sd1_view, sd1_result, tmp_path):
@@ -179,24 +180,37 @@ def test_delta_bin_imports_as_the_weight_difference(sd1_view, tmp_path):
 
 
 def test_delta_bin_refuses_code_in_pickles(tmp_path):
+    marker = tmp_path / "code_ran"
+
     class Exploit:
         def __reduce__(self):
-            return (print, ("this must never run",))
+            return (os.mkdir, (str(marker),))
 
     path = tmp_path / "delta.bin"
     with open(path, "wb") as f:
         pickle.dump({"unet": Exploit()}, f)
-    with pytest.raises(PatchError, match="only tensors"):
+    with pytest.raises(PatchError, match="refused"):
         read_delta_bin(path)
+    assert not marker.exists(), "unpickling ran the file's code"
+
+
+def test_delta_bin_that_is_not_a_torch_file_gets_plain_advice(tmp_path):
+    text = tmp_path / "delta.bin"
+    text.write_text("hello")
+    with pytest.raises(PatchError, match="not a PyTorch file") as raised:
+        read_delta_bin(text)
+    assert "weights_only=False" not in str(raised.value) and "file an issue" not in str(raised.value)
+    with pytest.raises(PatchError, match="does not exist"):
+        read_delta_bin(tmp_path / "missing.bin")
 
 
 def test_interrupted_save_leaves_no_file(sd1_result, tmp_path, monkeypatch):
-    import ablation_core.safe_io as safe_io
+    import safetensors.torch
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safe_io, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         sd1_result.patch.save(tmp_path / "p.safetensors")
     assert list(tmp_path.iterdir()) == []

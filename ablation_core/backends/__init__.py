@@ -1,5 +1,5 @@
-"""Adapters that give the core one view of a model, whichever program loaded it."""
+"""Adapters that give the core one view of a model (``models.view.ModelView``), whichever program loaded it.
 
-from .base import Conditioning, ModelView
-
-__all__ = ["Conditioning", "ModelView"]
+``diffusers``: diffusers folders, single-file checkpoints and the toy model (CLI, tests, scripts).
+``comfy``: ComfyUI's ``ModelPatcher`` and ``CLIP`` (imported by the nodes only; ComfyUI is imported lazily).
+"""

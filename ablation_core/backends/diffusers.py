@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import UnsupportedModelError
-from ..families import FAMILIES, MMDIT_TEXT, SUPPORTED_TEXT, Family
-from ..layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
-from ..ldm_keys import UNetLayout, canonical_clip_name, unet_module_to_ldm
-from ..sampling import sd_alphas_cumprod
-from ..single_file import SDComponents, load_single_file
-from ..tokenizer import sd_clip_tokenizer
-from .base import Conditioning, ModelView
+from ..models.families import FAMILIES, MMDIT_TEXT, SUPPORTED_TEXT, Family, is_toy_shape
+from ..models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
+from ..models.ldm_keys import UNetLayout, canonical_clip_name, unet_module_to_ldm
+from ..models.quiet import quiet_loading
+from ..models.sampling import sd_alphas_cumprod
+from ..models.single_file import SDComponents, load_single_file
+from ..models.tokenizer import sd_clip_tokenizer
+from ..models.view import Conditioning, ModelView
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class DiffusersModelView(ModelView):
         self.source = source
         self.latent_channels = self.unet.config.in_channels
         self.default_latent_size = self.unet.config.sample_size
+        self.latent_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
         self._layout = UNetLayout.from_config(dict(self.unet.config))
         for module in self.modules():
             module.to(self.device).eval().requires_grad_(False)
@@ -134,6 +136,8 @@ def _schedule_from_folder(folder: Path) -> tuple[Tensor, str]:
 
 
 def _family_of_folder(unet: UNet2DConditionModel, text_encoders: list[nn.Module]) -> str:
+    if is_toy_shape(unet.config.in_channels, unet.config.cross_attention_dim):
+        return "toy"
     if len(text_encoders) == 2 or unet.config.addition_embed_type == "text_time":
         return "sdxl"
     if unet.config.cross_attention_dim == 1024 or text_encoders[0].config.hidden_act == "gelu":
@@ -150,14 +154,20 @@ def load_diffusers_folder(folder: str | Path, prediction_type: str | None = None
         raise UnsupportedModelError(
             f"{folder} is not a diffusers Stable Diffusion folder (it needs unet/ and text_encoder/). "
             f"Supported: {SUPPORTED_TEXT}.")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    text_encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(folder / "text_encoder")]
-    if (folder / "text_encoder_2").is_dir():
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"))
-    vae = AutoencoderKL.from_pretrained(folder / "vae") if (folder / "vae").is_dir() else None
-    tokenizer_dirs = [folder / "tokenizer", folder / "tokenizer_2"][: len(text_encoders)]
-    tokenizers = ([CLIPTokenizer.from_pretrained(d) for d in tokenizer_dirs]
-                  if all(d.is_dir() for d in tokenizer_dirs) else None)
+    try:
+        with quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
+            text_encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(folder / "text_encoder")]
+            if (folder / "text_encoder_2").is_dir():
+                text_encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"))
+            vae = (AutoencoderKL.from_pretrained(folder / "vae", low_cpu_mem_usage=False)
+                   if (folder / "vae").is_dir() else None)
+            tokenizer_dirs = [folder / "tokenizer", folder / "tokenizer_2"][: len(text_encoders)]
+            tokenizers = ([CLIPTokenizer.from_pretrained(d) for d in tokenizer_dirs]
+                          if all(d.is_dir() for d in tokenizer_dirs) else None)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UnsupportedModelError(f"{folder} could not be loaded as a diffusers model (damaged or incomplete "
+                                    f"folder?): {str(err).splitlines()[0][:200]}") from err
     acp, folder_prediction = _schedule_from_folder(folder)
     family = family or _family_of_folder(unet, text_encoders)
     return SDComponents(family, unet, text_encoders, vae, prediction_type or folder_prediction), tokenizers, acp

@@ -17,8 +17,9 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..sampling import sample_dpmpp_2m, sd_alphas_cumprod
-from ..tokenizer import MAX_LENGTH, VOCAB_SIZE, sd_clip_tokenizer
+from ..models.quiet import quiet_loading
+from ..models.sampling import sample_dpmpp_2m, sd_alphas_cumprod
+from ..models.tokenizer import MAX_LENGTH, VOCAB_SIZE, sd_clip_tokenizer
 from .data import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ def load_toy_model(device: str | torch.device = "cpu", dtype: torch.dtype = torc
     weights_dir = Path(weights_dir)
     if not (weights_dir / "unet" / "config.json").exists():
         raise FileNotFoundError(f"no toy weights in {weights_dir}; run `python -m ablation_core.toy train` first")
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype)
-    text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", torch_dtype=dtype)
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+        text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", torch_dtype=dtype)
     unet.to(device).eval()
     text_encoder.to(device).eval()
     return unet, text_encoder, sd_clip_tokenizer()

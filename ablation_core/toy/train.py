@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..sampling import sd_alphas_cumprod
-from ..tokenizer import sd_clip_tokenizer
+from ..models.sampling import sd_alphas_cumprod
+from ..models.tokenizer import sd_clip_tokenizer
 from .classifier import (
     CLASSIFIER_FILE,
     ToyClassifier,

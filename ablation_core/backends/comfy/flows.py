@@ -1,0 +1,232 @@
+"""What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, render reports.
+
+Progress goes to ComfyUI's bar and, as websocket events, to the web extension's loss chart; Cancel is ComfyUI's own
+interrupt, checked between steps and inside the UNet's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...errors import AblationError
+from ...evaluation.images import grid, save_image, to_pil
+from ...methods.ablation.loop import ablate
+from ...methods.ablation.settings import AblationConfig, resolve_config
+from ...methods.progress import Progress
+from ...models.sampling import sample_latents
+from ...patches.apply import check_fingerprint, resolve
+from ...patches.cache import PatchCache, cache_key
+from ...patches.merge import merge_weighted
+from ...patches.patch import META, AblationPatch
+from .view import ComfyModelView, cancel_requested, ensure_loaded, make_trainable
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVENT = "concept_ablation.progress"
+
+
+# Progress ----------------------------------------------------------------------------------------------------
+
+class NodeProgress:
+    """ComfyUI's progress bar plus a websocket message per step (the web extension draws the loss curve).
+
+    The bar runs over anchor images first, then training steps.
+    """
+
+    def __init__(self, node_id: str | None, anchor_images: int, train_steps: int):
+        import comfy.utils
+
+        self.node_id, self.anchor_images = node_id, anchor_images
+        self.total = anchor_images + train_steps
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.phase in ("anchors", "train"):  # the bar covers anchor images, then training steps
+            value = progress.step if progress.phase == "anchors" else self.anchor_images + progress.step
+            self.bar.update_absolute(value, self.total)
+        self._send({"node": self.node_id, "phase": progress.phase, "step": progress.step, "total": progress.total,
+                    "loss": progress.loss, "eta": progress.eta_seconds})
+
+    def finish(self, losses: list[float], cached: bool, summary: str = "") -> None:
+        self.bar.update_absolute(self.total, self.total)
+        self._send({"node": self.node_id, "phase": "done", "cached": cached, "losses": losses, "summary": summary})
+
+    @staticmethod
+    def _send(data: dict) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        if getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_sync(PROGRESS_EVENT, data)
+
+
+# Flows the nodes call ----------------------------------------------------------------------------------------
+
+@dataclass
+class PatchStack:
+    """Patches kept separate, each with its strength (what Stack Ablation Patches outputs)."""
+
+    entries: list[tuple[AblationPatch, float]] = field(default_factory=list)
+
+
+def stack_entries(value: AblationPatch | PatchStack | None, strength: float = 1.0) -> list[tuple[AblationPatch, float]]:
+    if value is None:
+        return []
+    if isinstance(value, PatchStack):
+        return [(patch, s * strength) for patch, s in value.entries]
+    return [(value, strength)]
+
+
+def as_single_patch(value: AblationPatch | PatchStack) -> AblationPatch:
+    """One patch: a stack becomes the weighted sum of its entries."""
+    if isinstance(value, AblationPatch):
+        return value
+    entries = stack_entries(value)
+    if len(entries) == 1 and entries[0][1] == 1.0:
+        return entries[0][0]
+    return merge_weighted([p for p, _ in entries], [s for _, s in entries])
+
+
+def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = None,
+                   cache_dir: str | Path | None = None) -> tuple[object, object, AblationPatch, str]:
+    """Train in ComfyUI and return (patched MODEL clone, CLIP (a patched clone for the embedding group), patch,
+    a one-line summary for the node: how much of the target the held-out check found erased, or a warning)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer = model.clone()
+        make_trainable(trainer)
+        view = ComfyModelView(trainer, clip, latent_size=config.latent_size)
+        config = resolve_config(config, view.family.name)
+        cache = PatchCache(cache_dir) if cache_dir else None
+        key = cache_key(view, str(config.group), config.describe()) if cache else None
+        patch = cache.get(key) if cache else None
+        progress = NodeProgress(node_id, int(config.anchor_images), int(config.steps))
+        if patch is None:
+            started = time.perf_counter()
+            result = ablate(view, config, on_progress=progress, should_cancel=cancel_requested)
+            patch = result.patch
+            log.info("concept ablation finished in %.1fs", time.perf_counter() - started)
+            if cache:
+                cache.put(key, patch)
+            summary = summarize(patch, cached=False)
+            progress.finish(result.losses, cached=False, summary=summary)
+        else:
+            log.info("concept ablation: reusing the cached patch for these settings (%s)", key)
+            summary = summarize(patch, cached=True)
+            progress.finish(stored_loss_curve(patch), cached=True, summary=summary)
+    model_out, clip_out = apply_patches(model, clip, [(patch, 1.0)])
+    return model_out, clip_out, patch, summary
+
+
+def stored_loss_curve(patch: AblationPatch) -> list[float]:
+    """The loss curve saved in the patch (first and last loss for patches from before it was saved)."""
+    try:
+        curve = json.loads(patch.metadata.get(META + "loss_curve", "null"))
+        if isinstance(curve, list) and all(isinstance(v, (int, float)) for v in curve):
+            return [float(v) for v in curve]
+        metrics = json.loads(patch.metadata.get(META + "metrics", "{}"))
+        return [float(metrics[k]) for k in ("loss_first", "loss_last") if k in metrics]
+    except (ValueError, TypeError):
+        return []
+
+
+def summarize(patch: AblationPatch, cached: bool) -> str:
+    """"erased 97% ..." from the held-out check in the metadata, or the warning when the run barely changed anything."""
+    from ...methods.ablation.check import WEAK_EFFECT
+
+    prefix = "reused cached result; " if cached else ""
+    try:
+        check = json.loads(patch.metadata.get(META + "check", "null"))
+        erased = float(check["erased_fraction"])
+    except (ValueError, TypeError, KeyError):
+        return prefix + "done"
+    if erased < WEAK_EFFECT:
+        return (prefix + f"WARNING: the run barely changed the model (target moved {max(erased, 0):.0%} toward the "
+                "anchor on held-out prompts): try more steps, the paper preset, or check the target's spelling")
+    prompts = check.get("held_out_prompts", "?")
+    return prefix + f"target moved {erased:.0%} of the way to the anchor on {prompts} held-out prompts"
+
+
+def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tuple[object, object]:
+    """Clones of MODEL and CLIP with the patches added as ComfyUI weight patches (``(delta,)`` = "diff")."""
+    view = ComfyModelView(model, clip, original_weights=True)
+    outputs = {"model": model.clone(), "clip": clip}
+    for patch, strength in entries:
+        resolved = resolve(patch, view)
+        check_fingerprint(patch, view)
+        by_owner: dict[str, dict[str, tuple[Tensor]]] = {"model": {}, "clip": {}}
+        for key, (_, dense) in resolved.items():
+            owner, state_key = view.state_key(key)
+            by_owner[owner][state_key] = (dense,)
+        if by_owner["clip"]:
+            if clip is None:
+                raise AblationError("this patch changes the text encoder: connect the CLIP too")
+            if outputs["clip"] is clip:
+                outputs["clip"] = clip.clone()
+        for owner, patches in by_owner.items():
+            if patches:
+                outputs[owner].add_patches(patches, strength)
+    return outputs["model"], outputs["clip"]
+
+
+def fingerprint_matches(model, clip, patch: AblationPatch) -> bool:
+    return check_fingerprint(patch, ComfyModelView(model, clip, original_weights=True))
+
+
+def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength: float, prompts: list[str],
+                  seed: int, steps: int, guidance: float, samples: int, image_size: int) -> Tensor:
+    """Before/after images for each prompt, sampled from the same noise; a grid as an IMAGE tensor [1, H, W, 3]."""
+    patched, patched_clip = apply_patches(model, clip, stack_entries(value, strength))
+    latent_size = max(image_size // 8, 1)
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(samples)
+    images = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for name, (patcher, text) in {"before": (model, clip), "after": (patched, patched_clip)}.items():
+            ensure_loaded(patcher)
+            view = ComfyModelView(patcher, text, latent_size=latent_size)
+            latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,
+                                     latent_size, on_progress=lambda done, total: cancel_requested())
+            images[name] = view.decode_with(vae, latents).cpu()
+    rows = []
+    for p in range(len(prompts)):
+        cells = slice(p * samples, (p + 1) * samples)
+        rows.append([*images["before"][cells], *images["after"][cells]])
+    columns = [f"before #{i + 1}" for i in range(samples)] + [f"after #{i + 1}" for i in range(samples)]
+    picture = grid(rows, prompts, columns, cell=max(64, min(image_size, 256)))
+    return torch.from_numpy(np.array(picture)).float().div(255).unsqueeze(0)
+
+
+def report_prompts(value: AblationPatch | PatchStack, extra: str) -> list[str]:
+    """Target and anchor prompts from the patch metadata, then the user's surrounding prompts (one per line)."""
+    prompts: list[str] = []
+    for patch, _ in stack_entries(value):
+        for name in ("targets", "anchors"):
+            prompts += patch.listed(name)
+    prompts += [line.strip() for line in extra.splitlines() if line.strip()]
+    return list(dict.fromkeys(prompts)) or ["a photo"]
+
+
+def describe_text(value: AblationPatch | PatchStack) -> str:
+    """The metadata of a patch (or each patch of a stack) as readable lines."""
+    blocks = []
+    for patch, strength in stack_entries(value):
+        lines = [f"strength {strength:g}, {len(patch.deltas)} layers, "
+                 f"{'low rank ' + str(patch.max_rank) if patch.is_low_rank else 'full rank'}"]
+        for key in sorted(patch.metadata):
+            if key.startswith(META) or key in ("modelspec.title", "ss_base_model_version"):
+                lines.append(f"{key.removeprefix(META)}: {patch.metadata[key]}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def save_preview(images: Tensor, path: str | Path) -> Path:
+    """The first image of a ComfyUI IMAGE batch ([B, H, W, 3] in [0, 1]) as a PNG."""
+    return save_image(to_pil(images[0].movedim(-1, 0)), path)

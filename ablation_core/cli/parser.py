@@ -1,0 +1,212 @@
+"""The command line's arguments: every option says what it does and its default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from . import checks
+
+DESCRIPTION = """Remove a concept from a Stable Diffusion model and keep the change as a small LoRA-format patch.
+
+Commands: ablate (make a patch), inspect, apply (before/after images), merge, convert (import other tools' output),
+eval (measure a patch), demo (the whole thing on the embedded toy model), bench (speed and memory)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors as one line ("error: ...; see --help") with exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _preset_default(name: str, unit: str = "") -> str:
+    """'default: from --preset: fast 50, default 100, paper 200 (toy model: 50, 100, 200)'."""
+    from ..methods.ablation.settings import PRESET_NAMES, preset_values
+
+    real = [preset_values("sd1", p)[name] for p in PRESET_NAMES]
+    toy = [preset_values("toy", p)[name] for p in PRESET_NAMES]
+    listed = ", ".join(f"{p} {v:g}{unit}" for p, v in zip(PRESET_NAMES, real))
+    toy_text = "" if toy == real else f" (toy model: {', '.join(f'{v:g}' for v in toy)})"
+    return f"default: from --preset: {listed}{toy_text}"
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a single-file .safetensors checkpoint, a diffusers folder, or 'toy' (the embedded toy "
+                             "model)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights and compute precision (default: auto = bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                        help="override for v-prediction SD2 checkpoints whose file does not say so (default: from "
+                             "the file)")
+
+
+def _patch_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="the patch file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument("--rank", type=checks.positive_int, default=None,
+                         help="store low rank of exactly this rank (default: the rank that keeps --energy)")
+    storage.add_argument("--full-rank", action="store_true",
+                         help="store the exact delta (.diff keys; larger) instead of low rank")
+    parser.add_argument("--energy", type=checks.fraction, default=0.999,
+                        help="low-rank storage keeps this fraction of each delta's energy (default: 0.999)")
+
+
+def _concept_args(parser: argparse.ArgumentParser, target_default: str | None = None,
+                  anchor_default: str | None = None) -> None:
+    required = target_default is None
+    parser.add_argument("--target", required=required, default=target_default,
+                        help="the concept to remove, e.g. 'Grumpy Cat' or 'Van Gogh'"
+                             + ("" if required else f" (default: {target_default})"))
+    parser.add_argument("--anchor", required=required, default=anchor_default,
+                        help="what it should become instead, a broader concept, e.g. 'cat' or 'painting'"
+                             + ("" if required else f" (default: {anchor_default})"))
+
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    from ..methods.ablation.objectives import OBJECTIVE_HELP
+    from ..methods.ablation.settings import PRESET_HELP, PRESET_NAMES
+    from ..methods.prompts import KINDS
+    from ..models.layers import GROUP_HELP
+
+    p = sub.add_parser("ablate", help="remove a concept and write a patch", description="Remove a concept from a "
+                       "model and write the change as a patch. Settings left out suit the model (the toy model "
+                       "gets its own).")
+    _model_args(p)
+    _concept_args(p)
+    p.add_argument("--kind", choices=KINDS, default=None,
+                   help="object: swap the word in object prompts; style: '..., in the style of X'; memorization: "
+                        "the target is a whole prompt (default: object; on the toy model, style for its artists)")
+    p.add_argument("--group", choices=list(GROUP_HELP), default=None,
+                   help="parameters to train (default: kv). " + "; ".join(f"{k}: {v}" for k, v in GROUP_HELP.items()))
+    p.add_argument("--objective", choices=list(OBJECTIVE_HELP), default=None,
+                   help="loss (default: model). " + "; ".join(f"{k}: {v}" for k, v in OBJECTIVE_HELP.items()))
+    p.add_argument("--regularize", action="store_true",
+                   help="also keep the anchor's own prompts unchanged; for overlapping pairs such as 'grumpy cat' -> "
+                        "'cat' (default: off)")
+    p.add_argument("--preset", choices=list(PRESET_NAMES), default="default", help=f"{PRESET_HELP} (default: default)")
+    p.add_argument("--steps", type=checks.positive_int, help="training steps; " + _preset_default("steps"))
+    p.add_argument("--batch-size", type=checks.positive_int,
+                   help="anchor images per training step; " + _preset_default("batch_size"))
+    p.add_argument("--lr", type=checks.positive_float, help="learning rate; " + _preset_default("learning_rate"))
+    p.add_argument("--lora-rank", type=checks.non_negative_int, default=None,
+                   help="train LoRA adapters of this rank instead of full-rank deltas (default: 0 = full rank)")
+    p.add_argument("--anchor-images", type=checks.positive_int,
+                   help="anchor images drawn from the model before training; " + _preset_default("anchor_images"))
+    p.add_argument("--sampler-steps", type=checks.positive_int,
+                   help="solver steps per anchor image; " + _preset_default("sampler_steps"))
+    p.add_argument("--guidance", type=checks.non_negative_float,
+                   help="classifier-free guidance scale of anchor sampling; " + _preset_default("guidance"))
+    p.add_argument("--misspellings", type=checks.non_negative_int, default=None,
+                   help="also train on this many misspellings of the target (default: 0)")
+    p.add_argument("--anchor-prompts",
+                   help="a text file with one anchor prompt per line, each containing the anchor (default: the "
+                        "built-in prompt bank; the toy model's own captions on the toy model)")
+    p.add_argument("--latent-size", type=checks.positive_int,
+                   help="anchor image size in latent pixels; smaller is faster (default: the model's own, 64 for "
+                        "SD1.5 = 512 px)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0,
+                   help="seed of prompts, anchor images and training (default: 0)")
+    _patch_output_args(p)
+
+
+def _add_apply(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apply", help="render prompts before and after applying a patch")
+    _model_args(p)
+    p.add_argument("--patch", required=True, help="the patch file (.safetensors)")
+    p.add_argument("--strength", type=checks.finite_float, default=1.0,
+                   help="multiplier of the patch's change (default: 1.0)")
+    p.add_argument("--prompt", required=True, action="append", help="a prompt to render; repeat for several")
+    p.add_argument("--out", required=True, help="the image file to write (.png or .jpg)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    p.add_argument("--images", type=checks.positive_int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--sampler-steps", type=checks.positive_int, default=20, help="solver steps (default: 20)")
+    p.add_argument("--guidance", type=checks.non_negative_float, default=6.0,
+                   help="classifier-free guidance scale (default: 6.0)")
+    p.add_argument("--latent-size", type=checks.positive_int, default=None,
+                   help="image size in latent pixels (default: the model's own)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="noise seed (default: 0)")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from ..methods.prompts import KINDS
+
+    p = sub.add_parser("eval", help="measure a patch: classifier figures on the toy world, model-side gaps anywhere")
+    _model_args(p)
+    p.add_argument("--patch", required=True, help="the patch file (.safetensors)")
+    _concept_args(p)
+    p.add_argument("--kind", choices=KINDS, default="object",
+                   help="how target prompts are phrased on real models (default: object)")
+    p.add_argument("--strength", type=checks.finite_float, default=1.0,
+                   help="multiplier of the patch's change (default: 1.0)")
+    p.add_argument("--per-set", type=checks.positive_int, default=48,
+                   help="samples per prompt set on the toy world (default: 48)")
+    p.add_argument("--grid", default=None, help="also write a before/after grid image here (toy world; default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace --grid if it exists (default: refuse)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_small_commands(sub: argparse._SubParsersAction) -> None:
+    from ..models.layers import GROUP_HELP
+
+    p = sub.add_parser("inspect", help="show a patch's metadata, keys, rank and size")
+    p.add_argument("file", help="the patch file (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--keys", action="store_true", help="also list every layer key")
+
+    p = sub.add_parser("merge", help="merge patches into one (weighted sum)")
+    p.add_argument("files", nargs="+", help="the patch files to merge")
+    p.add_argument("--weights", type=checks.finite_float, nargs="+", default=None,
+                   help="one weight per patch (default: 1 for each)")
+    _patch_output_args(p)
+
+    p = sub.add_parser("convert", help="make a patch from a concept-ablation delta.bin or a fine-tuned checkpoint")
+    _model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--delta-bin", help="official concept-ablation delta.bin (read with weights_only=True)")
+    source.add_argument("--finetuned", help="an erasure-fine-tuned single-file .safetensors of the same base model")
+    p.add_argument("--group", choices=["kv", "attn", "full"], default="kv",
+                   help="layers to extract from --finetuned (default: kv)")
+    _patch_output_args(p)
+
+    p = sub.add_parser("demo", help="ablate a concept from the embedded toy model, evaluate it, draw the grid")
+    p.add_argument("--out", default="demo_output",
+                   help="folder for the patch, the table and the grid (default: demo_output)")
+    _concept_args(p, "grumpy cat", "cat")
+    p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
+    p.add_argument("--objective", choices=["model", "noise"], default="model",
+                   help="model: target -> frozen anchor prediction; noise: target -> true noise (default: model)")
+    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seed of the run (default: 0)")
+
+    p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
+    p.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], required=True, help="model shape to build")
+    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--steps", type=checks.positive_int, default=None,
+                   help="training steps (default: the default preset's)")
+    p.add_argument("--anchor-images", type=checks.positive_int, default=None,
+                   help="anchor images (default: the default preset's)")
+    p.add_argument("--sampler-steps", type=checks.positive_int, default=None,
+                   help="solver steps per anchor image (default: the default preset's)")
+    p.add_argument("--batch-size", type=checks.positive_int, default=None,
+                   help="training batch (default: the default preset's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m ablation_core", description=DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does (default: warnings)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    _add_ablate(sub)
+    _add_apply(sub)
+    _add_eval(sub)
+    _add_small_commands(sub)
+    return parser

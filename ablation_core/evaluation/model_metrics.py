@@ -1,0 +1,55 @@
+"""Model-side measures of an ablation that need no classifier and no CLIP: they work on any model.
+
+``target_anchor_gap``: how far the target prompt's noise prediction is from its anchor twin's, relative to the
+anchor's own distance from the unconditional prediction (1 = as different as a prompt is from no prompt, 0 = the
+target now behaves exactly like the anchor). ``anchor_drift``: how much the anchor prompt's prediction moved, on the
+same scale (should stay near 0). Both on the model's own anchor images (sampled unpatched), noised at spread-out
+timesteps: the distribution the ablation trains on, so the numbers say how well it did there; deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.sampling import sample_latents
+from ..models.view import ModelView
+from ..patches.apply import apply_patch
+from ..patches.patch import AblationPatch
+
+
+@torch.no_grad()
+def _predictions(view: ModelView, prompts: list[str], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    cond = view.encode(prompts)
+    return view.eps(x_t, t, cond).float()
+
+
+@torch.no_grad()
+def prediction_gaps(view: ModelView, patch: AblationPatch | None, target_prompts: list[str],
+                    anchor_prompts: list[str], seed: int = 0, latent_size: int | None = None,
+                    strength: float = 1.0, sampler_steps: int = 8, repeats: int = 4) -> dict[str, float]:
+    count = len(target_prompts) * repeats
+    index = torch.arange(count) % len(target_prompts)
+    x0 = sample_latents(view, anchor_prompts, index, sampler_steps, 6.0, 16, seed, latent_size).to(view.device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(x0.shape, generator=generator).to(view.device)
+    t = torch.linspace(50, len(view.alphas_cumprod) - 50, count).long().to(view.device)
+    a = view.alphas_cumprod.to(view.device)[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+    target_prompts = [target_prompts[i] for i in index.tolist()]
+    anchor_prompts = [anchor_prompts[i] for i in index.tolist()]
+    unconditional = _predictions(view, [""] * count, x_t, t)
+    anchor_before = _predictions(view, anchor_prompts, x_t, t)
+    target_before = _predictions(view, target_prompts, x_t, t)
+    scale = (anchor_before - unconditional).square().mean().clamp_min(1e-12)
+    result = {"target_anchor_gap_before": float((target_before - anchor_before).square().mean() / scale)}
+    if patch is None:
+        return result
+    applied = apply_patch(view, patch, strength)
+    try:
+        anchor_after = _predictions(view, anchor_prompts, x_t, t)
+        target_after = _predictions(view, target_prompts, x_t, t)
+    finally:
+        applied.remove()
+    result["target_anchor_gap_after"] = float((target_after - anchor_before).square().mean() / scale)
+    result["anchor_drift"] = float((anchor_after - anchor_before).square().mean() / scale)
+    return result

@@ -1,0 +1,139 @@
+"""Atomic file writes, and output paths checked before any work starts.
+
+Every file this package writes (patches, checkpoints, images, tables) appears complete or not at all: it is written
+to a temporary file beside the target, flushed to disk, then renamed over it. A writer killed half-way leaves only
+its temporary file, named ``.NAME.<pid>.<random>.partial``; the next save of ``NAME`` removes the leftovers of
+writers that are no longer running, so they never pile up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor
+
+from .errors import AblationError
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def partial_files(path: Path) -> list[Path]:
+    """Temporary files of writers of ``path`` (running or dead)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+{re.escape(PARTIAL_SUFFIX)}$")
+    if not path.parent.is_dir():
+        return []
+    return [path.parent / name for name in os.listdir(path.parent) if pattern.match(name)]
+
+
+def remove_dead_partials(path: Path) -> int:
+    """Delete the temporary files that killed writers of ``path`` left behind; returns how many."""
+    removed = 0
+    for leftover in partial_files(path):
+        pid = int(leftover.name[len(path.name) + 2:].split(".", 1)[0])
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        try:
+            leftover.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the file gets the usual permissions, not a temp file's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | Path,
+                            metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_output_file(path: str | Path, suffixes: tuple[str, ...] = (), overwrite: bool = False,
+                      what: str = "output file") -> Path:
+    """Check before any work that ``path`` can be written: not a folder, its folder writable, the right suffix and,
+    unless ``overwrite``, not an existing file. Raises ``AblationError`` saying what to change."""
+    path = Path(path).expanduser()
+    if not str(path).strip():
+        raise AblationError(f"the {what} path is empty")
+    if path.is_dir():
+        example = path / ("output" + (suffixes[0] if suffixes else ""))
+        raise AblationError(f"{path} is a folder; give a file name for the {what}, e.g. {example}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise AblationError(f"the {what} {path.name} should end in {' or '.join(suffixes)}")
+    if path.exists() and not overwrite:
+        raise AblationError(f"{path} already exists; pass --overwrite to replace it, or choose another name")
+    _check_folder_writable(path.parent, what)
+    return path
+
+
+def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
+    """A folder to write into: a missing one is created later; an existing file there is an error."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AblationError(f"{path} is a file, not a folder; give a folder for the {what}")
+    _check_folder_writable(path if path.exists() else path.parent, what)
+    return path
+
+
+def _check_folder_writable(folder: Path, what: str) -> None:
+    existing = folder
+    while not existing.exists():  # the nearest existing folder must let us create the rest
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise AblationError(f"cannot write the {what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AblationError(f"cannot write the {what}: no permission to write in {existing}")
+
+
+def check_input_file(path: str | Path, what: str = "input file") -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AblationError(f"the {what} {path} does not exist")
+    if path.is_dir():
+        raise AblationError(f"the {what} {path} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise AblationError(f"the {what} {path} cannot be read (no permission)")
+    return path

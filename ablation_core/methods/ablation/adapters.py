@@ -1,0 +1,99 @@
+"""Trainable weight changes attached to a frozen model with forward hooks, never touching its weights.
+
+Each adapter adds ``delta(input)`` to its module's output: a full-rank delta of the weight's shape, or a LoRA pair.
+The model's own weights stay as they were (ComfyUI's may be inference tensors, fp8, or shared with other graphs),
+switching adapters off gives the frozen model back for the anchor branch, and removing the hooks restores it
+exactly, whatever happens during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...models.layers import Layer
+
+
+class DeltaAdapter(nn.Module):
+    """A trainable change of one layer's weight: full rank (``rank == 0``) or LoRA of ``rank``."""
+
+    def __init__(self, layer: Layer, rank: int = 0, row_mask: Tensor | None = None):
+        super().__init__()
+        self.layer, self.rank = layer, rank
+        weight = layer.weight
+        shape, device = tuple(weight.shape), weight.device
+        self.enabled = True
+        if rank == 0:
+            self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
+            if row_mask is not None:
+                mask = row_mask.to(device=device, dtype=torch.float32).view(-1, *([1] * (len(shape) - 1)))
+                self.delta.register_hook(lambda grad: grad * mask)
+        else:
+            fan_in = math.prod(shape[1:])
+            down_shape = (rank, *shape[1:]) if layer.kind == "conv" else (rank, fan_in)
+            self.down = nn.Parameter(torch.randn(down_shape, device=device) / math.sqrt(fan_in))
+            self.up = nn.Parameter(torch.zeros(shape[0], rank, *([1, 1] if layer.kind == "conv" else []),
+                                               device=device))
+
+    def weight_delta(self) -> Tensor:
+        """The dense change of the weight this adapter makes (what a patch stores)."""
+        if self.rank == 0:
+            return self.delta
+        up = self.up.flatten(1)
+        return (up @ self.down.flatten(1)).view(self.layer.weight.shape)
+
+    def extra_output(self, inputs: Tensor) -> Tensor:
+        module, dtype = self.layer.module, inputs.dtype
+        if self.layer.kind == "embedding":
+            return F.embedding(inputs, self.weight_delta().to(dtype=module.weight.dtype))
+        if self.layer.kind == "linear":
+            if self.rank == 0:
+                return F.linear(inputs, self.delta.to(dtype))
+            return F.linear(F.linear(inputs, self.down.to(dtype)), self.up.to(dtype))
+        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        if self.rank == 0:
+            return F.conv2d(inputs, self.delta.to(dtype), **conv)
+        hidden = F.conv2d(inputs, self.down.to(dtype), **conv)
+        return F.conv2d(hidden, self.up.to(dtype))
+
+    def hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if not self.enabled:
+            return output
+        return output + self.extra_output(args[0]).to(output.dtype)
+
+
+class AdapterSet(nn.Module):
+    """All adapters of one run, attached for the duration of a ``with`` block."""
+
+    def __init__(self, layers: list[Layer], rank: int = 0, row_masks: dict[str, Tensor] | None = None):
+        super().__init__()
+        row_masks = row_masks or {}
+        self.adapters = nn.ModuleList(DeltaAdapter(layer, rank, row_masks.get(layer.key)) for layer in layers)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[AdapterSet]:
+        handles = [a.layer.module.register_forward_hook(a.hook) for a in self.adapters]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        for adapter in self.adapters:
+            adapter.enabled = False
+        try:
+            yield
+        finally:
+            for adapter in self.adapters:
+                adapter.enabled = True
+
+    def weight_deltas(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {a.layer.key: a.weight_delta().detach().float().cpu().clone() for a in self.adapters}

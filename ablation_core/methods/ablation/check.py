@@ -1,0 +1,93 @@
+"""After training: did the run change the model? Measured on prompts the run did not train on.
+
+``target_anchor_gap``: how far the target prompt's noise prediction is from its anchor twin's (the frozen model's),
+relative to how far the anchor's is from the unconditional prediction. Before the run it is the concept's own
+signal; after it, what is left of it. ``erased_fraction`` = 1 - after / before: near 1 when the target now behaves
+like its anchor, near 0 when the run barely changed anything (then the caller warns, saying what to try).
+``anchor_drift``: how much the anchor's own prediction moved, on the same scale (should stay near 0).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import Tensor
+
+from ...models.view import Conditioning, ModelView
+from .. import prompts as prompt_lib
+from .adapters import AdapterSet
+from .settings import AblationConfig
+
+CHECK_PROMPTS = 8
+SAMPLES_PER_PROMPT = 2
+WEAK_EFFECT = 0.5
+
+
+def held_out_anchor_prompts(config: AblationConfig, trained_on: list[str]) -> list[str]:
+    """Anchor prompts of the same kind the run did not train on (the config's own list when it has one)."""
+    if config.held_out_prompts:
+        candidates = list(config.held_out_prompts)
+    else:
+        seen = set(trained_on)
+        candidates = [p for p in prompt_lib.anchor_prompt_bank(config.anchor, config.kind) if p not in seen]
+    candidates = candidates or trained_on
+    return random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
+
+
+@torch.no_grad()
+def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig, latents: Tensor,
+                   anchor_prompts: list[str], target_prompts: list[str]) -> dict[str, float]:
+    """The held-out gaps before and after (adapters switched off and on), from the run's own anchor latents."""
+    count = len(anchor_prompts) * SAMPLES_PER_PROMPT
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    pick = torch.arange(count) % len(latents)
+    x0 = latents[pick].to(view.device, view.dtype)
+    noise = torch.randn(x0.shape, generator=generator).to(view.device, view.dtype)
+    steps = len(view.alphas_cumprod)
+    t = torch.linspace(steps * 0.1, steps * 0.9, count).long().to(view.device)
+    a = view.alphas_cumprod.to(view.device)[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+    prompt = torch.arange(count) % len(anchor_prompts)
+    anchors = [anchor_prompts[i] for i in prompt.tolist()]
+    targets = [target_prompts[i] for i in prompt.tolist()]
+
+    totals = {"scale": 0.0, "gap_before": 0.0, "gap_after": 0.0, "drift": 0.0}
+    batch = max(1, config.batch_size)
+    for start in range(0, count, batch):
+        chunk = slice(start, start + batch)
+        x, tt = x_t[chunk], t[chunk]
+        with adapters.disabled():
+            unconditional = _eps(view, x, tt, view.encode([""] * len(x)))
+            anchor_before = _eps(view, x, tt, view.encode(anchors[chunk]))
+            target_before = _eps(view, x, tt, view.encode(targets[chunk]))
+        anchor_after = _eps(view, x, tt, view.encode(anchors[chunk]))
+        target_after = _eps(view, x, tt, view.encode(targets[chunk]))
+        totals["scale"] += float((anchor_before - unconditional).square().sum())
+        totals["gap_before"] += float((target_before - anchor_before).square().sum())
+        totals["gap_after"] += float((target_after - anchor_before).square().sum())
+        totals["drift"] += float((anchor_after - anchor_before).square().sum())
+    scale = max(totals["scale"], 1e-12)
+    before, after = totals["gap_before"] / scale, totals["gap_after"] / scale
+    return {
+        "held_out_prompts": len(anchor_prompts),
+        "samples": count,
+        "target_anchor_gap_before": round(before, 6),
+        "target_anchor_gap_after": round(after, 6),
+        "erased_fraction": round(1 - after / before, 4) if before > 0 else 0.0,
+        "anchor_drift": round(totals["drift"] / scale, 6),
+    }
+
+
+def _eps(view: ModelView, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    return view.eps(x, t, cond).float()
+
+
+def weak_effect_warning(check: dict[str, float], config: AblationConfig) -> str | None:
+    """A message when the run barely moved the target toward its anchor on held-out prompts, else None."""
+    if check["erased_fraction"] >= WEAK_EFFECT:
+        return None
+    return (f"the run barely changed the model: on {check['held_out_prompts']} prompts it did not train on, the "
+            f"target's prediction moved only {max(check['erased_fraction'], 0):.0%} of the way to the anchor's. Try "
+            f"more steps (now {config.steps}), a larger learning rate (now {config.learning_rate:g}) or the "
+            f"'paper' preset; check that the target is a word this model knows")

@@ -1,0 +1,250 @@
+"""Concept ablation: fine-tune a parameter group so the target prompt behaves like its anchor.
+
+Reads top to bottom like a pipeline: 1. settings for this model, inputs and layers, 2. build and encode prompts,
+3. sample anchor images from the frozen model, 4. train adapters, 5. check the effect on held-out prompts, 6. build
+the patch. The model is never modified: adapters hook its modules and are removed at the end, whether the run
+finishes, fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...errors import AblationError, OutOfMemoryError, PromptError, TrainingDivergedError
+from ...models.layers import Layer
+from ...models.sampling import sample_latents
+from ...models.view import Conditioning, ModelView
+from ...patches.patch import AblationPatch
+from .. import prompts as prompt_lib
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
+from .adapters import AdapterSet
+from .check import held_out_anchor_prompts, measure_effect, weak_effect_warning
+from .metadata import build_metadata
+from .objectives import ablation_loss, regularization_loss
+from .settings import AblationConfig, check_config, resolve_config
+
+log = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 32
+MAX_PROMPT_TOKENS = 75
+
+
+@dataclass
+class AblationResult:
+    patch: AblationPatch
+    losses: list[float]
+    seconds_anchors: float
+    seconds_training: float
+    config: AblationConfig
+    check: dict[str, float]
+    warning: str | None = None
+
+
+def _check_prompts(view: ModelView, config: AblationConfig) -> None:
+    prompt_lib.check_pair(config.target, config.anchor)
+    longest = max(len(ids) for ids in view.token_ids(config.target))
+    room = MAX_PROMPT_TOKENS if config.kind == "memorization" else MAX_PROMPT_TOKENS // 2
+    if longest > room:
+        raise PromptError(f"the target is {longest} tokens long; the text encoder reads {MAX_PROMPT_TOKENS} tokens per "
+                          f"prompt, so keep a target under {room} tokens (a name or a short phrase)")
+    if config.latent_size is not None and config.latent_size % view.latent_multiple:
+        raise AblationError(f"the latent size must be a multiple of {view.latent_multiple} for this model "
+                            f"(got {config.latent_size})")
+
+
+def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationConfig) -> dict[str, Tensor]:
+    """The embedding group changes only the rows of the target's own words (not the anchor's or the template's)."""
+    target_ids, anchor_ids = view.token_ids(config.target), view.token_ids(config.anchor)
+    masks = {}
+    for layer, target_tokens, anchor_tokens in zip(layers, target_ids, anchor_ids):
+        rows = sorted(set(target_tokens) - set(anchor_tokens))
+        if not rows:
+            raise PromptError(f"the target '{config.target}' has no words of its own beside the anchor "
+                              f"'{config.anchor}', so the embedding group has nothing to change; use group kv")
+        mask = torch.zeros(layer.weight.shape[0])
+        mask[rows] = 1.0
+        masks[layer.key] = mask
+    return masks
+
+
+def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn,
+                          canceller: Canceller) -> Conditioning:
+    """Encode in chunks, reporting ("prompts", done, total) and checking cancel between chunks."""
+    parts = []
+    for start in range(0, len(prompts), ENCODE_CHUNK):
+        canceller.check()
+        parts.append(view.encode(prompts[start:start + ENCODE_CHUNK]))
+        report(Progress("prompts", min(start + ENCODE_CHUNK, len(prompts)), len(prompts)))
+    return Conditioning.cat(parts)
+
+
+def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
+    user = list(config.anchor_prompts) if config.anchor_prompts else None
+    anchors = prompt_lib.choose_anchor_prompts(config.anchor, config.kind, config.anchor_prompt_count, config.seed,
+                                               user)
+    targets = prompt_lib.target_prompts(anchors, config.anchor, config.target, config.kind)
+    for typo in prompt_lib.misspellings(config.target, config.misspelled_targets, config.seed):
+        targets += prompt_lib.target_prompts(anchors, config.anchor, typo, config.kind)
+    return anchors, targets
+
+
+def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | None = None,
+           should_cancel: CancelFn | None = None) -> AblationResult:
+    """Run one ablation and return its patch; raises ``AblationCancelled`` if ``should_cancel()`` turns true.
+
+    Settings the config leaves open are chosen for this model (``resolve_config``); the result carries them.
+    """
+    report = on_progress or no_progress
+    canceller = Canceller(should_cancel)
+
+    # 1. Settings for this model, inputs, and the layers the group trains.
+    config = resolve_config(config, view.family.name)
+    check_config(config)
+    _check_prompts(view, config)
+    layers = view.layers(config.group)
+    if not layers:
+        raise AblationError(f"the model has no layers in group {config.group!r}")
+    row_masks = _embedding_row_masks(view, layers, config) if config.group == "embedding" else None
+
+    with cancel_checks(view.cancel_check_modules(), canceller):
+        # 2. Prompts: each target prompt has an anchor twin; typos of the target add more target prompts.
+        canceller.phase = "encoding prompts"
+        anchor_prompts, target_prompts = _prompt_pairs(config)
+        variants = len(target_prompts) // len(anchor_prompts)
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            to_encode = anchor_prompts + (target_prompts if config.group != "embedding" else [])
+            encoded = _encode_with_progress(view, to_encode, report, canceller)
+            anchor_cond = encoded.slice(0, len(anchor_prompts))
+            target_cond = encoded.slice(len(anchor_prompts), len(to_encode)) if config.group != "embedding" else None
+
+        # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
+        canceller.phase = "sampling anchor images"
+        started = time.perf_counter()
+        latents, image_prompt = _anchor_latents(view, config, anchor_prompts, target_prompts, anchor_cond,
+                                                target_cond, generator, report, canceller)
+        seconds_anchors = time.perf_counter() - started
+
+        # 4. Train adapters on the frozen model.
+        canceller.phase = "training"
+        adapters = AdapterSet(layers, config.lora_rank, row_masks)
+        optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        acp = view.alphas_cumprod.to(view.device)
+        losses: list[float] = []
+        started = time.perf_counter()
+        with adapters.attached():
+            with torch.enable_grad():
+                for step in range(config.steps):
+                    canceller.check()
+                    image = torch.randint(len(latents), (config.batch_size,), generator=generator)
+                    variant = torch.randint(variants, (config.batch_size,), generator=generator)
+                    prompt = image_prompt[image]
+                    t = torch.randint(0, len(acp), (config.batch_size,), generator=generator).to(view.device)
+                    noise = torch.randn(latents[image].shape, generator=generator).to(view.device, view.dtype)
+                    x0 = latents[image].to(view.device, view.dtype)
+                    a = acp[t].view(-1, 1, 1, 1)
+                    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+                    with _oom_guard():
+                        loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
+                                          prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
+                                          target_prompts)
+                        if not math.isfinite(loss.item()):
+                            raise TrainingDivergedError(
+                                f"the loss became {loss.item()} at step {step}; nothing was written. Lower the "
+                                f"learning rate (now {config.learning_rate:g}) or use float32/bfloat16 instead of "
+                                "float16.")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    losses.append(loss.item())
+                    elapsed = time.perf_counter() - started
+                    eta = elapsed / (step + 1) * (config.steps - step - 1)
+                    report(Progress("train", step + 1, config.steps, losses[-1], eta))
+            seconds_training = time.perf_counter() - started
+
+            # 5. The effect, on prompts the run did not train on.
+            canceller.phase = "checking the result"
+            report(Progress("check", 0, 1))
+            check_anchors = held_out_anchor_prompts(config, anchor_prompts)
+            check_targets = prompt_lib.target_prompts(check_anchors, config.anchor, config.target, config.kind)
+            with _oom_guard(), view.uncached_text():
+                check = measure_effect(view, adapters, config, latents, check_anchors, check_targets)
+            report(Progress("check", 1, 1))
+        warning = weak_effect_warning(check, config)
+        if warning:
+            log.warning(warning)
+
+    # 6. The patch: the trained weight deltas plus everything needed to trust and reproduce them.
+    deltas = adapters.weight_deltas()
+    metadata = build_metadata(view, config, losses, seconds_anchors, seconds_training, check)
+    patch = AblationPatch.from_deltas(deltas, metadata, original_weights={layer.key: layer.weight for layer in layers})
+    log.info("ablated %r -> %r: loss %.4g -> %.4g in %.1fs; erased %.0f%% on held-out prompts", config.target,
+             config.anchor, losses[0], losses[-1], seconds_anchors + seconds_training,
+             100 * check["erased_fraction"])
+    return AblationResult(patch, losses, seconds_anchors, seconds_training, config, check, warning)
+
+
+def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: list[str], target_prompts: list[str],
+                    anchor_cond: Conditioning, target_cond: Conditioning | None, generator: torch.Generator,
+                    report: ProgressFn, canceller: Canceller) -> tuple[Tensor, Tensor]:
+    """Anchor images from the frozen model (target images for the maximization baseline), and each one's prompt."""
+    if config.objective == "maximize":
+        sampled_prompts = target_prompts[: len(anchor_prompts)]
+        sampled_cond = target_cond.slice(0, len(anchor_prompts)) if target_cond is not None else None
+    else:
+        sampled_prompts, sampled_cond = anchor_prompts, anchor_cond
+    image_prompt = torch.arange(config.anchor_images) % len(anchor_prompts)
+    image_prompt = image_prompt[torch.randperm(len(image_prompt), generator=generator)]
+    started = time.perf_counter()
+    reported = -1
+
+    def on_sampler_step(done: float, total: int) -> None:
+        nonlocal reported
+        canceller.check()
+        if int(done) != reported:  # at most one report per finished image's worth of solver steps
+            reported = int(done)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (total - done) if done else None
+            report(Progress("anchors", int(done), total, None, eta))
+
+    with _oom_guard():
+        latents = sample_latents(view, sampled_prompts, image_prompt, config.sampler_steps, config.guidance,
+                                 config.sample_batch_size, config.seed, config.latent_size, on_sampler_step,
+                                 sampled_cond)
+    return latents, image_prompt
+
+
+def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_t: Tensor, t: Tensor, noise: Tensor,
+               anchor_index: Tensor, target_index: Tensor, anchor_cond: Conditioning,
+               target_cond: Conditioning | None, target_prompts: list[str]) -> Tensor:
+    anchor_batch = anchor_cond.select(anchor_index)
+    frozen = None
+    if config.objective == "model":
+        with torch.no_grad(), adapters.disabled():
+            frozen = view.eps(x_t, t, anchor_batch)
+    if target_cond is None:  # embedding group: the text encoder is what trains
+        target_batch = view.encode([target_prompts[i] for i in target_index.tolist()])
+    else:
+        target_batch = target_cond.select(target_index)
+    loss = ablation_loss(config.objective, view.eps(x_t, t, target_batch), noise, frozen)
+    if config.regularization:
+        loss = loss + regularization_loss(config.objective, view.eps(x_t, t, anchor_batch), noise, frozen)
+    return loss
+
+
+@contextlib.contextmanager
+def _oom_guard() -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise OutOfMemoryError(
+            "the GPU ran out of memory; nothing was written. Try a smaller batch (--batch-size), fewer anchor images "
+            "per sampling batch (--sample-batch-size), a smaller latent size, or the kv group") from err

@@ -1,0 +1,152 @@
+"""Settings of the trained ablation: defaults, presets, and the settings each model family needs. The one place.
+
+A config holds what the user chose; ``None`` means "what suits this model". ``resolve_config`` fills those fields
+from the preset of the model's family, so every entry point (CLI, Python API, nodes) gets the same settings for the
+same model: the embedded toy model gets its own learning rate and its own phrasing wherever it is named.
+
+Real models: the reference implementation trains with lr 2e-6 scaled by the total batch (4 per GPU x 2 GPUs = 8),
+100 steps, on 1000 anchor images from 200 prompts sampled with DPM-Solver (25 steps, CFG 6). ``paper`` reproduces
+that on one GPU (batch 4, 200 steps, lr 2e-6 x 4). ``default`` keeps the batch of 8 and the steps of the reference
+but draws fewer anchor images with fewer solver steps, which is most of the time of the reference recipe. ``fast``
+halves that again for previews.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from ...errors import AblationError
+from ..prompts import KINDS, Kind
+
+BASE_LR = 2e-6
+PRESET_NAMES = ("fast", "default", "paper")
+
+DEFAULTS: dict[str, object] = {
+    "kind": "object", "group": "kv", "objective": "model", "regularization": False, "steps": 100, "batch_size": 8,
+    "learning_rate": BASE_LR * 8, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 128,
+    "sampler_steps": 10, "guidance": 6.0, "sample_batch_size": 16, "misspelled_targets": 0,
+}
+PRESETS: dict[str, dict[str, dict[str, object]]] = {
+    "real": {
+        "fast": {"steps": 50, "learning_rate": BASE_LR * 8 * 2, "anchor_images": 64, "sampler_steps": 8},
+        "default": {},
+        "paper": {"steps": 200, "batch_size": 4, "learning_rate": BASE_LR * 4, "anchor_images": 1000,
+                  "sampler_steps": 25},
+    },
+    # The toy model learns from 16x16 pixels in minutes: a larger step, its own solver settings and guidance.
+    "toy": {
+        "fast": {"steps": 50, "learning_rate": 2e-3, "anchor_images": 32, "sampler_steps": 12, "guidance": 4.0,
+                 "sample_batch_size": 64},
+        "default": {"steps": 100, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20, "guidance": 4.0,
+                    "sample_batch_size": 64},
+        "paper": {"steps": 200, "batch_size": 4, "learning_rate": 1e-3, "anchor_images": 200, "sampler_steps": 25,
+                  "guidance": 4.0, "sample_batch_size": 64},
+    },
+}
+GROUP_LEARNING_RATE = {("toy", "full"): 1e-4}  # every UNet weight moves: a tenth of the step keeps the neighbours
+PRESET_HELP = ("fast: a preview in half the time; default: the reference's steps with fewer anchor images; "
+               "paper: the paper's recipe (slowest)")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """One ablation run. Fields left ``None`` are filled by ``resolve_config`` for the model at hand."""
+
+    target: str
+    anchor: str
+    kind: Kind | None = None
+    group: str | None = None
+    objective: str | None = None
+    regularization: bool | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    lora_rank: int | None = None
+    anchor_prompt_count: int | None = None
+    anchor_images: int | None = None
+    sampler_steps: int | None = None
+    guidance: float | None = None
+    sample_batch_size: int | None = None
+    latent_size: int | None = None
+    misspelled_targets: int | None = None
+    anchor_prompts: tuple[str, ...] | None = None
+    held_out_prompts: tuple[str, ...] | None = None
+    seed: int = 0
+    preset: str = "default"
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra_metadata"}
+
+
+def make_config(target: str, anchor: str, preset: str = "default", **overrides: object) -> AblationConfig:
+    """A config with the user's choices; ``None`` values mean "the preset's value for this model"."""
+    if preset not in PRESET_NAMES:
+        raise AblationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    unknown = set(overrides) - {f.name for f in fields(AblationConfig)}
+    if unknown:
+        raise AblationError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return replace(AblationConfig(target, anchor, preset=preset), **chosen)
+
+
+def preset_values(family: str, preset: str = "default") -> dict[str, object]:
+    """The settings a preset gives on a family ("toy" or any real family), before the user's choices."""
+    table = PRESETS["toy" if family == "toy" else "real"]
+    if preset not in table:
+        raise AblationError(f"unknown preset {preset!r}; choose one of {', '.join(table)}")
+    return {**DEFAULTS, **table[preset]}
+
+
+def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
+    """Every ``None`` field filled for ``family``; explicit choices are kept. Resolving twice changes nothing."""
+    if family == "toy":
+        config = _toy_choices(config)
+    values = preset_values(family, config.preset)
+    group = config.group or str(values["group"])
+    if config.learning_rate is None and (family, group) in GROUP_LEARNING_RATE:
+        values["learning_rate"] = GROUP_LEARNING_RATE[(family, group)]
+    filled = {name: value for name, value in values.items() if getattr(config, name) is None}
+    return replace(config, **filled)
+
+
+def _toy_choices(config: AblationConfig) -> AblationConfig:
+    """The toy model only knows its own words: its concepts, and prompts in its caption templates."""
+    from ...errors import PromptError
+    from ...toy import prompts as toy_prompts
+
+    target, anchor = config.target.lower().strip(), config.anchor.lower().strip()
+    for role, name in (("target", target), ("anchor", anchor)):
+        if not toy_prompts.is_toy_concept(name):
+            raise PromptError(f"the toy model does not know the {role} '{name}'; it knows "
+                              f"{', '.join(toy_prompts.KNOWN)}")
+    kind = config.kind or toy_prompts.kind_of(target)
+    prompts = config.anchor_prompts or tuple(toy_prompts.anchor_prompts(anchor, "train"))
+    held_out = config.held_out_prompts or tuple(toy_prompts.anchor_prompts(anchor, "eval"))
+    return replace(config, target=target, anchor=anchor, kind=kind, anchor_prompts=prompts,
+                   anchor_prompt_count=config.anchor_prompt_count or len(prompts), held_out_prompts=held_out)
+
+
+def check_config(config: AblationConfig) -> None:
+    """Values a resolved config must have; raises ``AblationError`` naming the setting."""
+    from ...models.layers import GROUPS
+    from .objectives import OBJECTIVES
+
+    if config.group not in GROUPS:
+        raise AblationError(f"unknown parameter group {config.group!r}; choose one of {', '.join(GROUPS)}")
+    if config.objective not in OBJECTIVES:
+        raise AblationError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if config.kind not in KINDS:
+        raise AblationError(f"unknown concept kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+    for name in ("steps", "batch_size", "anchor_images", "sampler_steps", "sample_batch_size", "anchor_prompt_count"):
+        if int(getattr(config, name)) < 1:
+            raise AblationError(f"{name.replace('_', ' ')} must be at least 1 (got {getattr(config, name)})")
+    for name in ("lora_rank", "misspelled_targets"):
+        if int(getattr(config, name)) < 0:
+            raise AblationError(f"{name.replace('_', ' ')} cannot be negative (got {getattr(config, name)})")
+    if not 0 < float(config.learning_rate) < 1:
+        raise AblationError(f"the learning rate must be between 0 and 1 (got {config.learning_rate:g})")
+    if not 0 <= float(config.guidance) <= 50:
+        raise AblationError(f"guidance must be between 0 and 50 (got {config.guidance:g})")
+    if config.latent_size is not None and config.latent_size < 1:
+        raise AblationError(f"the latent size must be at least 1 (got {config.latent_size})")

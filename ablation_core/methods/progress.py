@@ -1,0 +1,81 @@
+"""Progress reports and cancellation, shared by every method and every front end.
+
+A method reports ``Progress`` through a callback and asks ``should_cancel()`` whether to stop. Between steps is not
+often enough: one UNet pass of SD1.5 takes seconds on a CPU, so ``cancel_checks`` also asks inside the model's forward,
+from a pre-hook on every linear and convolution layer (at most every ``CHECK_INTERVAL_S``), and a cancel stops the
+run within about a second wherever it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import AblationCancelled
+
+CHECK_INTERVAL_S = 0.05
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows: the phase, step of total, the loss and time left.
+
+    Phases: "prompts" (encoding), "anchors" (sampling anchor images), "train", "check" (the held-out measure),
+    "solve" (closed-form methods), "evaluate".
+    """
+
+    phase: str
+    step: int
+    total: int
+    loss: float | None = None
+    eta_seconds: float | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+CancelFn = Callable[[], bool]
+
+
+def no_progress(progress: Progress) -> None:
+    """The progress callback used when the caller passes none."""
+
+
+def never_cancel() -> bool:
+    return False
+
+
+class Canceller:
+    """Turns ``should_cancel()`` into ``AblationCancelled`` naming the phase the run was in."""
+
+    def __init__(self, should_cancel: CancelFn | None):
+        self.should_cancel = should_cancel or never_cancel
+        self.phase = "starting"
+
+    def check(self) -> None:
+        if self.should_cancel():
+            raise AblationCancelled(f"cancelled while {self.phase}; nothing was written and the model is unchanged")
+
+
+@contextlib.contextmanager
+def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterator[None]:
+    """Check for cancel inside the forward of ``modules`` (throttled), for the duration of the block."""
+    if canceller.should_cancel is never_cancel:
+        yield
+        return
+    last = [time.monotonic()]
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        now = time.monotonic()
+        if now - last[0] >= CHECK_INTERVAL_S:
+            last[0] = now
+            canceller.check()
+
+    handles = [module.register_forward_pre_hook(pre_hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

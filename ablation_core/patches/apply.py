@@ -1,0 +1,112 @@
+"""Applying a patch to a model view: match keys to weights, check shapes and the base-model fingerprint, apply.
+
+Everything that can fail is checked before the first weight changes, and a failure while changing them puts back
+what was already changed, so a model is never left half-patched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PatchError, PatchMismatchError
+from ..models.view import ModelView
+from .patch import AblationPatch, LayerDelta, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _expected_shape_error(delta: LayerDelta, shape: tuple[int, ...]) -> str | None:
+    """Why ``delta`` cannot change a weight of ``shape``, or None when it fits."""
+    if delta.diff is not None:
+        return None if tuple(delta.diff.shape) == shape else f"has shape {tuple(delta.diff.shape)}"
+    up, down = delta.up, delta.down
+    fan_in = math.prod(shape[1:])
+    if up.shape[0] != shape[0] or down.flatten(1).shape[1] != fan_in:
+        return f"has LoRA up {tuple(up.shape)} / down {tuple(down.shape)}"
+    return None
+
+
+def resolve(patch: AblationPatch, view: ModelView) -> dict[str, tuple[nn.Module, Tensor]]:
+    """Match every patch key to a model weight and check shapes; raise naming what does not fit."""
+    layers = view.all_layers()
+    unknown = [k for k in patch.deltas if k not in layers]
+    if unknown:
+        raise PatchError(f"{len(unknown)} patch key(s) match no layer of this {view.family.title} model (e.g. "
+                         f"'{unknown[0]}'); the patch was made for another architecture")
+    resolved: dict[str, tuple[nn.Module, Tensor]] = {}
+    seen: dict[int, str] = {}
+    for key, delta in patch.deltas.items():
+        layer = layers[key]
+        if id(layer.module) in seen:
+            raise PatchError(f"patch keys '{seen[id(layer.module)]}' and '{key}' name the same layer; the file holds "
+                             "it twice")
+        seen[id(layer.module)] = key
+        shape = tuple(layer.weight.shape)
+        problem = _expected_shape_error(delta, shape)
+        if problem:
+            raise PatchError(f"patch layer '{key}' {problem} but the model's weight is {shape}; the patch was made "
+                             "for another model size")
+        resolved[key] = (layer.module, delta.full(shape))
+    return resolved
+
+
+def check_fingerprint(patch: AblationPatch, view: ModelView, strict: bool = False) -> bool:
+    """True when the model's weights are the ones the patch was made from. Warns, or raises if ``strict``."""
+    expected = patch.base_fingerprint
+    if not expected:
+        return True
+    if not re.fullmatch(r"[0-9a-f]{16}", expected):
+        log.warning("the patch's base-model fingerprint %r is malformed; it cannot be checked", expected[:40])
+        return False
+    layers = view.all_layers()
+    actual = fingerprint({k: layers[k].weight for k in patch.deltas if k in layers})
+    if actual == expected:
+        return True
+    message = (f"this patch was made for another base model (fingerprint {expected}, this model {actual}); "
+               "it may not remove the concept here")
+    if strict:
+        raise PatchMismatchError(message)
+    log.warning(message)
+    return False
+
+
+class AppliedPatch:
+    """Weights changed in place by ``apply_patch``; ``remove()`` puts the exact originals back."""
+
+    def __init__(self, originals: dict[str, tuple[nn.Module, Tensor]]):
+        self._originals = originals
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for module, original in self._originals.values():
+                module.weight.copy_(original)
+        self._originals = {}
+
+    def __enter__(self) -> AppliedPatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def apply_patch(view: ModelView, patch: AblationPatch, strength: float = 1.0, strict: bool = False) -> AppliedPatch:
+    """Add ``strength`` x the patch to the model's weights in place; ``remove()`` (or ``with``) undoes it exactly."""
+    if not math.isfinite(strength):
+        raise PatchError(f"the strength must be a finite number, not {strength}")
+    resolved = resolve(patch, view)
+    check_fingerprint(patch, view, strict)
+    applied = AppliedPatch({})
+    try:
+        with torch.no_grad():
+            for key, (module, dense) in resolved.items():
+                applied._originals[key] = (module, module.weight.detach().clone())
+                module.weight.add_((dense * strength).to(module.weight.device, module.weight.dtype))
+    except BaseException:
+        applied.remove()
+        raise
+    return applied
