@@ -163,6 +163,9 @@ class LatentFormat:
     latent_channels = 4
     scale_factor = 0.18215
 
+    def __init__(self, latent_channels: int = 4):
+        self.latent_channels = latent_channels
+
     def process_out(self, latent: Tensor) -> Tensor:
         return latent / self.scale_factor
 
@@ -171,11 +174,11 @@ class BaseModel(nn.Module):
     """``comfy.model_base.BaseModel`` as far as the backend uses it."""
 
     def __init__(self, diffusion_model: nn.Module, context_dim: int = CONTEXT_DIM, adm_channels: int | None = None,
-                 model_type: ModelType = ModelType.EPS):
+                 model_type: ModelType = ModelType.EPS, latent_channels: int = 4):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.model_sampling = ModelSamplingDiscrete()
-        self.latent_format = LatentFormat()
+        self.latent_format = LatentFormat(latent_channels)
         self.model_type = model_type
         self.manual_cast_dtype = None
         self.model_config = types.SimpleNamespace(unet_config={"context_dim": context_dim, "channel_mult": (1,),
@@ -255,17 +258,18 @@ class CLIPLayer(nn.Module):
 
 class ClipModel(nn.Module):
     """``cond_stage_model`` of SD1: the text encoder under ``clip_l.transformer`` (HF layers, then one ComfyUI-style
-    in-place ``CLIPLayer``)."""
+    in-place ``CLIPLayer``, which the toy world's CLIP goes without)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, text_model: CLIPTextModel | None = None):
         super().__init__()
         torch.manual_seed(seed)
         self.clip_l = nn.Module()
         self.clip_l.transformer = nn.Module()  # ComfyUI's names: clip_l.transformer.text_model.embeddings...
-        self.clip_l.transformer.text_model = CLIPTextModel(CLIPTextConfig(
+        self.clip_l.transformer.text_model = text_model or CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=32))
-        self.clip_l.transformer.comfy_layer = CLIPLayer(CONTEXT_DIM)
+        if text_model is None:
+            self.clip_l.transformer.comfy_layer = CLIPLayer(CONTEXT_DIM)
 
 
 class CLIP:
@@ -288,9 +292,11 @@ class CLIP:
 
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
         ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens["l"]])
-        out = self.cond_stage_model.clip_l.transformer.text_model(ids)
-        hidden = self.cond_stage_model.clip_l.transformer.comfy_layer(out.last_hidden_state)
-        cond = hidden.reshape(1, -1, CONTEXT_DIM)
+        transformer = self.cond_stage_model.clip_l.transformer
+        out = transformer.text_model(ids)
+        layer = getattr(transformer, "comfy_layer", None)
+        hidden = layer(out.last_hidden_state) if layer is not None else out.last_hidden_state
+        cond = hidden.reshape(1, -1, hidden.shape[-1])
         return (cond, out.pooler_output[:1]) if return_pooled else cond
 
 
@@ -305,6 +311,44 @@ def make_model(family: str = "sd1", seed: int = 0, model_type: ModelType = Model
     adm = CONTEXT_DIM + 16 if family == "sdxl" else None
     unet = TinyLDMUNet(adm_channels=adm).eval().requires_grad_(False)
     return ModelPatcher(BaseModel(unet, adm_channels=adm, model_type=model_type))
+
+
+class ToyLDMUNet(nn.Module):
+    """The embedded toy model's diffusers UNet under ComfyUI's LDM module names: every linear and convolution is
+    registered at its LDM path (the same module objects), and the forward runs the diffusers UNet."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        from ablation_core.models.ldm_keys import UNetLayout, unet_module_to_ldm
+
+        object.__setattr__(self, "_unet", unet)  # not a child: only the LDM names are seen
+        layout = UNetLayout.from_config(dict(unet.config))
+        for name, module in unet.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                path = unet_module_to_ldm(name, layout).split(".")
+                parent = self
+                for part in path[:-1]:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, nn.Module())
+                    parent = getattr(parent, part)
+                parent.add_module(path[-1], module)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                transformer_options: dict | None = None, **kwargs) -> Tensor:
+        return self._unet(x, timesteps, encoder_hidden_states=context).sample
+
+
+def make_toy_model_and_clip() -> tuple[ModelPatcher, CLIP]:
+    """The embedded toy world as ComfyUI would hold it (a MODEL and a CLIP), for running the nodes on it."""
+    from ablation_core.toy.model import load_toy_model
+
+    unet, text_encoder, _ = load_toy_model()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    model = ModelPatcher(BaseModel(ToyLDMUNet(unet), context_dim=unet.config.cross_attention_dim,
+                                   latent_channels=unet.config.in_channels))
+    model.model.model_config.unet_config["channel_mult"] = tuple(range(len(unet.config.block_out_channels)))
+    return model, CLIP(ClipModel(text_model=text_encoder))
 
 
 def make_clip(seed: int = 0) -> CLIP:

@@ -1,0 +1,120 @@
+"""Every entry point on every concept of the toy world: the held-out check on quality settings.
+
+``python -m tests.every_concept [--entries api cli node] [--per-set 48] [--out docs/results/every_concept]``
+
+For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
+  - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))``;
+  - ``cli``:  ``python -m ablation_core ablate --model toy --target T --anchor A --out P`` in a subprocess;
+  - ``node``: the Ablate Concept node's own ``ablate`` on the toy model held as a ComfyUI MODEL/CLIP (the fakes of
+    ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's default widgets except target, anchor
+    and kind;
+then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
+given beyond what each entry point's user types, so the figures show what users get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ablation_core import evaluate_toy, load_model, load_patch, make_config
+from ablation_core.files import write_text_atomic
+from ablation_core.methods.ablation.loop import ablate
+from ablation_core.toy.concepts import CONCEPTS
+
+ENTRIES = ("api", "cli", "node")
+
+
+def patch_from_api(target: str, anchor: str, folder: Path):
+    return ablate(load_model("toy"), make_config(target, anchor)).patch
+
+
+def patch_from_cli(target: str, anchor: str, folder: Path):
+    out = folder / f"{target.replace(' ', '_')}.safetensors"
+    subprocess.run([sys.executable, "-m", "ablation_core", "ablate", "--model", "toy", "--target", target,
+                    "--anchor", anchor, "--out", str(out), "--overwrite"], check=True, capture_output=True, text=True)
+    return load_patch(out)
+
+
+def patch_from_node(target: str, anchor: str, folder: Path):
+    from tests import comfy_fakes as fakes
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        fakes.install(folder, monkeypatch)
+        import nodes
+
+        model, clip = fakes.make_toy_model_and_clip()
+        kind = "style" if target in ("van gogh", "monet", "picasso") else "object"
+        node = nodes.NODE_CLASS_MAPPINGS["AblateConcept"]()
+        output = node.ablate(model, clip, target, anchor, kind, "kv", "default", 0, 0, use_cache=False)
+        return output["result"][2]
+    finally:
+        monkeypatch.undo()
+
+
+MAKERS = {"api": patch_from_api, "cli": patch_from_cli, "node": patch_from_node}
+
+
+def run(entries: list[str], per_set: int, concepts: list[str] | None) -> list[dict]:
+    view = load_model("toy")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in CONCEPTS:
+            if concepts and concept.name not in concepts:
+                continue
+            for entry in entries:
+                started = time.perf_counter()
+                patch = MAKERS[entry](concept.name, concept.anchor, Path(tmp))
+                made = time.perf_counter() - started
+                evaluation = evaluate_toy(view, patch, concept.name, concept.anchor, per_set=per_set)
+                check = json.loads(patch.metadata.get("ablation.check", "{}"))
+                neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
+                              if s.name.startswith("surrounding")}
+                rows.append({"concept": concept.name, "kind": concept.kind, "anchor": concept.anchor, "entry": entry,
+                             "seconds_to_patch": round(made, 1), "held_out_erased": check.get("erased_fraction"),
+                             **evaluation.summary, "neighbours": neighbours})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| concept -> anchor | entry point | target shown | misspelt shown | anchor kept | surroundings kept "
+             "| worst neighbour (before -> after) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        typo = (f"{r['misspelt_recognised_before']:.0%} -> {r['misspelt_recognised']:.0%}"
+                if "misspelt_recognised" in r else "-")
+        worst_name, (before, after) = min(r["neighbours"].items(), key=lambda kv: kv[1][1] - kv[1][0])
+        lines.append(f"| {r['concept']} -> {r['anchor']} | {r['entry']} "
+                     f"| {r['target_recognised_before']:.0%} -> **{r['target_recognised']:.0%}** | {typo} "
+                     f"| **{r['anchor_retained']:.0%}** | **{r['surrounding_retained']:.0%}** "
+                     f"| {worst_name} {before:.0%} -> {after:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.every_concept", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
+    parser.add_argument("--concepts", nargs="+", default=None, help="only these (default: every concept)")
+    parser.add_argument("--per-set", type=int, default=48)
+    parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = parser.parse_args(argv)
+    rows = run(args.entries, args.per_set, args.concepts)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(Path(args.out).with_suffix(".md"), table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
