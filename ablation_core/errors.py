@@ -31,3 +31,10 @@ class AblationCancelled(AblationError):
 
 class OutOfMemoryError(AblationError):
     """The device ran out of memory; the message suggests smaller settings."""
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """A name taken from a file or an argument, fit for a one-line message: quoted, control characters escaped
+    (a name may hold a newline), and cut short (or it may be megabytes long)."""
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return f"'{shown[:limit]}...'" if len(shown) > limit else f"'{shown}'"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,16 +201,20 @@ def test_ablate_node_trains_under_inference_mode_and_leaves_the_input_model_alon
     assert events[-1]["phase"] == "done" and events[-1]["node"] == "7"
 
 
-def _run_ablate(node, model, clip, monkeypatch, unique_id=None, use_cache=True):
-    """The node with its own inputs, shrunk further (anchor images, batch) through the backend call it makes."""
+def _tiny_inputs(model, clip, monkeypatch) -> tuple:
+    """The node's own inputs; the backend call it makes shrinks the run further (anchor images, batch)."""
     original = backend.ablate_concept
 
     def tiny(model, clip, config, **kwargs):
         return original(model, clip, replace(config, **{k: v for k, v in TINY.items() if k != "steps"}), **kwargs)
 
     monkeypatch.setattr(backend, "ablate_concept", tiny)
-    output = node.ablate(model, clip, "Van Gogh", "painting", "style", "kv", "fast", TINY["steps"], 0,
-                         image_size=TINY["latent_size"] * 8, use_cache=use_cache, unique_id=unique_id)
+    return model, clip, "Van Gogh", "painting", "style", "kv", "fast", TINY["steps"], 0
+
+
+def _run_ablate(node, model, clip, monkeypatch, unique_id=None, use_cache=True):
+    output = node.ablate(*_tiny_inputs(model, clip, monkeypatch), image_size=TINY["latent_size"] * 8,
+                         use_cache=use_cache, unique_id=unique_id)
     assert output["ui"]["text"][0]
     return output["result"]
 
@@ -218,11 +223,43 @@ def test_second_run_reuses_the_disk_cache(comfy, monkeypatch):
     model, clip = fakes.make_model(), fakes.make_clip()
     node = _nodes()["AblateConcept"]()
     _, _, first = _run_ablate(node, model, clip, monkeypatch)
+    live = [d for _, d in comfy.messages if d["phase"] == "done"][-1]
     comfy.messages.clear()
     _, _, second = _run_ablate(node, model, clip, monkeypatch)
     assert [d["phase"] for _, d in comfy.messages] == ["done"] and comfy.messages[0][1]["cached"]
     for key, delta in first.deltas.items():
         torch.testing.assert_close(second.deltas[key].full(), delta.full())
+    # The chart redraws the whole curve the cached patch stored, not only its first and last loss.
+    cached = comfy.messages[0][1]
+    assert len(live["losses"]) == TINY["steps"]
+    assert cached["losses"] == pytest.approx(live["losses"], rel=1e-4)
+    assert cached["summary"].startswith("reused cached result; ")
+
+
+def test_ablate_node_shows_the_held_out_check_summary(comfy, monkeypatch):
+    node = _nodes()["AblateConcept"]()
+    output = node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), unique_id="3")
+    done = [d for _, d in comfy.messages if d["phase"] == "done"][-1]
+    assert output["ui"]["text"] == [done["summary"]]
+    assert "held-out prompts" in done["summary"]
+    phases = [d["phase"] for _, d in comfy.messages]
+    assert phases.index("check") > max(i for i, phase in enumerate(phases) if phase == "train")
+
+
+def test_cancel_is_checked_inside_the_text_encoder(comfy, monkeypatch):
+    """Encoding a chunk of prompts with CLIP takes seconds on a CPU: Cancel is noticed inside its forward."""
+    from ablation_core.methods import progress
+
+    monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
+    view = backend.ComfyModelView(fakes.make_model(), fakes.make_clip())
+    text_modules = set(map(id, view.clip.cond_stage_model.modules()))
+    assert any(id(module) in text_modules for module in view.cancel_check_modules())
+    comfy.interrupt_after = 1  # the check before the chunk passes; the next one is inside the encoder
+    with pytest.raises(fakes.InterruptProcessingException) as raised:
+        with torch.no_grad(), progress.cancel_checks(view.cancel_check_modules(),
+                                                     progress.Canceller(backend.view.cancel_requested)):
+            view.encode(["a photo of a cat"])
+    assert any("transformers" in frame.filename for frame in traceback.extract_tb(raised.value.__traceback__))
 
 
 def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, monkeypatch):

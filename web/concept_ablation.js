@@ -1,5 +1,6 @@
-// Concept Ablation front-end: a live loss curve with ETA on Ablate Concept, patch metadata on Load Ablation Patch,
-// and status text (fingerprint check, saved file) on the other nodes.
+// Concept Ablation front-end: a live loss curve with ETA on Ablate Concept (and, after the run, the held-out check's
+// summary, or "cancelled" / "failed"), patch metadata on Load Ablation Patch, and status text (fingerprint check,
+// saved file) on the other nodes.
 //
 // Both are canvas widgets added after the node's own widgets: they take part in the node's layout (so the chart never
 // hides behind the anchor_prompts text box) and are not serialized (so workflow files keep their widgets_values).
@@ -34,7 +35,7 @@ function drawChart(ctx, state, x, y, width) {
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)";
   ctx.fillRect(x, y, width, CHART_HEIGHT);
-  ctx.fillStyle = "#ddd";
+  ctx.fillStyle = state.stopped ? "#f96" : "#ddd";
   ctx.font = "11px sans-serif";
   ctx.fillText(state.status || "loss curve: appears when the node runs", x + 6, y + 14);
   const losses = state.losses;
@@ -63,7 +64,7 @@ function drawChart(ctx, state, x, y, width) {
 }
 
 function addChartWidget(node) {
-  node.ablation = { losses: [], total: 0, status: "" };
+  node.ablation = { losses: [], total: 0, status: "", activity: "", running: false, stopped: false };
   node.addCustomWidget({
     name: "loss_chart",
     type: "concept_ablation_chart",
@@ -77,54 +78,111 @@ function addChartWidget(node) {
   });
 }
 
+// Lines broken at spaces to fit the node's width (monospace, so characters per line are known).
+function wrapLines(lines, width) {
+  const chars = Math.max(10, Math.floor((width - 20) / 6.6));
+  const wrapped = [];
+  for (const line of lines) {
+    let rest = line;
+    while (rest.length > chars) {
+      const cut = rest.lastIndexOf(" ", chars) > chars / 2 ? rest.lastIndexOf(" ", chars) : chars;
+      wrapped.push(rest.slice(0, cut));
+      rest = rest.slice(cut).trimStart();
+    }
+    wrapped.push(rest);
+  }
+  return wrapped.slice(0, MAX_TEXT_LINES);
+}
+
 function addTextWidget(node) {
   node.ablationText = [];
+  const lines = (width) => (node.ablationText.length ? wrapLines(node.ablationText, width ?? node.size[0]) : []);
   node.addCustomWidget({
     name: "ablation_info",
     type: "concept_ablation_text",
     value: null,
     serialize: false,
     options: { serialize: false },
-    computeSize: (width) => [width ?? node.size[0], node.ablationText.length ? node.ablationText.length * TEXT_LINE + 6 : 0],
+    computeSize: (width) => [width ?? node.size[0], lines(width).length ? lines(width).length * TEXT_LINE + 6 : 0],
     draw(ctx, owner, width, y) {
-      const lines = owner.ablationText;
-      if (!lines.length) return;
+      const shown = lines(width);
+      if (!shown.length) return;
       ctx.save();
-      ctx.fillStyle = "#ccc";
+      ctx.fillStyle = owner.ablation?.stopped ? "#f96" : "#ccc";
       ctx.font = "11px monospace";
-      const chars = Math.max(10, Math.floor((width - 20) / 6.6));
-      lines.forEach((line, i) => ctx.fillText(line.slice(0, chars), 10, y + (i + 1) * TEXT_LINE - 2));
+      shown.forEach((line, i) => ctx.fillText(line, 10, y + (i + 1) * TEXT_LINE - 2));
       ctx.restore();
     },
   });
 }
 
 function setText(node, text) {
-  node.ablationText = String(text || "").split("\n").slice(0, MAX_TEXT_LINES);
+  node.ablationText = text ? String(text).split("\n") : [];
   fitToWidgets(node);
+}
+
+function ablateNodes() {
+  return (app.graph?._nodes ?? []).filter((node) => node.ablation);
 }
 
 api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
   const node = nodeById(detail.node);
   if (!node?.ablation) return;
   const state = node.ablation;
+  Object.assign(state, { running: detail.phase !== "done", stopped: false });
   if (detail.phase === "prompts") {
-    Object.assign(state, { losses: [], done: false, status: `encoding prompts ${detail.step}/${detail.total}` });
+    Object.assign(state, { losses: [], activity: `encoding prompts ${detail.step}/${detail.total}` });
+    state.status = state.activity;
   } else if (detail.phase === "anchors") {
-    if (detail.step <= 1 || state.done) Object.assign(state, { losses: [], done: false });
-    state.status = `sampling anchor images ${detail.step}/${detail.total}  ${formatEta(detail.eta)}`.trim();
+    if (detail.step <= 1) state.losses = [];
+    state.activity = `sampling anchor images ${detail.step}/${detail.total}`;
+    state.status = `${state.activity}  ${formatEta(detail.eta)}`.trim();
   } else if (detail.phase === "train") {
     if (detail.step === 1) state.losses = [];
     state.losses.push(detail.loss);
     state.total = detail.total;
-    state.status = `step ${detail.step}/${detail.total}  loss ${detail.loss.toPrecision(4)}  ${formatEta(detail.eta)}`;
+    state.activity = `step ${detail.step}/${detail.total}`;
+    state.status = `${state.activity}  loss ${detail.loss.toPrecision(4)}  ${formatEta(detail.eta)}`;
+  } else if (detail.phase === "check") {
+    state.activity = "checking the result on held-out prompts";
+    state.status = `${state.activity}...`;
   } else if (detail.phase === "done") {
-    state.done = true;
-    if (detail.cached) state.losses = detail.losses || [];
+    // The full curve: a live run's own losses, or the one stored in a cached patch (not only first and last).
+    if (detail.losses?.length) state.losses = detail.losses;
+    if (detail.cached) state.total = state.losses.length;
     const last = state.losses.length ? state.losses[state.losses.length - 1].toPrecision(4) : "?";
     state.status = detail.cached ? `reused cached result (final loss ${last})` : `done, final loss ${last}`;
+    if (detail.summary) setText(node, detail.summary);
   }
   node.setDirtyCanvas(true, true);
+});
+
+// A new run of the node: forget the last one's summary and status.
+api.addEventListener("executing", ({ detail }) => {
+  const node = detail == null ? null : nodeById(detail);
+  if (!node?.ablation) return;
+  Object.assign(node.ablation, { running: true, stopped: false, activity: "", status: "starting..." });
+  setText(node, "");
+});
+
+// Cancel or an error ends the run without a "done" event: say so instead of leaving the last step and its ETA.
+function markStopped(how, message) {
+  for (const node of ablateNodes()) {
+    const state = node.ablation;
+    if (!state.running) continue;
+    const where = state.activity ? ` during ${state.activity}` : "";
+    Object.assign(state, { running: false, stopped: true, status: `${how}${where}` });
+    setText(node, message);
+  }
+}
+
+api.addEventListener("execution_interrupted", () => {
+  markStopped("cancelled", "cancelled: nothing was saved and the model is unchanged");
+});
+
+api.addEventListener("execution_error", ({ detail }) => {
+  const message = String(detail?.exception_message ?? "").trim().split("\n").slice(0, 4).join("\n");
+  markStopped("failed", message ? `failed: ${message}` : "failed: see the ComfyUI console");
 });
 
 async function showPatchInfo(node, name) {
@@ -169,7 +227,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       if (isAblate) addChartWidget(this);
-      else addTextWidget(this);
+      addTextWidget(this);
       if (nodeData.name === "LoadAblationPatch") watchPatchName(this);
       fitToWidgets(this);
       return result;
@@ -188,7 +246,7 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      if (message?.text && !isAblate) setText(this, message.text.join("\n"));
+      if (message?.text) setText(this, message.text.join("\n"));
     };
   },
 });

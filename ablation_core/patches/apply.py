@@ -1,7 +1,8 @@
 """Applying a patch to a model view: match keys to weights, check shapes and the base-model fingerprint, apply.
 
-Everything that can fail is checked before the first weight changes, and a failure while changing them puts back
-what was already changed, so a model is never left half-patched.
+Everything that can fail is checked before the first weight changes, and a failure while changing them (a sum that
+overflows the weights' dtype shows only then) puts back what was already changed, so a model is never left
+half-patched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from ..errors import PatchError, PatchMismatchError
+from ..errors import PatchError, PatchMismatchError, quoted
 from ..models.view import ModelView
 from .patch import AblationPatch, LayerDelta, fingerprint
 
@@ -37,21 +38,25 @@ def resolve(patch: AblationPatch, view: ModelView) -> dict[str, tuple[nn.Module,
     unknown = [k for k in patch.deltas if k not in layers]
     if unknown:
         raise PatchError(f"{len(unknown)} patch key(s) match no layer of this {view.family.title} model (e.g. "
-                         f"'{unknown[0]}'); the patch was made for another architecture")
+                         f"{quoted(unknown[0])}); the patch was made for another architecture")
     resolved: dict[str, tuple[nn.Module, Tensor]] = {}
     seen: dict[int, str] = {}
     for key, delta in patch.deltas.items():
         layer = layers[key]
         if id(layer.module) in seen:
-            raise PatchError(f"patch keys '{seen[id(layer.module)]}' and '{key}' name the same layer; the file holds "
-                             "it twice")
+            raise PatchError(f"patch keys {quoted(seen[id(layer.module)])} and {quoted(key)} name the same layer; "
+                             "the file holds it twice")
         seen[id(layer.module)] = key
         shape = tuple(layer.weight.shape)
         problem = _expected_shape_error(delta, shape)
         if problem:
-            raise PatchError(f"patch layer '{key}' {problem} but the model's weight is {shape}; the patch was made "
-                             "for another model size")
-        resolved[key] = (layer.module, delta.full(shape))
+            raise PatchError(f"patch layer {quoted(key)} {problem} but the model's weight is {shape}; the patch was "
+                             "made for another model size")
+        dense = delta.full(shape)
+        if not torch.isfinite(dense).all():  # finite factors, but their product (times alpha) overflows
+            raise PatchError(f"patch layer {quoted(key)} has values too large to compute (its LoRA factors times "
+                             "alpha overflow float32); the file is damaged")
+        resolved[key] = (layer.module, dense)
     return resolved
 
 
@@ -104,8 +109,13 @@ def apply_patch(view: ModelView, patch: AblationPatch, strength: float = 1.0, st
     try:
         with torch.no_grad():
             for key, (module, dense) in resolved.items():
-                applied._originals[key] = (module, module.weight.detach().clone())
+                original = module.weight.detach().clone()
+                applied._originals[key] = (module, original)
                 module.weight.add_((dense * strength).to(module.weight.device, module.weight.dtype))
+                if not torch.isfinite(module.weight).all() and torch.isfinite(original).all():
+                    raise PatchError(f"patch layer {quoted(key)} at strength {strength:g} would make the model's "
+                                     f"{str(original.dtype).removeprefix('torch.')} weights overflow; use a smaller "
+                                     "strength")
     except BaseException:
         applied.remove()
         raise

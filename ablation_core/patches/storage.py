@@ -1,24 +1,31 @@
 """Patch files: loading that turns every kind of damage into one clear ``PatchError`` (saving: ``AblationPatch.save``).
 
-A patch file comes from strangers on the internet, so loading trusts nothing: the header length is checked against
-the file before safetensors reads it, every tensor's name, dtype, shape and values are checked, and LoRA pairs must
-fit together. What passes here can be applied to a model without surprises; what does not is refused with a
-message that says what is wrong with the file.
+A patch file comes from strangers on the internet, so loading trusts nothing. The header is read and checked here
+before safetensors sees the file (its length against the file, its JSON, every tensor's dtype, shape and place in
+the data), so each kind of damage gets a sentence of its own rather than a parser's message; then every tensor's
+name and values are checked, and LoRA pairs must fit together. What passes can be applied to a model without
+surprises; what does not is refused with a message that says what is wrong with the file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import PatchError
+from ..errors import PatchError, quoted
 from .patch import AblationPatch, LayerDelta
 
+log = logging.getLogger(__name__)
+
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors' names, bytes per element
+ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 PARTS = ("diff", "lora_up.weight", "lora_down.weight", "alpha")
 
 
@@ -37,15 +44,15 @@ def load_patch(path: str | Path) -> AblationPatch:
     if path.suffix.lower() != ".safetensors":
         raise PatchError(f"{path.name}: patches are .safetensors files; for an official concept-ablation delta.bin "
                          "use `python -m ablation_core convert --delta-bin FILE --model BASE --out PATCH`")
-    _check_header_length(path)
-    metadata, tensors = _read(path)
+    metadata, names = _read_header(path)
     deltas: dict[str, LayerDelta] = {}
-    for name, tensor in tensors.items():
+    for name, tensor in _read_tensors(path, names).items():
         key, _, part = name.partition(".")
         if not key or part not in PARTS:
-            raise PatchError(f"{path.name}: unsupported tensor '{name}' (this tool reads <layer>.diff and LoRA "
+            raise PatchError(f"{path.name}: unsupported tensor {quoted(name)} (this tool reads <layer>.diff and LoRA "
                              "<layer>.lora_up.weight / .lora_down.weight / .alpha)")
-        _check_values(path, name, tensor)
+        if not torch.isfinite(tensor).all():
+            raise PatchError(f"{path.name}: tensor {quoted(name)} contains NaN or Inf; the file is damaged")
         delta = deltas.setdefault(key, LayerDelta())
         if part == "diff":
             delta.diff = tensor
@@ -55,7 +62,7 @@ def load_patch(path: str | Path) -> AblationPatch:
             delta.down = tensor
         else:
             if tensor.numel() != 1:
-                raise PatchError(f"{path.name}: '{name}' should be a single number but has shape "
+                raise PatchError(f"{path.name}: {quoted(name)} should be a single number but has shape "
                                  f"{tuple(tensor.shape)}; the file is damaged")
             delta.alpha = float(tensor.reshape(()).item())
     if not deltas:
@@ -65,50 +72,110 @@ def load_patch(path: str | Path) -> AblationPatch:
     return AblationPatch(deltas, metadata)
 
 
-def _check_header_length(path: Path) -> None:
-    """The first 8 bytes give the header's length; check it fits the file before anything allocates it."""
-    size = path.stat().st_size
+class _DuplicateName(ValueError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """JSON objects whose names repeat are refused: which of the two would count is up to the reader."""
+    found: dict[str, object] = {}
+    for name, value in pairs:
+        if name in found:
+            raise _DuplicateName(name)
+        found[name] = value
+    return found
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Check the header as safetensors does, each kind of damage with its own message; returns the metadata and the
+    tensor names. The 8-byte length is checked against the file before anything of that length is read."""
+    name, size = path.name, path.stat().st_size
     try:
         with open(path, "rb") as f:
             head = f.read(8)
+            if len(head) < 8:
+                raise PatchError(f"{name} is {size} bytes long, too short to be a .safetensors file (truncated?)")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise PatchError(f"{name} is not a readable .safetensors file: its header claims {length:,} bytes but "
+                                 f"the file has {size:,} (truncated or corrupt)")
+            raw = f.read(length)
     except OSError as err:
-        raise PatchError(f"{path.name} cannot be read: {err.strerror or err}") from err
-    if len(head) < 8:
-        raise PatchError(f"{path.name} is {size} bytes long, too short to be a .safetensors file (truncated?)")
-    (length,) = struct.unpack("<Q", head)
-    if length > MAX_HEADER_BYTES or length > size - 8:
-        raise PatchError(f"{path.name} is not a readable .safetensors file: its header claims {length:,} bytes but "
-                         f"the file has {size:,} (truncated or corrupt)")
+        raise PatchError(f"{name} cannot be read: {err.strerror or 'input/output error'}") from err
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as err:
+        raise PatchError(f"{name}: the header is not UTF-8 text; the file is damaged") from err
+    except _DuplicateName as err:
+        raise PatchError(f"{name}: the header names {quoted(err.name)} twice; the file is damaged") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
+        raise PatchError(f"{name}: the header is not valid JSON; the file is damaged or truncated") from err
+    if not raw.startswith(b"{") or not isinstance(header, dict):
+        raise PatchError(f"{name}: the header is not a JSON object; the file is damaged or not a .safetensors file")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PatchError(f"{name}: the metadata is not text; the file is damaged")
+    data_size = size - 8 - length
+    spans = sorted(_data_span(path, tensor, entry, data_size) + (tensor,) for tensor, entry in header.items())
+    position = 0
+    for begin, end, tensor in spans:  # the tensors' data must tile the rest of the file, as safetensors requires
+        if begin != position:
+            raise PatchError(f"{name}: the data of tensor {quoted(tensor)} overlaps another tensor's or leaves a gap; "
+                             "the file is damaged")
+        position = end
+    if position != data_size:
+        raise PatchError(f"{name} has {data_size - position:,} bytes after its last tensor; the file is damaged")
+    return metadata, list(header)
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _data_span(path: Path, tensor: str, entry: object, data_size: int) -> tuple[int, int]:
+    """Where one tensor's data lies, after checking its header entry: a float dtype, a shape and offsets that agree."""
+    where = f"{path.name}: tensor {quoted(tensor)}"
+    if not isinstance(entry, dict) or not ENTRY_FIELDS <= entry.keys():
+        raise PatchError(f"{where} has a malformed header entry; the file is damaged")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+        raise PatchError(f"{where} has dtype {quoted(str(dtype))}; patch tensors are floating point (F16, BF16, F32 "
+                         "or F64)")
+    if not _int_list(shape) or any(d < 0 for d in shape):
+        raise PatchError(f"{where} has an invalid shape in the header; the file is damaged")
+    if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise PatchError(f"{where} has invalid data offsets in the header; the file is damaged")
+    if offsets[1] > data_size:
+        raise PatchError(f"{where} reaches past the end of the file; the file is truncated or damaged")
+    numel = math.prod(shape)
+    if numel == 0:
+        raise PatchError(f"{where} is empty; the file is damaged")
+    if offsets[1] - offsets[0] != numel * FLOAT_DTYPES[dtype]:
+        values = f"{numel:,} values" if numel < 2**63 else "an impossible number of values"
+        raise PatchError(f"{where}: its header gives {offsets[1] - offsets[0]:,} bytes of data to a {dtype} tensor of "
+                         f"{values}; the file is damaged")
+    return offsets[0], offsets[1]
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, Tensor]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # the file is untrusted: any failure to parse it means it is damaged
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise PatchError(f"{path.name} is not a readable .safetensors file (corrupt or truncated?): {reason}") from err
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise PatchError(f"{path.name}: the metadata is not text; the file is damaged")
-    return metadata, tensors
-
-
-def _check_values(path: Path, name: str, tensor: Tensor) -> None:
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise PatchError(f"{path.name}: tensor '{name}' has dtype {str(tensor.dtype).replace('torch.', '')}; patch "
-                         "tensors are floating point (float16, bfloat16 or float32)")
-    if tensor.numel() == 0:
-        raise PatchError(f"{path.name}: tensor '{name}' is empty; the file is damaged")
-    if not torch.isfinite(tensor).all():
-        raise PatchError(f"{path.name}: tensor '{name}' contains NaN or Inf; the file is damaged")
+            return {name: f.get_tensor(name) for name in names}
+    except Exception as err:  # the header passed the checks above, so the file changed or the disk failed
+        log.debug("safetensors could not read %s: %s", path, err)
+        raise PatchError(f"{path.name} could not be read as a .safetensors file; it is damaged or changed while "
+                         "being read") from err
 
 
 def _check_layer(path: Path, key: str, delta: LayerDelta) -> None:
     """A full diff is a 2-D (linear, embedding) or 4-D (conv) weight; a LoRA pair has matching ranks."""
-    where = f"{path.name}: layer '{key}'"
+    where = f"{path.name}: layer {quoted(key)}"
     if delta.diff is not None:
         if delta.up is not None or delta.down is not None:
             raise PatchError(f"{where} has both a diff and a LoRA pair; the file is damaged")

@@ -1,7 +1,8 @@
 """What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, render reports.
 
 Progress goes to ComfyUI's bar and, as websocket events, to the web extension's loss chart; Cancel is ComfyUI's own
-interrupt, checked between steps and inside the UNet's forward.
+interrupt, checked between steps and inside the forward of the UNet, the text encoder (and the VAE for reports), so
+it stops a CPU run within about a second wherever it is.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from ...errors import AblationError
 from ...evaluation.images import grid, save_image, to_pil
 from ...methods.ablation.loop import ablate
 from ...methods.ablation.settings import AblationConfig, resolve_config
-from ...methods.progress import Progress
+from ...methods.progress import Canceller, Progress, cancel_checks
 from ...models.sampling import sample_latents
 from ...patches.apply import check_fingerprint, resolve
 from ...patches.cache import PatchCache, cache_key
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch
-from .view import ComfyModelView, cancel_requested, ensure_loaded, make_trainable
+from .view import ComfyModelView, cancel_requested, compute_modules, ensure_loaded, make_trainable
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,11 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
         for name, (patcher, text) in {"before": (model, clip), "after": (patched, patched_clip)}.items():
             ensure_loaded(patcher)
             view = ComfyModelView(patcher, text, latent_size=latent_size)
-            latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,
-                                     latent_size, on_progress=lambda done, total: cancel_requested())
-            images[name] = view.decode_with(vae, latents).cpu()
+            vae_modules = compute_modules(getattr(vae, "first_stage_model", None))
+            with cancel_checks(view.cancel_check_modules() + vae_modules, Canceller(cancel_requested)):
+                latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,
+                                         latent_size, on_progress=lambda done, total: cancel_requested())
+                images[name] = view.decode_with(vae, latents).cpu()
     rows = []
     for p in range(len(prompts)):
         cells = slice(p * samples, (p + 1) * samples)

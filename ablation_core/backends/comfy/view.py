@@ -238,6 +238,12 @@ class ComfyModelView(ModelView):
             layers.append(self._layer(key, module, ("clip", f"{name}.weight")))
         return layers
 
+    def cancel_check_modules(self) -> list[nn.Module]:
+        """Every UNet and text-encoder linear and convolution: encoding hundreds of prompts with CLIP takes minutes
+        on a CPU, so Cancel is checked inside the text encoder too, not only between chunks of prompts."""
+        text = compute_modules(self.clip.cond_stage_model) if self.clip is not None else []
+        return super().cancel_check_modules() + text
+
     def state_key(self, patch_key: str) -> tuple[str, str]:
         """Which patcher ("model" or "clip") holds a patch key's weight, and its state-dict name there."""
         if patch_key not in self._state_keys:
@@ -248,6 +254,11 @@ class ComfyModelView(ModelView):
         """Latents from the core's sampler -> images [B, 3, H, W] in [0, 1] through ComfyUI's VAE."""
         images = vae.decode(self.model.latent_format.process_out(latents.float()))
         return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1).float().clamp(0, 1)
+
+
+def compute_modules(root: nn.Module | None) -> list[nn.Module]:
+    """The linear and convolution modules under ``root``: where a forward spends its time, so where cancel checks go."""
+    return [m for m in root.modules() if layer_kind(m) in ("linear", "conv")] if root is not None else []
 
 
 def _original_weight(owner, state_key: str, module: nn.Module) -> Tensor:

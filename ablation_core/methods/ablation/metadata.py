@@ -10,12 +10,9 @@ import json
 import time
 
 from ...models.view import ModelView
-from ...patches.patch import META
+from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL
 from .settings import AblationConfig
 
-SS_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "toy": "toy"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                  "toy": "ablation-toy"}
 LOSS_CURVE_POINTS = 200
 
 

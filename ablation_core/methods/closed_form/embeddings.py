@@ -1,0 +1,124 @@
+"""Embedding pairs for the closed-form solve: each target prompt's tokens from the concept on, with their anchor twins.
+
+A target prompt and its anchor twin share a prefix and usually a suffix ("a photo of a | grumpy cat | in the snow"
+vs "a photo of a | cat | in the snow"). Positions in the prefix are the same in both and are left alone. From the
+first differing token on, every position of the target prompt is paired with the anchor prompt's: the differing
+middle proportionally (the anchor's EOS when the anchor has no middle, as in "..., in the style of X"), the common
+suffix, the end token and the padding one to one. These are the tokens whose keys and values carry the target, in
+SD the padding after the end token too (MACE's "the target and the words that follow it").
+
+Only second moments are kept (``C^T C``, ``A^T C`` and the preserved set's ``P^T P``, each d x d), so thousands of
+prompts cost no memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...models.view import ModelView
+from ..progress import Canceller, Progress, ProgressFn
+
+CHUNK = 32
+
+
+@dataclass
+class Moments:
+    """Sums over embedding pairs ``(c, a)``: ``cc = sum c c^T``, ``ac = sum a c^T``, ``aa = sum a a^T``, count."""
+
+    cc: Tensor
+    ac: Tensor
+    aa: Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> Moments:
+        return cls(*(torch.zeros(dim, dim, dtype=torch.float64) for _ in range(3)))
+
+    def add(self, targets: Tensor, anchors: Tensor) -> None:
+        c, a = targets.double().cpu(), anchors.double().cpu()
+        self.cc += c.T @ c
+        self.ac += a.T @ c
+        self.aa += a.T @ a
+        self.count += len(c)
+
+
+def _ids(view: ModelView, prompt: str) -> list[int]:
+    return view.token_ids(prompt)[0]
+
+
+def aligned_positions(target_ids: list[int], anchor_ids: list[int], length: int) -> list[tuple[int, int]]:
+    """(target position, anchor position) pairs in the encoded sequences (start token at 0, end token after the
+    prompt, padding to ``length``), from the first token where the prompts differ to the end."""
+    t_ids, a_ids = target_ids[: length - 2], anchor_ids[: length - 2]
+    prefix = 0
+    while prefix < min(len(t_ids), len(a_ids)) and t_ids[prefix] == a_ids[prefix]:
+        prefix += 1
+    if prefix == len(t_ids) == len(a_ids):
+        return []
+    # the common suffix leaves each prompt at least one token of its own middle when it has any ("grumpy cat" vs
+    # "cat" pairs "cat" with "cat", not "grumpy" with the end token)
+    room = min(len(t_ids) - prefix - (len(t_ids) > prefix), len(a_ids) - prefix - (len(a_ids) > prefix))
+    suffix = 0
+    while suffix < room and t_ids[len(t_ids) - 1 - suffix] == a_ids[len(a_ids) - 1 - suffix]:
+        suffix += 1
+    t_middle, a_middle = len(t_ids) - prefix - suffix, len(a_ids) - prefix - suffix
+    t_end, a_end = len(t_ids) + 1, len(a_ids) + 1  # end-token positions (after the start token)
+    pairs = []
+    for k in range(t_middle):
+        if a_middle == 0:
+            pairs.append((1 + prefix + k, a_end))
+        else:
+            pairs.append((1 + prefix + k, 1 + prefix + round(k * (a_middle - 1) / max(t_middle - 1, 1))))
+    for k in range(suffix):
+        pairs.append((1 + prefix + t_middle + k, 1 + prefix + a_middle + k))
+    for k in range(length - t_end):
+        if a_end + k >= length:
+            break
+        pairs.append((t_end + k, a_end + k))
+    return pairs
+
+
+def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: list[str], report: ProgressFn,
+                 canceller: Canceller, done: int = 0, total: int = 0) -> Moments:
+    """Moments of the aligned (target, anchor) embedding pairs of every prompt pair."""
+    moments: Moments | None = None
+    for start in range(0, len(target_prompts), CHUNK):
+        canceller.check()
+        targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
+        with torch.no_grad():
+            target_context = view.encode(targets).context
+            anchor_context = view.encode(anchors).context
+        length = target_context.shape[1]
+        moments = moments or Moments.zeros(target_context.shape[-1])
+        for row, (target, anchor) in enumerate(zip(targets, anchors)):
+            pairs = aligned_positions(_ids(view, target), _ids(view, anchor), length)
+            if pairs:
+                t_pos, a_pos = zip(*pairs)
+                moments.add(target_context[row, list(t_pos)], anchor_context[row, list(a_pos)])
+        report(Progress("prompts", done + start + len(targets), total or len(target_prompts)))
+    assert moments is not None
+    return moments
+
+
+def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
+                      done: int = 0, total: int = 0) -> tuple[Tensor, int]:
+    """``sum p p^T`` over every position of the preserved prompts (padding included: its keys are read too)."""
+    covariance: Tensor | None = None
+    count = 0
+    for start in range(0, len(prompts), CHUNK):
+        canceller.check()
+        chunk = prompts[start:start + CHUNK]
+        with torch.no_grad():
+            context = view.encode(chunk).context
+        covariance = covariance if covariance is not None else torch.zeros(context.shape[-1], context.shape[-1],
+                                                                            dtype=torch.float64)
+        vectors = context.double().cpu().reshape(-1, context.shape[-1])
+        covariance += vectors.T @ vectors
+        count += len(vectors)
+        report(Progress("prompts", done + start + len(chunk), total or len(prompts)))
+    if covariance is None:
+        raise ValueError("no preserved prompts")
+    return covariance, count

@@ -1,0 +1,107 @@
+"""Closed-form erasure: the solve does what its math says, the null-space mode keeps preserved outputs, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ablation_core import PromptError, apply_patch
+from ablation_core.backends.diffusers import DiffusersModelView
+from ablation_core.methods.closed_form.embeddings import Moments, aligned_positions
+from ablation_core.methods.closed_form.settings import make_closed_form_config
+from ablation_core.methods.closed_form.solve import _prompt_pairs, erase_closed_form, solve_text_map
+
+TINY = {"prompts_per_target": 3, "builtin_preserve": False}
+
+
+def _pairs(view, config):
+    """The aligned (target, anchor) embedding rows the solve uses, gathered the slow way."""
+    targets, anchors = _prompt_pairs(config)
+    with torch.no_grad():
+        t_ctx, a_ctx = view.encode(targets).context, view.encode(anchors).context
+    rows_c, rows_a = [], []
+    for i, (t, a) in enumerate(zip(targets, anchors)):
+        for tp, ap in aligned_positions(view.token_ids(t)[0], view.token_ids(a)[0], t_ctx.shape[1]):
+            rows_c.append(t_ctx[i, tp])
+            rows_a.append(a_ctx[i, ap])
+    return torch.stack(rows_c).double(), torch.stack(rows_a).double()
+
+
+def test_alignment_pairs_the_differing_middle_then_suffix_end_and_padding():
+    # "a photo of a | grumpy cat | in snow" vs "a photo of a | cat | in snow", as token ids
+    target, anchor = [1, 2, 3, 4, 50, 60, 7, 8], [1, 2, 3, 4, 60, 7, 8]
+    pairs = aligned_positions(target, anchor, 12)
+    assert pairs[0] == (5, 5) and pairs[1] == (6, 5)  # "grumpy" and "cat" both onto "cat"
+    assert (7, 6) in pairs and (9, 8) in pairs  # suffix "in snow" and the end token, one to one
+    assert pairs[-1] == (11, 10)  # padding up to the sequence length
+    style = aligned_positions([1, 2, 3, 9, 9], [1, 2, 3], 8)  # "..., in the style of X" vs "...": onto the end token
+    assert style[:2] == [(4, 4), (5, 4)]
+    assert aligned_positions([1, 2], [1, 2], 8) == []
+
+
+@pytest.mark.parametrize("mode", ["least-squares", "null-space"])
+def test_the_solve_moves_target_outputs_onto_anchor_outputs_as_stated(sd1_view, mode):
+    config = make_closed_form_config(["Grumpy Cat", "Snoopy"], "dog", mode=mode, preserve=["a tree"],
+                                     null_space_tolerance=1e-3, **TINY)
+    result = erase_closed_form(sd1_view, config)
+    c, a = _pairs(sd1_view, result.config)
+    layers = sd1_view.unet_layers("kv")
+    measured = []
+    for layer in (layers[0], layers[-1]):  # the layers the stated figure is computed on
+        before_weight = layer.weight.detach().double().clone()
+        with apply_patch(sd1_view, result.patch):
+            after_weight = layer.weight.detach().double().clone()
+        assert torch.equal(layer.weight.detach().double(), before_weight), "the view's weights must be back"
+        gap_before = ((c - a) @ before_weight.T).square().sum()
+        gap_after = (c @ after_weight.T - a @ before_weight.T).square().sum()
+        measured.append(1 - float(gap_after / gap_before))
+    assert min(measured) > 0.3
+    assert sum(measured) / 2 == pytest.approx(result.stats["target_moved_fraction"], abs=1e-3)
+    assert result.patch.metadata["ablation.method"] == "closed-form"
+
+
+def test_null_space_edit_leaves_preserved_outputs_unchanged():
+    """Preserved embeddings spanning a subspace: the edit of any weight cannot move their outputs."""
+    generator = torch.Generator().manual_seed(0)
+    dim, rank = 48, 20
+    basis = torch.randn(dim, rank, generator=generator, dtype=torch.float64)
+    preserved_vectors = (basis @ torch.randn(rank, 300, generator=generator, dtype=torch.float64)).T
+    targets = torch.randn(200, dim, generator=generator, dtype=torch.float64)
+    anchors = targets + torch.randn(200, dim, generator=generator, dtype=torch.float64)
+    moments = Moments.zeros(dim)
+    moments.add(targets, anchors)
+    for mode in ("null-space", "least-squares"):
+        g, stats = solve_text_map(moments, preserved_vectors.T @ preserved_vectors, len(preserved_vectors), mode,
+                                  preserve_weight=1.0, ridge=1e-6, tolerance=1e-9)
+        weight = torch.randn(32, dim, generator=generator, dtype=torch.float64)
+        change = (preserved_vectors @ (weight @ g).T).norm() / (preserved_vectors @ weight.T).norm()
+        moved = 1 - ((targets @ (weight + weight @ g).T - anchors @ weight.T).norm()
+                     / ((targets - anchors) @ weight.T).norm()) ** 2
+        if mode == "null-space":
+            assert stats["null_space_dim"] == dim - rank
+            assert float(change) < 1e-9 and float(moved) > 0.1  # only what lies outside the preserved span
+        else:
+            assert float(change) > 1e-3  # a penalty, not a constraint: preserved outputs move a little
+
+
+def test_many_targets_in_one_solve_on_every_family(tiny_components):
+    for family in ("sd1", "sd2", "sdxl"):
+        view = DiffusersModelView(tiny_components[family])
+        result = erase_closed_form(view, make_closed_form_config(["Grumpy Cat", "Van Gogh", "Nemo"],
+                                                                 ["cat", "painting", "fish"], **TINY))
+        assert len(result.patch.deltas) == len(view.unet_layers("kv"))
+        assert result.patch.listed("targets") == ["Grumpy Cat", "Van Gogh", "Nemo"]
+        assert result.stats["target_moved_fraction"] > 0.3
+        with apply_patch(view, result.patch):
+            pass
+
+
+def test_bad_requests_get_clear_errors():
+    with pytest.raises(PromptError, match="no targets"):
+        make_closed_form_config([], "cat")
+    with pytest.raises(PromptError, match="both 'Cat'"):
+        make_closed_form_config(["Cat"], "cat")
+    with pytest.raises(PromptError, match="one anchor for all targets or one per target"):
+        make_closed_form_config(["a", "b"], ["x", "y", "z"])
+    with pytest.raises(PromptError, match="empty"):
+        make_closed_form_config(["  "], "cat")

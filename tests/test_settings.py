@@ -1,0 +1,60 @@
+"""Settings suit the model wherever it is named, and a run that changed nothing says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ablation_core import PromptError, evaluate_toy, load_model, load_patch, make_config, resolve_config
+from ablation_core.cli import main
+from ablation_core.methods.ablation.settings import preset_values
+from ablation_core.toy.prompts import anchor_prompts as toy_anchor_prompts
+
+
+@pytest.fixture(scope="module")
+def toy_view():
+    return load_model("toy")
+
+
+def test_the_toy_model_gets_its_own_settings_and_real_models_the_reference_ones():
+    toy = resolve_config(make_config("Snoopy", "dog"), "toy")
+    real = resolve_config(make_config("Snoopy", "dog"), "sd1")
+    assert toy.learning_rate == preset_values("toy")["learning_rate"] != real.learning_rate
+    assert toy.anchor_prompts == tuple(toy_anchor_prompts("dog")) and real.anchor_prompts is None
+    assert toy.target == "snoopy" and toy.kind == "object"
+    assert resolve_config(make_config("Van Gogh", "painting"), "toy").kind == "style"
+    chosen = resolve_config(make_config("snoopy", "dog", steps=7, learning_rate=0.5), "toy")
+    assert (chosen.steps, chosen.learning_rate) == (7, 0.5)
+    assert resolve_config(toy, "toy") == toy
+
+
+def test_unknown_concepts_on_the_toy_model_are_refused_by_name():
+    with pytest.raises(PromptError, match="does not know the target 'r2d2'"):
+        resolve_config(make_config("R2D2", "dog"), "toy")
+
+
+def test_cli_ablate_on_the_toy_model_erases_a_pair_the_demo_does_not_use(toy_view, tmp_path, capsys):
+    out = tmp_path / "snoopy.safetensors"
+    assert main(["ablate", "--model", "toy", "--target", "snoopy", "--anchor", "dog", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out check" in printed and "warning" not in printed.lower()
+    patch = load_patch(out)
+    settings = json.loads(patch.metadata["ablation.settings"])
+    assert settings["learning_rate"] == preset_values("toy")["learning_rate"]
+    assert json.loads(patch.metadata["ablation.check"])["erased_fraction"] > 0.8
+    evaluation = evaluate_toy(toy_view, patch, "snoopy", "dog", per_set=8)
+    assert evaluation.summary["target_recognised_before"] >= 0.9
+    assert evaluation.summary["target_recognised"] <= 0.2
+    assert evaluation.summary["anchor_retained"] >= 0.9
+
+
+def test_a_run_that_barely_changes_the_model_says_so(toy_view, tmp_path, caplog):
+    out = tmp_path / "weak.safetensors"
+    with caplog.at_level("WARNING"):
+        code = main(["ablate", "--model", "toy", "--target", "nemo", "--anchor", "fish", "--out", str(out),
+                     "--steps", "2", "--lr", "1e-7", "--anchor-images", "4", "--sampler-steps", "4"])
+    assert code == 0 and out.exists()
+    assert "barely changed the model" in caplog.text and "more steps" in caplog.text
+    check = json.loads(load_patch(out).metadata["ablation.check"])
+    assert check["erased_fraction"] < 0.5
