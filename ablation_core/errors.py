@@ -33,8 +33,13 @@ class OutOfMemoryError(AblationError):
     """The device ran out of memory; the message suggests smaller settings."""
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline, an escape) written as escapes, everything else as is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def quoted(text: str, limit: int = 80) -> str:
     """A name taken from a file or an argument, fit for a one-line message: quoted, control characters escaped
     (a name may hold a newline), and cut short (or it may be megabytes long)."""
-    shown = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    shown = printable(text[:limit + 1])
     return f"'{shown[:limit]}...'" if len(shown) > limit else f"'{shown}'"

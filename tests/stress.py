@@ -9,8 +9,8 @@
 - ``cancel_ablations``: cancels at random points of an ablation (diffusers backend and the ComfyUI fakes) leave
   the model bit-identical, no hooks and no files.
 - ``pickle_refusal``: a ``delta.bin`` whose unpickling would run code is refused and the code does not run.
-- ``cli_bad_arguments``: every command with bad arguments: one ``error:`` line, exit code 2, nothing written, and
-  no model loaded first.
+- ``cli_bad_arguments``: every command with bad arguments (``tests/cli_cases.py``): one ``error:`` line, exit code
+  2, nothing written, and no model loaded first.
 
 Each part returns a dict of figures with ``ok``; ``tests/test_reliability.py`` runs each at a small count.
 """
@@ -52,6 +52,7 @@ from ablation_core.errors import AblationCancelled, PatchError  # noqa: E402
 from ablation_core.files import partial_files  # noqa: E402
 from ablation_core.patches.patch import AblationPatch, LayerDelta  # noqa: E402
 from ablation_core.patches.storage import load_patch  # noqa: E402
+from tests.cli_cases import cli_cases  # noqa: E402
 from tests.patch_mutations import FAMILIES, Base, Mutant  # noqa: E402
 
 # A PatchError message is one plain sentence: printable, short, and not a parser's or torch's own text.
@@ -170,8 +171,9 @@ def _fuzz_bases(view, folder: Path) -> list[Base]:
     bases = []
     for storage, patch in (("diff", exact), ("lora", exact.compressed(rank=2))):
         for dtype in (torch.float16, torch.float32):
-            path = patch.save(folder / f"base_{storage}_{str(dtype)[6:]}.safetensors", dtype)
-            bases.append(Base(f"{storage} {str(dtype)[6:]}", path.read_bytes(), aliases))
+            name = f"{storage} {str(dtype).removeprefix('torch.')}"
+            path = patch.save(folder / f"base_{name.replace(' ', '_')}.safetensors", dtype)
+            bases.append(Base(name, path.read_bytes(), aliases))
     return bases
 
 
@@ -304,6 +306,11 @@ def kill_saves(count: int, seed: int = 0, folder: Path | None = None) -> dict[st
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         counts: Counter[str] = Counter()
         current, previous, most, cleared, strays, startup = "A", set(), 0, 0, 0, []
+
+        def others(leftovers: set[str]) -> int:
+            """Files beside the target that are neither it nor a writer's temporary folder."""
+            return sum(1 for p in target.parent.iterdir() if p != target and p.name not in leftovers)
+
         for _ in range(count):
             begun = time.perf_counter()
             writer = subprocess.Popen([sys.executable, "-m", "tests.stress", "--save-loop", str(target), "--first",
@@ -320,20 +327,21 @@ def kill_saves(count: int, seed: int = 0, folder: Path | None = None) -> dict[st
             counts["killed mid-write"] += any(f".{writer.pid}." in name for name in leftovers)
             cleared += len(previous - leftovers)
             previous, most = leftovers, max(most, len(leftovers))
-            strays += sum(1 for p in target.parent.iterdir() if p != target and p.name not in leftovers)
+            strays = max(strays, others(leftovers))
             found = _version(target, references)
             counts["old intact" if found == current else "new complete" if found else "damaged or missing"] += 1
             current = found or current
         _kill_patch(current).save(target)  # a clean save clears the last dead writer's leftovers
-        after = len(partial_files(target))
+        after, strays_after = len(partial_files(target)), others(set())
     return {
         "kills": count, "old intact": counts["old intact"], "new complete": counts["new complete"],
         "damaged or missing": counts["damaged or missing"], "killed mid-write": counts["killed mid-write"],
         "max leftovers between kills": most, "leftovers cleared by the next writer": cleared,
-        "leftovers after a clean save": after, "other files": strays,
-        "save seconds (4 MiB)": round(save_seconds, 4), "writer start seconds": round(statistics.mean(startup), 2)
-        if startup else None, "seconds": round(time.perf_counter() - started, 1),
-        "ok": counts["damaged or missing"] == 0 and most <= 1 and after == 0 and strays == 0,
+        "leftovers after a clean save": after, "max other files": strays,
+        "other files after a clean save": strays_after, "save seconds (4 MiB)": round(save_seconds, 4),
+        "writer start seconds": round(statistics.mean(startup), 2) if startup else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "ok": counts["damaged or missing"] == 0 and most <= 1 and after == 0 and strays == strays_after == 0,
     }
 
 
@@ -478,7 +486,7 @@ def _comfy_cancels(count: int, rng: random.Random, work: Path) -> dict[str, obje
 def cancel_ablations(count: int, seed: int = 0, folder: Path | None = None) -> dict[str, object]:
     """``count`` cancels in each backend, aimed in turn at prompt encoding, anchor sampling and training."""
     started = time.perf_counter()
-    with _work_folder(folder) as work:
+    with _work_folder(folder) as work, _quiet_library():  # a cancelled run's weak-effect warning is expected
         diffusers = _diffusers_cancels(count, random.Random(seed), work)
         comfy = _comfy_cancels(count, random.Random(seed + 1), work)
     return {"diffusers": diffusers, "comfy": comfy, "seconds": round(time.perf_counter() - started, 1),
@@ -540,11 +548,29 @@ def pickle_refusal(folder: Path | None = None) -> dict[str, object]:
                 cli_refused = cli.code == 2 and cli.one_error_line and not cli.reached_loader
                 cases.append({"variant": variant + (" (exec)" if use_exec else " (os.mkdir)"), "outcome": outcome,
                               "refused by the CLI": cli_refused, "code ran": marker.exists(),
-                              "files written": sorted(p.name for p in case.iterdir() if p.name != "delta.bin")})
+                              "files written": sorted(p.name for p in case.iterdir() if p.name != "delta.bin"),
+                              "runs code when unpickled unsafely": _unsafe_load_runs(path, marker)})
     refused = sum(c["outcome"] == "refused" and c["refused by the CLI"] for c in cases)
     ran = sum(c["code ran"] for c in cases)
-    return {"files": len(cases), "refused": refused, "code ran": ran, "cases": cases,
-            "ok": refused == len(cases) and ran == 0 and not any(c["files written"] for c in cases)}
+    live = sum(c["runs code when unpickled unsafely"] for c in cases)
+    return {"files": len(cases), "refused": refused, "code ran": ran, "payloads live (unsafe load runs them)": live,
+            "cases": cases,
+            "ok": refused == live == len(cases) and ran == 0 and not any(c["files written"] for c in cases)}
+
+
+def _unsafe_load_runs(path: Path, marker: Path) -> bool:
+    """The control: loading the file the unsafe way does run its code (so the refusal above is what stopped it)."""
+    with contextlib.suppress(Exception):  # the payload runs before anything fails on what it returned
+        torch.load(path, weights_only=False)
+    if not marker.exists():  # a raw pickle that torch.load does not read as one
+        with contextlib.suppress(Exception):
+            pickle.loads(path.read_bytes())
+    ran = marker.exists()
+    if marker.is_dir():
+        marker.rmdir()
+    else:
+        marker.unlink(missing_ok=True)
+    return ran
 
 
 # 5. The command line with bad arguments ---------------------------------------------------------------------------
@@ -609,182 +635,6 @@ def _run_cli(argv: list[str]) -> CliRun:
     return CliRun(code, out.getvalue(), err.getvalue(), reached, time.perf_counter() - started)
 
 
-@dataclass
-class CliCase:
-    command: str
-    bad: str  # what is wrong with the arguments; "" for arguments that must pass the checks
-    argv: list[str]
-
-
-def _with(argv: list[str], flag: str, value: str | None) -> list[str]:
-    """``argv`` with ``flag`` set to ``value`` (replaced if present, added if not; removed if ``value`` is None)."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg == flag and i + 1 < len(argv):
-            skip = True
-            continue
-        out.append(arg)
-    return out if value is None else out + [flag, value]
-
-
-def _cli_fixtures(folder: Path) -> dict[str, str]:
-    """Files the cases point at. Only ``patch`` and ``delta`` are real; no model is ever loaded."""
-    paths = {name: folder / name for name in ("model.safetensors", "patch.safetensors", "delta.bin", "folder",
-                                              "a_file", "existing.safetensors", "existing.png", "empty.txt",
-                                              "binary.txt", "prompts.txt", "locked")}
-    paths["model.safetensors"].write_bytes(b"not a model: the loader is stubbed")
-    AblationPatch({"lora_unet_x": LayerDelta(diff=torch.ones(2, 2))}, {}).save(paths["patch.safetensors"])
-    torch.save({"unet": {"down_blocks.0.attentions.0.attn2.to_k.weight": torch.zeros(2, 2)}}, paths["delta.bin"])
-    paths["folder"].mkdir()
-    for name in ("a_file", "existing.safetensors", "existing.png"):
-        paths[name].write_bytes(b"x")
-    paths["empty.txt"].write_text("")
-    paths["binary.txt"].write_bytes(b"\xff\xfe\x00\x81 cat")
-    paths["prompts.txt"].write_text("a photo of a cat\n")
-    paths["locked"].mkdir()
-    paths["locked"].chmod(0o555)
-    return {name: str(path) for name, path in paths.items()}
-
-
-def cli_cases(folder: Path) -> tuple[list[CliCase], list[str]]:
-    """Every command with every class of bad argument that applies to it, plus legitimate arguments (non-ASCII
-    prompts among them) that must get past the checks; and the classes skipped here, with why."""
-    f = _cli_fixtures(folder)
-    new = str(folder / "new.safetensors")
-    long_name = str(folder / ("x" * 250 + ".safetensors"))
-    valid = {
-        "ablate": ["ablate", "--model", f["model.safetensors"], "--target", "Grumpy Cat", "--anchor", "cat",
-                   "--out", new],
-        "apply": ["apply", "--model", f["model.safetensors"], "--patch", f["patch.safetensors"], "--prompt", "a cat",
-                  "--out", str(folder / "new.png")],
-        "eval": ["eval", "--model", f["model.safetensors"], "--patch", f["patch.safetensors"], "--target",
-                 "Grumpy Cat", "--anchor", "cat"],
-        "merge": ["merge", f["patch.safetensors"], f["patch.safetensors"], "--out", new],
-        "convert": ["convert", "--model", f["model.safetensors"], "--delta-bin", f["delta.bin"], "--out", new],
-        "demo": ["demo", "--out", str(folder / "demo_output")],
-        "bench": ["bench", "--arch", "sd15", "--device", "cpu"],
-    }
-    cases: list[CliCase] = []
-    skipped: list[str] = []
-
-    def add(command: str, bad: str, argv: list[str]) -> None:
-        cases.append(CliCase(command, bad, argv))
-
-    # Legitimate arguments reach the (stubbed) loader: non-ASCII prompts and file names are fine.
-    for command in ("ablate", "apply", "eval", "convert", "demo", "bench"):
-        add(command, "", valid[command])
-    for target, anchor in (("Amélie Poulain", "woman"), ("猫のタマ", "猫"), ("Ñandú", "bird")):
-        for command in ("ablate", "eval"):
-            add(command, "", _with(_with(valid[command], "--target", target), "--anchor", anchor))
-    add("apply", "", _with(valid["apply"], "--prompt", "猫の写真, Amélie"))
-    add("ablate", "", _with(valid["ablate"], "--out", str(folder / "résultat_猫.safetensors")))
-    add("ablate", "", _with(valid["ablate"], "--anchor-prompts", f["prompts.txt"]))
-
-    # Prompts: empty, blank, identical, very long, control characters.
-    for command, flags in (("ablate", ("--target", "--anchor")), ("eval", ("--target", "--anchor")),
-                           ("demo", ("--target", "--anchor")), ("apply", ("--prompt",))):
-        for flag in flags:
-            for bad, value in (("empty prompt", ""), ("blank prompt", "   "), ("very long prompt", "cat " * 400),
-                               ("prompt with a newline", "a\ncat"), ("prompt with an escape", "a \x1b[31m cat")):
-                add(command, f"{flag} {bad}", _with(valid[command], flag, value))
-        if "--target" in flags:
-            for target, anchor in (("cat", "cat"), ("Cat", "cat"), (" cat ", "cat")):
-                add(command, "identical target and anchor",
-                    _with(_with(valid[command], "--target", target), "--anchor", anchor))
-    add("demo", "a concept the toy model does not know", _with(valid["demo"], "--target", "Amélie Poulain"))
-    add("eval", "a concept the toy model does not know",
-        _with(_with(valid["eval"], "--model", "toy"), "--target", "猫のタマ"))
-    add("ablate", "a concept the toy model does not know",
-        _with(_with(valid["ablate"], "--model", "toy"), "--target", "Amélie"))
-
-    # Input paths: missing, empty, a folder, the wrong kind of file.
-    missing = str(folder / "missing.safetensors")
-    for command in ("ablate", "apply", "eval", "convert"):
-        for bad, value in (("missing model", missing), ("empty model path", "")):
-            add(command, bad, _with(valid[command], "--model", value))
-    for command in ("apply", "eval"):
-        for bad, value in (("missing patch", missing), ("patch is a folder", f["folder"]), ("empty patch path", ""),
-                           ("patch is not .safetensors", f["empty.txt"])):
-            add(command, bad, _with(valid[command], "--patch", value))
-    for bad, value in (("missing file", missing), ("a folder", f["folder"]), ("empty path", ""),
-                       ("not .safetensors", f["empty.txt"])):
-        add("inspect", bad, ["inspect", value])
-        add("merge", f"input {bad}", ["merge", f["patch.safetensors"], value, "--out", new])
-    for bad, value in (("missing delta.bin", missing), ("delta.bin is a folder", f["folder"]),
-                       ("empty delta.bin path", "")):
-        add("convert", bad, _with(valid["convert"], "--delta-bin", value))
-    add("convert", "missing fine-tuned checkpoint",
-        _with(_with(valid["convert"], "--delta-bin", None), "--finetuned", missing))
-    for bad, value in (("missing anchor prompt file", missing), ("anchor prompt file is a folder", f["folder"]),
-                       ("empty anchor prompt file", f["empty.txt"]), ("anchor prompt file not UTF-8", f["binary.txt"]),
-                       ("empty anchor prompt path", "")):
-        add("ablate", bad, _with(valid["ablate"], "--anchor-prompts", value))
-
-    # Output paths: a folder, an existing file, the wrong suffix, empty, under a file, too long, unwritable.
-    outputs = {"ablate": ("--out", ".safetensors"), "merge": ("--out", ".safetensors"),
-               "convert": ("--out", ".safetensors"), "apply": ("--out", ".png"), "eval": ("--grid", ".png")}
-    writable = os.access(f["locked"], os.W_OK)
-    for command, (flag, suffix) in outputs.items():
-        existing = f["existing" + suffix]
-        for bad, value in (("output is a folder", f["folder"]), ("output exists", existing),
-                           ("output with the wrong suffix", str(folder / "new.txt")), ("empty output path", ""),
-                           ("output under a file", f["a_file"] + "/new" + suffix),
-                           ("output name too long", long_name.replace(".safetensors", suffix)),
-                           ("output in an unwritable folder", f["locked"] + "/new" + suffix)):
-            if bad == "output in an unwritable folder" and writable:
-                continue
-            add(command, bad, _with(valid[command], flag, value))
-    if writable:
-        skipped.append("output in an unwritable folder: this user may write anywhere (root), so it is not tested")
-    for bad, value in (("output is an existing file", f["a_file"]), ("output under a file", f["a_file"] + "/out"),
-                       ("empty output path", "")):
-        add("demo", bad, _with(valid["demo"], "--out", value))
-    if not writable:
-        add("demo", "output in an unwritable folder", _with(valid["demo"], "--out", f["locked"] + "/out"))
-
-    # Counts and numbers: zero, negative, not a number, not finite.
-    numbers = {
-        "ablate": ["--steps", "--batch-size", "--anchor-images", "--sampler-steps", "--latent-size", "--lr", "--rank",
-                   "--energy", "--misspellings", "--lora-rank", "--seed", "--guidance"],
-        "apply": ["--images", "--sampler-steps", "--latent-size", "--seed", "--guidance", "--strength"],
-        "eval": ["--per-set", "--seed", "--strength"],
-        "merge": ["--rank", "--energy"], "convert": ["--rank", "--energy"], "demo": ["--seed"],
-        "bench": ["--steps", "--anchor-images", "--sampler-steps", "--batch-size"],
-    }
-    may_be_zero = {"--misspellings", "--lora-rank", "--seed", "--guidance", "--strength"}
-    for command, flags in numbers.items():
-        for flag in flags:
-            values = [("negative", "-1"), ("not a number", "ten"), ("not finite", "nan")]
-            if flag not in may_be_zero:
-                values.append(("zero", "0"))
-            for bad, value in values:
-                add(command, f"{flag} {bad}", _with(valid[command], flag, None) + [f"{flag}={value}"])
-    add("ablate", "--seed too large", _with(valid["ablate"], "--seed", str(2**64)))
-    add("ablate", "--energy above 1", _with(valid["ablate"], "--energy", "1.5"))
-    add("merge", "a weight per patch missing", valid["merge"] + ["--weights", "1"])
-    add("merge", "a weight that is not finite", valid["merge"] + ["--weights", "1", "inf"])
-
-    # Choices and the rest.
-    for command in ("ablate", "apply", "eval", "convert", "bench"):
-        add(command, "an unknown device", _with(valid[command], "--device", "quantum"))
-        add(command, "an unknown dtype", _with(valid[command], "--dtype", "fp8"))
-        if not torch.cuda.is_available():
-            add(command, "a GPU that is not there", _with(valid[command], "--device", "cuda"))
-        add(command, "an unknown option", valid[command] + ["--colour", "blue"])
-    add("ablate", "an unknown group", _with(valid["ablate"], "--group", "everything"))
-    add("ablate", "a missing required argument", _with(valid["ablate"], "--target", None))
-    add("convert", "both --delta-bin and --finetuned", valid["convert"] + ["--finetuned", f["model.safetensors"]])
-    add("bench", "an unknown architecture", _with(valid["bench"], "--arch", "sd9"))
-    add("merge", "no patches", ["merge", "--out", new])
-    add("inspect", "no file", ["inspect"])
-    cases.append(CliCase("(none)", "no command", []))
-    cases.append(CliCase("(none)", "an unknown command", ["erase", "--target", "cat"]))
-    return cases, skipped
-
-
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
@@ -792,13 +642,14 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 def cli_bad_arguments(folder: Path | None = None) -> dict[str, object]:
     """Run every case in-process; a bad one must give one ``error:`` line, exit code 2, no files and no model."""
     started = time.perf_counter()
-    failures, by_command = [], Counter()
+    failures, by_command, slowest = [], Counter(), 0.0
     with _work_folder(folder) as work:
         cases, skipped = cli_cases(work)
         try:
             for case in cases:
                 before = _tree(work)
                 run = _run_cli(case.argv)
+                slowest = max(slowest, run.seconds)
                 problems = []
                 if case.bad:
                     if run.reached_loader:
@@ -819,10 +670,11 @@ def cli_bad_arguments(folder: Path | None = None) -> dict[str, object]:
                                      "argv": [a[:60] for a in case.argv], "problems": problems})
                     by_command[case.command + " failed"] += 1
         finally:
-            (work / "locked").chmod(0o755)
+            (work / "locked").chmod(0o755)  # the fixtures' read-only folder, so that it can be removed
     legitimate = sum(not c.bad for c in cases)
     return {"cases": len(cases), "bad arguments": len(cases) - legitimate, "legitimate (must pass)": legitimate,
-            "failures": len(failures), "by command": dict(by_command), "failure examples": failures[:20],
+            "failures": len(failures), "slowest case seconds": round(slowest, 3), "by command": dict(by_command),
+            "failure examples": failures[:20],
             "skipped": skipped, "seconds": round(time.perf_counter() - started, 1), "ok": not failures}
 
 
@@ -833,9 +685,10 @@ HEADLINES = {
                            "unclear messages", "model changed after", "model hash unchanged"],
     "killed saves": ["kills", "old intact", "new complete", "damaged or missing", "killed mid-write",
                      "max leftovers between kills", "leftovers cleared by the next writer",
-                     "leftovers after a clean save", "other files"],
-    "malicious delta.bin": ["files", "refused", "code ran"],
-    "CLI bad arguments": ["cases", "bad arguments", "legitimate (must pass)", "failures", "skipped"],
+                     "leftovers after a clean save", "max other files", "other files after a clean save"],
+    "malicious delta.bin": ["files", "refused", "code ran", "payloads live (unsafe load runs them)"],
+    "CLI bad arguments": ["cases", "bad arguments", "legitimate (must pass)", "failures", "slowest case seconds",
+                          "skipped"],
 }
 
 

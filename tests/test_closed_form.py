@@ -8,8 +8,10 @@ import torch
 from ablation_core import PromptError, apply_patch
 from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.methods.closed_form.embeddings import Moments, aligned_positions
-from ablation_core.methods.closed_form.settings import make_closed_form_config
+from ablation_core.methods.closed_form.fusion import fuse_patches
+from ablation_core.methods.closed_form.settings import make_closed_form_config, resolve_closed_form
 from ablation_core.methods.closed_form.solve import _prompt_pairs, erase_closed_form, solve_text_map
+from ablation_core.patches.merge import merge_weighted
 
 TINY = {"prompts_per_target": 3, "builtin_preserve": False}
 
@@ -105,3 +107,43 @@ def test_bad_requests_get_clear_errors():
         make_closed_form_config(["a", "b"], ["x", "y", "z"])
     with pytest.raises(PromptError, match="empty"):
         make_closed_form_config(["  "], "cat")
+
+
+def _moved_on_own_concept(view, patch, config) -> float:
+    """How far ``patch`` moves ``config``'s target outputs onto its anchors' (first K/V layer; 1 = all the way)."""
+    c, a = _pairs(view, resolve_closed_form(config, view.family.name))
+    layer = view.unet_layers("kv")[0]
+    weight = layer.weight.detach().double()
+    delta = patch.deltas[layer.key].full().double()
+    return 1 - float(((c @ (weight + delta).T - a @ weight.T).square().sum()) / ((c - a) @ weight.T).square().sum())
+
+
+def test_fusion_keeps_each_erasure_where_the_weighted_sum_lets_them_interfere(sd1_view):
+    configs = [make_closed_form_config("Grumpy Cat", "cat", **TINY), make_closed_form_config("Garfield", "cat", **TINY)]
+    patches = [erase_closed_form(sd1_view, config).patch for config in configs]
+    fused = fuse_patches(sd1_view, patches)
+    summed = merge_weighted(patches)
+    assert fused.metadata["ablation.method"] == "merge-fusion"
+    assert fused.listed("targets") == ["Grumpy Cat", "Garfield"]
+    for patch, config in zip(patches, configs):
+        alone = _moved_on_own_concept(sd1_view, patch, config)
+        by_fusion = _moved_on_own_concept(sd1_view, fused, config)
+        by_sum = _moved_on_own_concept(sd1_view, summed, config)
+        assert abs(by_fusion - alone) < abs(by_sum - alone), (alone, by_fusion, by_sum)
+
+
+def test_training_on_top_of_a_closed_form_patch_keeps_both_and_the_original_fingerprint(sd1_view):
+    from conftest import tiny_config, unet_weights
+
+    from ablation_core import ablate
+
+    before = unet_weights(sd1_view)
+    base = erase_closed_form(sd1_view, make_closed_form_config("Van Gogh", "painting", **TINY)).patch
+    result = ablate(sd1_view, tiny_config("Grumpy Cat", "cat", steps=3), base_patch=base)
+    assert all(torch.equal(before[k], v) for k, v in unet_weights(sd1_view).items()), "the model was modified"
+    assert result.patch.listed("targets") == ["Van Gogh", "Grumpy Cat"]
+    assert set(base.deltas) <= set(result.patch.deltas)
+    key = next(iter(base.deltas))
+    assert not torch.allclose(result.patch.deltas[key].full(), base.deltas[key].full())
+    with apply_patch(sd1_view, result.patch, strict=True):  # the fingerprint is the original model's
+        pass

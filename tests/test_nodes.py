@@ -272,6 +272,37 @@ def test_cancel_stops_training_and_leaves_the_model_untouched(comfy, monkeypatch
         assert not module._forward_hooks
 
 
+def test_cancel_is_checked_inside_the_backward_pass(comfy, monkeypatch):
+    """A training step's backward through an SD1.5 UNet takes most of its 30 s on a CPU: Cancel is noticed there."""
+    from ablation_core.methods import progress
+
+    monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
+    view = backend.ComfyModelView(fakes.make_model(), fakes.make_clip())
+    x_t = torch.randn(2, 4, 4, 4, requires_grad=True)
+    cond = Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
+    with torch.enable_grad(), progress.cancel_checks(view.cancel_check_modules(),
+                                                     progress.Canceller(backend.view.cancel_requested)):
+        loss = view.eps(x_t, torch.tensor([10, 500]), cond).square().mean()
+        comfy.interrupt_after = comfy.interrupt_checks  # Cancel pressed between the forward and the backward
+        with pytest.raises(fakes.InterruptProcessingException):
+            loss.backward()
+
+
+def test_eps_runs_cpu_batches_in_sub_batches_with_the_same_result(comfy, monkeypatch):
+    view = backend.ComfyModelView(fakes.make_model())
+    x_t, t = torch.randn(5, 4, 4, 4), torch.tensor([10, 200, 400, 600, 900])
+    cond = Conditioning(torch.randn(5, 77, fakes.CONTEXT_DIM))
+    with torch.no_grad():
+        whole = view.eps(x_t, t, cond)
+        monkeypatch.setattr(backend.view, "CPU_CHUNK_POSITIONS", 2 * 4 * 4)
+        batches = []
+        handle = view.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        chunked = view.eps(x_t, t, cond)
+        handle.remove()
+    assert batches == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole)
+
+
 def test_embedding_group_patches_the_clip(comfy):
     model, clip = fakes.make_model(), fakes.make_clip()
     config = make_config("Van Gogh", "painting", "fast", kind="style", group="embedding", **TINY)

@@ -10,7 +10,7 @@ import pytest
 
 from tests import comfy_fakes as fakes
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
 CONNECTION_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "ABLATION_PATCH"}
 
 # ComfyUI core nodes the examples use: their widget values in UI order (KSampler's seed brings a control value).

@@ -161,7 +161,8 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
 api.addEventListener("executing", ({ detail }) => {
   const node = detail == null ? null : nodeById(detail);
   if (!node?.ablation) return;
-  Object.assign(node.ablation, { running: true, stopped: false, activity: "", status: "starting..." });
+  Object.assign(node.ablation, { losses: [], total: 0, activity: "", status: "starting..." });
+  Object.assign(node.ablation, { running: true, stopped: false });
   setText(node, "");
 });
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..errors import AblationError
+from ..errors import AblationError, printable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AblationError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)  # one line, even for a path with a newline
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import unicodedata
+
+import torch
 
 from ..errors import AblationError, PromptError
 from ..methods.prompts import check_pair
 
 MAX_PROMPT_CHARS = 300
+MAX_SEED = 2**63 - 1  # torch's generators take seeds up to 2**64 - 1; random.Random any
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +36,27 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"cannot be negative, got {value}")
     return value
+
+
+def seed(text: str) -> int:
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED}, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """``auto`` or a device torch knows (``cpu``, ``cuda``, ``cuda:1``, ``mps``); whether it is there is checked
+    before the model loads."""
+    if text == "auto":
+        return text
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def _int(text: str) -> int:
@@ -95,12 +121,11 @@ def check_concepts(target: str, anchor: str) -> tuple[str, str]:
 
 def check_model_spec(spec: str) -> None:
     """``toy``, or a path that exists (the loader says what is wrong with a file that does)."""
-    from pathlib import Path
-
     if spec == "toy":
         return
-    path = Path(spec).expanduser()
-    if not path.exists():
+    if not spec.strip():
+        raise AblationError("the --model path is empty: give a .safetensors checkpoint, a diffusers folder, or 'toy'")
+    if not os.path.exists(os.path.expanduser(spec)):  # False for a name too long, where Path.exists() raises
         raise AblationError(f"model {spec!r} not found: give a .safetensors checkpoint, a diffusers folder, or 'toy' "
                             "for the embedded toy model")
 

@@ -24,6 +24,12 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AblationError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    index = torch.device(device).index
+    if device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise AblationError(f"--device {device} was asked for, but this machine has {torch.cuda.device_count()} "
+                            "CUDA GPU(s), numbered from 0")
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise AblationError(f"--device {device} was asked for, but this PyTorch has no Apple GPU (MPS); use cpu")
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -64,7 +70,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.model == "toy":
         checks.check_toy_concepts(args.target, args.anchor)
     _patch_out(args)
-    anchor_prompts = tuple(read_prompt_file(args.anchor_prompts)) if args.anchor_prompts else None
+    anchor_prompts = None
+    if args.anchor_prompts is not None:
+        anchor_prompts = tuple(read_prompt_file(files.check_input_file(args.anchor_prompts, "anchor prompt file")))
     view = _load(args)
     config = make_config(
         args.target, args.anchor, args.preset, kind=args.kind, group=args.group, objective=args.objective,
@@ -86,6 +94,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ..patches.patch import describe_patch
     from ..patches.storage import load_patch
 
+    files.check_input_file(args.file, "patch file")
     info = describe_patch(load_patch(args.file))
     info["file_size_bytes"] = Path(args.file).stat().st_size
     if args.json:
@@ -155,9 +164,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..patches.importers import patch_from_finetuned, read_delta_bin
 
     checks.check_model_spec(args.model)
-    files.check_input_file(args.delta_bin or args.finetuned, "delta.bin" if args.delta_bin else "checkpoint")
+    from_delta_bin = args.delta_bin is not None
+    files.check_input_file(args.delta_bin if from_delta_bin else args.finetuned,
+                           "delta.bin" if from_delta_bin else "checkpoint")
     _patch_out(args)
-    if args.delta_bin:
+    if from_delta_bin:
         weights, source = read_delta_bin(args.delta_bin), Path(args.delta_bin).name
     else:
         state = read_checkpoint(args.finetuned)
@@ -187,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.target, args.anchor = checks.check_concepts(args.target, args.anchor)
     checks.check_model_spec(args.model)
     files.check_input_file(args.patch, "patch file")
-    if args.grid:
+    if args.grid is not None:
         files.check_output_file(args.grid, (".png",), args.overwrite, "grid image")
     if args.model == "toy":
         checks.check_toy_concepts(args.target, args.anchor)

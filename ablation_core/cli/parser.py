@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from ..errors import printable
 from . import checks
 
 DESCRIPTION = """Remove a concept from a Stable Diffusion model and keep the change as a small LoRA-format patch.
@@ -18,7 +19,7 @@ class Parser(argparse.ArgumentParser):
     """Errors as one line ("error: ...; see --help") with exit code 2, not a usage dump."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.stderr.write(f"error: {printable(message)} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
 
@@ -37,7 +38,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="a single-file .safetensors checkpoint, a diffusers folder, or 'toy' (the embedded toy "
                              "model)")
-    parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=checks.device, default="auto",
+                        help="cuda, cpu, cuda:1 ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights and compute precision (default: auto = bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
@@ -110,7 +112,7 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-size", type=checks.positive_int,
                    help="anchor image size in latent pixels; smaller is faster (default: the model's own, 64 for "
                         "SD1.5 = 512 px)")
-    p.add_argument("--seed", type=checks.non_negative_int, default=0,
+    p.add_argument("--seed", type=checks.seed, default=0,
                    help="seed of prompts, anchor images and training (default: 0)")
     _patch_output_args(p)
 
@@ -130,7 +132,7 @@ def _add_apply(sub: argparse._SubParsersAction) -> None:
                    help="classifier-free guidance scale (default: 6.0)")
     p.add_argument("--latent-size", type=checks.positive_int, default=None,
                    help="image size in latent pixels (default: the model's own)")
-    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="noise seed (default: 0)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -148,7 +150,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="samples per prompt set on the toy world (default: 48)")
     p.add_argument("--grid", default=None, help="also write a before/after grid image here (toy world; default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace --grid if it exists (default: refuse)")
-    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -182,11 +184,11 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
     p.add_argument("--objective", choices=["model", "noise"], default="model",
                    help="model: target -> frozen anchor prediction; noise: target -> true noise (default: model)")
-    p.add_argument("--seed", type=checks.non_negative_int, default=0, help="seed of the run (default: 0)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="seed of the run (default: 0)")
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
     p.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], required=True, help="model shape to build")
-    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--device", type=checks.device, default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--steps", type=checks.positive_int, default=None,

@@ -1,9 +1,10 @@
-"""The README's quality table: toy-world concepts x parameter groups x objectives, measured.
+"""The README's quality tables: toy-world concepts x methods (x parameter groups x objectives), measured.
 
-``python -m ablation_core.cli.results_table [--pairs "grumpy cat:cat" ...] [--groups kv] [--out results]`` ablates
-each pair (default: every concept of the toy world with its suggested anchor) with each group and objective from the
-embedded toy model, evaluates the patch with ``evaluate_toy`` and prints a markdown table of unpatched and patched
-figures side by side, with the worst-kept neighbour. Nothing here is typed in by hand.
+``python -m ablation_core.cli.results_table [--methods trained closed-form combined] [--pairs "grumpy cat:cat" ...]
+[--groups kv] [--out results]`` erases each pair (default: every concept of the toy world with its suggested
+anchor) from the embedded toy model with each method (``combined``: the closed form first, the trained ablation on
+top), evaluates the patch with ``evaluate_toy`` and prints a markdown table of unpatched and patched figures side by
+side, with the worst-kept neighbour. Nothing here is typed in by hand.
 """
 
 from __future__ import annotations
@@ -27,25 +28,42 @@ def every_concept() -> list[tuple[str, str]]:
     return [(concept.name, concept.anchor) for concept in CONCEPTS]
 
 
+METHODS = ("trained", "closed-form", "combined")
+
+
+def _erase(view, method: str, target: str, anchor: str, group: str, objective: str, seed: int,
+           regularization: bool | None):
+    """The patch and its own held-out figure (how far the targets moved onto their anchors, 1 = all the way)."""
+    from ..methods.closed_form.settings import make_closed_form_config
+    from ..methods.closed_form.solve import erase_closed_form
+
+    closed = erase_closed_form(view, make_closed_form_config(target, anchor, seed=seed)) \
+        if method in ("closed-form", "combined") else None
+    if method == "closed-form":
+        return closed.patch, closed.stats["target_moved_fraction"]
+    config = make_config(target, anchor, group=group, objective=objective, seed=seed, regularization=regularization)
+    result = ablate(view, config, base_patch=closed.patch if closed else None)
+    return result.patch, result.check["erased_fraction"]
+
+
 def measure(pairs: list[tuple[str, str]], groups: list[str], objectives: list[str], per_set: int, seed: int,
-            regularize_overlapping: bool = True) -> list[dict]:
+            regularize_overlapping: bool = False, methods: tuple[str, ...] = ("trained",)) -> list[dict]:
     view = load_model("toy")
     rows = []
     for target, anchor in pairs:
         overlapping = anchor in target
-        for group in groups:
-            for objective in objectives:
+        for method in methods:
+            for group, objective in [(g, o) for g in groups for o in objectives] if method != "closed-form" \
+                    else [("kv", "-")]:
                 started = time.perf_counter()
-                config = make_config(target, anchor, group=group, objective=objective, seed=seed,
-                                     regularization=(overlapping and regularize_overlapping) or None)
-                result = ablate(view, config)
-                evaluation = evaluate_toy(view, result.patch, target, anchor, per_set, seed)
+                patch, moved = _erase(view, method, target, anchor, group, objective, seed,
+                                      (overlapping and regularize_overlapping) or None)
+                evaluation = evaluate_toy(view, patch, target, anchor, per_set, seed)
                 worst = min((s for s in evaluation.sets if s.name.startswith("surrounding")),
                             key=lambda s: s.shown_after - s.shown_before, default=None)
-                rows.append({"target": target, "anchor": anchor, "group": group, "objective": objective,
-                             "regularization": result.config.regularization,
-                             "seconds": round(time.perf_counter() - started),
-                             "erased_fraction_held_out": result.check["erased_fraction"],
+                rows.append({"target": target, "anchor": anchor, "method": method, "group": group,
+                             "objective": objective, "regularization": bool(overlapping and regularize_overlapping),
+                             "seconds": round(time.perf_counter() - started, 1), "moved_onto_anchor": moved,
                              "worst_neighbour": worst.concept if worst else None,
                              "worst_neighbour_before": worst.shown_before if worst else None,
                              "worst_neighbour_after": worst.shown_after if worst else None,
@@ -55,8 +73,8 @@ def measure(pairs: list[tuple[str, str]], groups: list[str], objectives: list[st
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| target -> anchor | group | loss | target shown | misspelt shown | anchor kept | surrounding kept "
-            "| worst neighbour |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| target -> anchor | method | group | loss | target shown | misspelt shown | anchor kept "
+            "| surrounding kept | worst neighbour |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         reg = " + reg" if r["regularization"] else ""
@@ -65,7 +83,7 @@ def markdown(rows: list[dict]) -> str:
         worst = (f"{r['worst_neighbour']} {r['worst_neighbour_before']:.0%} -> {r['worst_neighbour_after']:.0%}"
                  if r.get("worst_neighbour") else "-")
         lines.append(
-            f"| {r['target']} -> {r['anchor']} | {r['group']} | {r['objective']}{reg} "
+            f"| {r['target']} -> {r['anchor']} | {r['method']} | {r['group']} | {r['objective']}{reg} "
             f"| {r['target_recognised_before']:.0%} -> **{r['target_recognised']:.0%}** | {typo} "
             f"| {r['anchor_accuracy_before']:.0%} -> {r['anchor_accuracy_after']:.0%} (**{r['anchor_retained']:.0%}**) "
             f"| {r['surrounding_accuracy_before']:.0%} -> {r['surrounding_accuracy_after']:.0%} "
@@ -77,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ablation_core.cli.results_table", description=__doc__)
     parser.add_argument("--pairs", nargs="+", default=None,
                         help="target:anchor pairs (default: every toy concept with its suggested anchor)")
+    parser.add_argument("--methods", nargs="+", default=["trained"], choices=METHODS,
+                        help="erasure methods (default: trained)")
     parser.add_argument("--groups", nargs="+", default=["kv"], choices=GROUPS, help="parameter groups (default: kv)")
+    parser.add_argument("--regularize-overlapping", action="store_true",
+                        help="regularize pairs whose target contains the anchor (default: off)")
     parser.add_argument("--objectives", nargs="+", default=["model"], choices=["model", "noise"],
                         help="objectives (default: model)")
     parser.add_argument("--per-set", type=int, default=48, help="samples per prompt set (default: 48)")
@@ -85,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the rows (.json) and the table (.md) here")
     args = parser.parse_args(argv)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else every_concept()
-    rows = measure(pairs, args.groups, args.objectives, args.per_set, args.seed)
+    rows = measure(pairs, args.groups, args.objectives, args.per_set, args.seed, args.regularize_overlapping,
+                   tuple(args.methods))
     table = markdown(rows)
     print(table)
     if args.out:

@@ -2,8 +2,8 @@
 
 A method reports ``Progress`` through a callback and asks ``should_cancel()`` whether to stop. Between steps is not
 often enough: one UNet pass of SD1.5 takes seconds on a CPU, so ``cancel_checks`` also asks inside the model's forward,
-from a pre-hook on every linear and convolution layer (at most every ``CHECK_INTERVAL_S``), and a cancel stops the
-run within about a second wherever it is.
+from a pre-hook on every linear and convolution layer, and inside the backward pass, from a gradient hook on each of
+their outputs (at most every ``CHECK_INTERVAL_S``), and a cancel stops the run within about a second wherever it is.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import AblationCancelled
 
@@ -61,19 +61,32 @@ class Canceller:
 
 @contextlib.contextmanager
 def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterator[None]:
-    """Check for cancel inside the forward of ``modules`` (throttled), for the duration of the block."""
+    """Check for cancel inside the forward and backward of ``modules`` (throttled), for the duration of the block."""
     if canceller.should_cancel is never_cancel:
         yield
         return
-    last = [time.monotonic()]
+    last = time.monotonic()
 
-    def pre_hook(module: nn.Module, args: tuple) -> None:
+    def check() -> None:
+        nonlocal last
         now = time.monotonic()
-        if now - last[0] >= CHECK_INTERVAL_S:
-            last[0] = now
+        if now - last >= CHECK_INTERVAL_S:
+            last = now
             canceller.check()
 
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        check()
+
+    def gradient_hook(grad: Tensor) -> None:
+        check()
+
+    def post_hook(module: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:  # the backward pass reaches this layer's output
+            output.register_hook(gradient_hook)
+
+    modules = list(modules)
     handles = [module.register_forward_pre_hook(pre_hook) for module in modules]
+    handles += [module.register_forward_hook(post_hook) for module in modules]
     try:
         yield
     finally:

@@ -70,7 +70,13 @@ def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise PromptError(f"anchor prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptError(f"anchor prompt file {path} is not UTF-8 text (one prompt per line)") from err
+    except OSError as err:
+        raise PromptError(f"anchor prompt file {path} cannot be read: {err.strerror or 'input/output error'}") from err
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptError(f"anchor prompt file {path} has no prompts (one prompt per line)")
     return prompts

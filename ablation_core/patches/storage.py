@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def save_patch(patch: AblationPatch, path: str | Path, dtype: torch.dtype = torc
 def load_patch(path: str | Path) -> AblationPatch:
     """Read a patch (or any LoRA/diff file in kohya layout) with clear errors for corrupt or foreign files."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # False for a name too long, where Path.exists() raises
         raise PatchError(f"patch file {path} does not exist")
     if path.is_dir():
         raise PatchError(f"{path} is a folder; give the patch's .safetensors file")
@@ -112,7 +113,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
         raise PatchError(f"{name}: the header names {quoted(err.name)} twice; the file is damaged") from err
     except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
         raise PatchError(f"{name}: the header is not valid JSON; the file is damaged or truncated") from err
-    if not raw.startswith(b"{") or not isinstance(header, dict):
+    if not isinstance(header, dict):
         raise PatchError(f"{name}: the header is not a JSON object; the file is damaged or not a .safetensors file")
     metadata = header.pop("__metadata__", None)
     if metadata is None:

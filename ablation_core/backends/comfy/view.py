@@ -32,6 +32,7 @@ CLIP_END_TOKEN = 49407
 DEFAULT_LATENT_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128, "toy": 16}
 PROGRESS_EVENT = "concept_ablation.progress"
 ENCODE_BATCH = 32
+CPU_CHUNK_POSITIONS = 4096
 
 
 class _OriginalWeightLayer(Layer):
@@ -202,7 +203,17 @@ class ComfyModelView(ModelView):
 
     # UNet ------------------------------------------------------------------------------------------------------
     def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """On a CPU the batch goes through the UNet in sub-batches of at most ``CPU_CHUNK_POSITIONS`` latent pixels:
+        one attention or convolution over a whole 512-pixel batch takes several seconds there, longer than Cancel
+        may wait (the checks sit between layers), and a CPU is no faster per image on larger batches."""
         ensure_loaded(self.patcher)
+        chunk = max(1, CPU_CHUNK_POSITIONS // (x_t.shape[-2] * x_t.shape[-1])) if self.device.type == "cpu" else 0
+        if chunk and len(x_t) > chunk:
+            return torch.cat([self._eps(x_t[i:i + chunk], t[i:i + chunk], cond.slice(i, i + chunk))
+                              for i in range(0, len(x_t), chunk)])
+        return self._eps(x_t, t, cond)
+
+    def _eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         sigma = self._sigmas.to(t.device)[t]
         timestep = self.model.model_sampling.timestep(sigma).float()
         extra = {k: v.to(self.device, self.dtype) for k, v in cond.extra.items()}

@@ -94,6 +94,15 @@ class AdapterSet(nn.Module):
             for adapter in self.adapters:
                 adapter.enabled = True
 
+    @classmethod
+    def fixed(cls, changes: list[tuple[Layer, Tensor]]) -> AdapterSet:
+        """Frozen adapters holding given weight changes (an earlier patch the new run builds on)."""
+        adapters = cls([layer for layer, _ in changes])
+        with torch.no_grad():
+            for adapter, (_, delta) in zip(adapters.adapters, changes):
+                adapter.delta.copy_(delta)
+        return adapters.requires_grad_(False)
+
     def weight_deltas(self) -> dict[str, Tensor]:
         with torch.no_grad():
             return {a.layer.key: a.weight_delta().detach().float().cpu().clone() for a in self.adapters}

@@ -9,6 +9,7 @@ like its anchor, near 0 when the run barely changed anything (then the caller wa
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -37,8 +38,12 @@ def held_out_anchor_prompts(config: AblationConfig, trained_on: list[str]) -> li
 
 @torch.no_grad()
 def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig, latents: Tensor,
-                   anchor_prompts: list[str], target_prompts: list[str]) -> dict[str, float]:
-    """The held-out gaps before and after (adapters switched off and on), from the run's own anchor latents."""
+                   anchor_prompts: list[str], target_prompts: list[str],
+                   base: AdapterSet | None = None) -> dict[str, float]:
+    """The held-out gaps before and after (adapters switched off and on), from the run's own anchor latents.
+
+    "Before" is the original model: an earlier patch the run built on (``base``) is switched off too, so the
+    figures are the effect of everything the resulting patch holds."""
     count = len(anchor_prompts) * SAMPLES_PER_PROMPT
     generator = torch.Generator().manual_seed(config.seed + 2)
     pick = torch.arange(count) % len(latents)
@@ -57,7 +62,7 @@ def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig
     for start in range(0, count, batch):
         chunk = slice(start, start + batch)
         x, tt = x_t[chunk], t[chunk]
-        with adapters.disabled():
+        with adapters.disabled(), base.disabled() if base is not None else contextlib.nullcontext():
             unconditional = _eps(view, x, tt, view.encode([""] * len(x)))
             anchor_before = _eps(view, x, tt, view.encode(anchors[chunk]))
             target_before = _eps(view, x, tt, view.encode(targets[chunk]))

@@ -22,6 +22,7 @@ from ...errors import AblationError, OutOfMemoryError, PromptError, TrainingDive
 from ...models.layers import Layer
 from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
+from ...patches.apply import resolve
 from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
@@ -97,10 +98,12 @@ def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
 
 
 def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | None = None,
-           should_cancel: CancelFn | None = None) -> AblationResult:
+           should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None) -> AblationResult:
     """Run one ablation and return its patch; raises ``AblationCancelled`` if ``should_cancel()`` turns true.
 
-    Settings the config leaves open are chosen for this model (``resolve_config``); the result carries them.
+    Settings the config leaves open are chosen for this model (``resolve_config``); the result carries them. With
+    ``base_patch`` the run trains on the model with that earlier patch applied (through hooks; the weights are not
+    touched) and the result holds both changes, with the fingerprint of the original model.
     """
     report = on_progress or no_progress
     canceller = Canceller(should_cancel)
@@ -113,8 +116,10 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     if not layers:
         raise AblationError(f"the model has no layers in group {config.group!r}")
     row_masks = _embedding_row_masks(view, layers, config) if config.group == "embedding" else None
+    base = AdapterSet.fixed([(view.all_layers()[k], d) for k, (_, d) in resolve(base_patch, view).items()]) \
+        if base_patch is not None else None
 
-    with cancel_checks(view.cancel_check_modules(), canceller):
+    with cancel_checks(view.cancel_check_modules(), canceller), base.attached() if base else contextlib.nullcontext():
         # 2. Prompts: each target prompt has an anchor twin; typos of the target add more target prompts.
         canceller.phase = "encoding prompts"
         anchor_prompts, target_prompts = _prompt_pairs(config)
@@ -176,7 +181,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             check_anchors = held_out_anchor_prompts(config, anchor_prompts)
             check_targets = prompt_lib.target_prompts(check_anchors, config.anchor, config.target, config.kind)
             with _oom_guard(), view.uncached_text():
-                check = measure_effect(view, adapters, config, latents, check_anchors, check_targets)
+                check = measure_effect(view, adapters, config, latents, check_anchors, check_targets, base)
             report(Progress("check", 1, 1))
         warning = weak_effect_warning(check, config)
         if warning:
@@ -184,8 +189,13 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
 
     # 6. The patch: the trained weight deltas plus everything needed to trust and reproduce them.
     deltas = adapters.weight_deltas()
-    metadata = build_metadata(view, config, losses, seconds_anchors, seconds_training, check)
-    patch = AblationPatch.from_deltas(deltas, metadata, original_weights={layer.key: layer.weight for layer in layers})
+    originals = {layer.key: layer.weight for layer in layers}
+    if base is not None:
+        for key, delta in base.weight_deltas().items():
+            deltas[key] = deltas[key] + delta if key in deltas else delta
+            originals[key] = view.all_layers()[key].weight
+    metadata = build_metadata(view, config, losses, seconds_anchors, seconds_training, check, base_patch)
+    patch = AblationPatch.from_deltas(deltas, metadata, original_weights=originals)
     log.info("ablated %r -> %r: loss %.4g -> %.4g in %.1fs; erased %.0f%% on held-out prompts", config.target,
              config.anchor, losses[0], losses[-1], seconds_anchors + seconds_training,
              100 * check["erased_fraction"])

@@ -10,7 +10,7 @@ import json
 import time
 
 from ...models.view import ModelView
-from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL
+from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL, AblationPatch
 from .settings import AblationConfig
 
 LOSS_CURVE_POINTS = 200
@@ -25,7 +25,8 @@ def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[flo
 
 
 def build_metadata(view: ModelView, config: AblationConfig, losses: list[float], seconds_anchors: float,
-                   seconds_training: float, check: dict[str, float] | None = None) -> dict[str, str]:
+                   seconds_training: float, check: dict[str, float] | None = None,
+                   base_patch: AblationPatch | None = None) -> dict[str, str]:
     family = view.family.name
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.describe().items()}
     metrics = {"loss_first": losses[0], "loss_last": losses[-1],
@@ -34,8 +35,8 @@ def build_metadata(view: ModelView, config: AblationConfig, losses: list[float],
         META + "method": "concept-ablation",
         META + "objective": str(config.objective),
         META + "group": str(config.group),
-        META + "targets": json.dumps([config.target]),
-        META + "anchors": json.dumps([config.anchor]),
+        META + "targets": json.dumps((base_patch.listed("targets") if base_patch else []) + [config.target]),
+        META + "anchors": json.dumps((base_patch.listed("anchors") if base_patch else []) + [config.anchor]),
         META + "kind": str(config.kind),
         META + "base_family": family,
         META + "steps": str(config.steps),
@@ -61,5 +62,9 @@ def build_metadata(view: ModelView, config: AblationConfig, losses: list[float],
     }
     if check is not None:
         metadata[META + "check"] = json.dumps(check)
+    if base_patch is not None:
+        metadata[META + "base_patch"] = json.dumps({
+            "method": base_patch.metadata.get(META + "method", "unknown"),
+            "title": base_patch.metadata.get("modelspec.title", ""), "layers": len(base_patch.deltas)})
     metadata.update(config.extra_metadata)
     return metadata

@@ -83,6 +83,30 @@ def make_closed_form_config(targets: list[str] | tuple[str, ...] | str, anchors:
                                     else (pairs[0][1],)), **chosen)
 
 
+def parse_concept_lines(text: str, default_anchor: str | None = None) -> tuple[list[str], list[str]]:
+    """Targets and anchors from lines of ``target -> anchor`` or ``target, anchor`` (or a bare ``target`` with
+    ``default_anchor``); blank lines and lines starting with ``#`` are skipped."""
+    targets, anchors = [], []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        for separator in ("->", ","):
+            if separator in line:
+                target, anchor = (part.strip() for part in line.split(separator, 1))
+                break
+        else:
+            target, anchor = line, (default_anchor or "").strip()
+        if not anchor:
+            raise PromptError(f"line {number} ('{line}') names no anchor: write 'target -> anchor', or give one "
+                              "anchor for every target")
+        targets.append(target)
+        anchors.append(anchor)
+    if not targets:
+        raise PromptError("the concept list is empty: one 'target -> anchor' per line")
+    return targets, anchors
+
+
 def resolve_closed_form(config: ClosedFormConfig, family: str) -> ClosedFormConfig:
     """Every ``None`` field filled for ``family``; on the toy model, its own phrasing and its concepts."""
     values = dict(DEFAULTS["toy" if family == "toy" else "real"])

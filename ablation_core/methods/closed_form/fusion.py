@@ -1,0 +1,85 @@
+"""Closed-form fusion of patches (MACE, Eq. 7): one patch that does what each source patch does on its own concept.
+
+Summing the deltas of separately made erasures lets each one act on the others' concepts too. Fusion instead asks,
+for every cross-attention K/V weight, for the single change ``D`` that reproduces each patch's change on the text
+embeddings of that patch's own targets and leaves the preserved concepts alone:
+
+    D = argmin sum_i sum_{c in E_i} |D c - w_i D_i c|^2 + lam sum_p |D p|^2 + mu |D|^2
+      = (sum_i w_i D_i X_i) (sum_i X_i + lam P + mu I)^-1,   X_i = sum_{c in E_i} c c^T,
+
+where ``E_i`` are the embeddings of patch ``i``'s target prompts from the concept on (as the closed-form method
+uses them). It needs the base model to encode those prompts. Layers that do not read the text context (self-
+attention, convolutions) cannot be fused this way and are summed, which the metadata says.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import Tensor
+
+from ...errors import PatchError
+from ...models.view import ModelView
+from ...patches.merge import merge_weighted
+from ...patches.patch import META, AblationPatch, LayerDelta
+from ..progress import CancelFn, Canceller, ProgressFn, no_progress
+from .embeddings import pair_moments, preserved_moments
+from .settings import make_closed_form_config, resolve_closed_form
+from .solve import _prompt_pairs, low_rank_map
+
+
+def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, canceller: Canceller) -> Tensor:
+    targets, anchors = patch.listed("targets"), patch.listed("anchors")
+    if not targets or len(anchors) not in (1, len(targets)):
+        raise PatchError("fusion needs each patch's targets and anchors in its metadata (ablation.targets, "
+                         f"ablation.anchors); '{patch.metadata.get('modelspec.title', 'a patch')}' has none")
+    kind = patch.metadata.get(META + "kind") or None
+    config = resolve_closed_form(make_closed_form_config(targets, anchors, kind=kind if kind != "None" else None,
+                                                         builtin_preserve=False), view.family.name)
+    target_prompts, anchor_prompts = _prompt_pairs(config)
+    moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller)
+    return moments.cc / max(moments.count, 1)
+
+
+def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[float] | None = None,
+                 preserve_weight: float = 0.5, ridge: float = 1e-3, on_progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None) -> AblationPatch:
+    """One patch from several, fused in closed form on the K/V layers (and summed elsewhere)."""
+    report, canceller = on_progress or no_progress, Canceller(should_cancel)
+    if len(patches) < 2:
+        raise PatchError("fusion needs at least two patches")
+    weights = list(weights) if weights is not None else [1.0] * len(patches)
+    if len(weights) != len(patches):
+        raise PatchError(f"{len(patches)} patches but {len(weights)} weights; give one weight per patch")
+    summed = merge_weighted(patches, weights)  # checks families and shapes; the fallback for other layers
+    kv_keys = {layer.key for layer in view.unet_layers("kv")}
+    canceller.phase = "encoding the patches' concepts"
+    concepts = [_concept_moments(view, patch, report, canceller) for patch in patches]
+    preserved_config = resolve_closed_form(make_closed_form_config(
+        [t for p in patches for t in p.listed("targets")], [a for p in patches for a in p.listed("anchors")][:1]),
+        view.family.name)
+    preserved, count = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
+    dim = concepts[0].shape[0]
+    total = sum(concepts) + preserve_weight * preserved / max(count, 1)
+    total = total + ridge * float(torch.trace(total)) / dim * torch.eye(dim, dtype=torch.float64)
+    inverse = torch.linalg.inv(total)
+
+    deltas: dict[str, LayerDelta] = {}
+    for key, delta in summed.deltas.items():
+        canceller.check()
+        if key not in kv_keys:
+            deltas[key] = delta
+            continue
+        combined = sum(w * p.deltas[key].full().double() @ x for p, w, x in zip(patches, weights, concepts)
+                       if key in p.deltas)
+        left, right, _ = low_rank_map(combined @ inverse)
+        deltas[key] = LayerDelta(up=left.float(), down=right.float().clone(), alpha=float(left.shape[1]))
+    metadata = dict(summed.metadata)
+    metadata.update({
+        META + "method": "merge-fusion",
+        META + "fusion": json.dumps({"fused_layers": sum(k in kv_keys for k in deltas),
+                                     "summed_layers": sum(k not in kv_keys for k in deltas),
+                                     "preserve_weight": preserve_weight, "ridge": ridge}),
+    })
+    return AblationPatch(deltas, metadata)

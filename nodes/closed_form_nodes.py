@@ -1,0 +1,60 @@
+"""The closed-form node: erase a list of concepts in seconds (declarations only; the work is in ablation_core)."""
+
+from __future__ import annotations
+
+from ablation_core.backends.comfy import closed_form as backend
+from ablation_core.methods.closed_form.settings import (
+    MODE_HELP,
+    MODES,
+    make_closed_form_config,
+    parse_concept_lines,
+)
+
+from .ablation_nodes import CATEGORY, PATCH_TYPE
+
+
+class EraseConceptsClosedForm:
+    DESCRIPTION = ("Erases many concepts at once in seconds, without training: each target's cross-attention keys "
+                   "and values are mapped onto its anchor's in closed form (UCE/MACE; SPEED's null-space mode keeps "
+                   "the preserved concepts exactly). The input model is left untouched.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", PATCH_TYPE)
+    RETURN_NAMES = ("model", "patch")
+    OUTPUT_TOOLTIPS = ("the model with the concepts erased", "the weight change, to save, share, stack or merge")
+    FUNCTION = "erase"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "concepts": ("STRING", {"multiline": True, "default": "Van Gogh -> painting\nClaude Monet -> painting",
+                                        "tooltip": "one concept per line: 'target -> anchor', or just 'target' to "
+                                                   "use the anchor below"}),
+                "anchor": ("STRING", {"default": "", "tooltip": "anchor for lines that name none"}),
+                "kind": (["object", "style"], {"default": "style",
+                                               "tooltip": "object: 'a photo of a X'; style: '..., in the style of X'"}),
+                "mode": (list(MODES), {"default": MODES[0],
+                                       "tooltip": "; ".join(f"{k}: {v}" for k, v in MODE_HELP.items())}),
+                "preserve_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.05,
+                                              "tooltip": "least squares: how much keeping the preserved concepts "
+                                                         "counts against erasing the targets"}),
+            },
+            "optional": {
+                "preserve": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "extra concepts to keep, one per line (a built-in bank of "
+                                                   "everyday objects and styles is always kept)"}),
+            },
+        }
+
+    def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve=""):
+        targets, anchors = parse_concept_lines(concepts, anchor)
+        config = make_closed_form_config(targets, anchors, kind=kind, mode=mode, preserve_weight=preserve_weight,
+                                         preserve=[line for line in preserve.splitlines() if line.strip()])
+        model_out, _, patch, summary = backend.erase_concepts(model, clip, config)
+        return {"ui": {"text": [summary]}, "result": (model_out, patch)}
+
+
+NODE_CLASS_MAPPINGS = {"EraseConceptsClosedForm": EraseConceptsClosedForm}
+NODE_DISPLAY_NAME_MAPPINGS = {"EraseConceptsClosedForm": "Erase Concepts (Closed Form)"}
