@@ -236,12 +236,14 @@ class StackAblationPatches:
 
 
 class MergeAblationPatches:
-    DESCRIPTION = "One patch from several: the weighted sum of their weight changes."
+    DESCRIPTION = ("One patch from several: the weighted sum of their weight changes, or their closed-form fusion "
+                   "(MACE), which keeps each erasure working on its own concept where a sum lets them interfere; "
+                   "fusion needs the base MODEL and CLIP the patches were made for.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PATCH_TYPE,)
     RETURN_NAMES = ("patch",)
     FUNCTION = "merge"
-    METHODS = ("weighted sum",)
+    METHODS = ("weighted sum", "fusion")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -249,14 +251,23 @@ class MergeAblationPatches:
         return {
             "required": {"patch_1": (PATCH_TYPE,), "weight_1": weight, "patch_2": (PATCH_TYPE,), "weight_2": weight,
                          "method": (list(cls.METHODS), {"default": cls.METHODS[0]})},
-            "optional": {"patch_3": (PATCH_TYPE,), "weight_3": weight},
+            "optional": {"patch_3": (PATCH_TYPE,), "weight_3": weight,
+                         "model": ("MODEL", {"tooltip": "fusion: the base model the patches were made for"}),
+                         "clip": ("CLIP", {"tooltip": "fusion: the base model's CLIP"})},
         }
 
-    def merge(self, patch_1, weight_1, patch_2, weight_2, method, patch_3=None, weight_3=1.0):
+    def merge(self, patch_1, weight_1, patch_2, weight_2, method, patch_3=None, weight_3=1.0, model=None, clip=None):
         entries = []
         for value, weight in ((patch_1, weight_1), (patch_2, weight_2), (patch_3, weight_3)):
             entries += backend.stack_entries(value, weight)
-        return (merge_weighted([p for p, _ in entries], [w for _, w in entries]),)
+        patches, weights = [p for p, _ in entries], [w for _, w in entries]
+        if method == "fusion":
+            if model is None or clip is None:
+                raise PatchError("fusion needs the base MODEL and CLIP the patches were made for: connect both")
+            from ablation_core.backends.comfy.closed_form import fuse
+
+            return (fuse(model, clip, patches, weights),)
+        return (merge_weighted(patches, weights),)
 
 
 class AblationReport:

@@ -1,13 +1,15 @@
 """Every entry point on every concept of the toy world: the held-out check on quality settings.
 
-``python -m tests.every_concept [--entries api cli node] [--per-set 48] [--out docs/results/every_concept]``
+``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]``
 
 For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
-  - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))``;
-  - ``cli``:  ``python -m ablation_core ablate --model toy --target T --anchor A --out P`` in a subprocess;
-  - ``node``: the Ablate Concept node's own ``ablate`` on the toy model held as a ComfyUI MODEL/CLIP (the fakes of
-    ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's default widgets except target, anchor
-    and kind;
+  - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))`` (closed form:
+    ``erase_closed_form(load_model("toy"), make_closed_form_config(target, anchor))``);
+  - ``cli``:  ``python -m ablation_core ablate --model toy --target T --anchor A --out P`` in a subprocess (closed
+    form: with ``--method closed-form``);
+  - ``node``: the Ablate Concept (closed form: Erase Concepts) node's own function on the toy model held as a
+    ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's
+    default widgets except target, anchor and kind;
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
 given beyond what each entry point's user types, so the figures show what users get.
 """
@@ -30,20 +32,27 @@ from ablation_core.methods.ablation.loop import ablate
 from ablation_core.toy.concepts import CONCEPTS
 
 ENTRIES = ("api", "cli", "node")
+METHODS = ("trained", "closed-form")
 
 
-def patch_from_api(target: str, anchor: str, folder: Path):
+def patch_from_api(method: str, target: str, anchor: str, folder: Path):
+    if method == "closed-form":
+        from ablation_core.methods.closed_form.settings import make_closed_form_config
+        from ablation_core.methods.closed_form.solve import erase_closed_form
+
+        return erase_closed_form(load_model("toy"), make_closed_form_config(target, anchor)).patch
     return ablate(load_model("toy"), make_config(target, anchor)).patch
 
 
-def patch_from_cli(target: str, anchor: str, folder: Path):
+def patch_from_cli(method: str, target: str, anchor: str, folder: Path):
     out = folder / f"{target.replace(' ', '_')}.safetensors"
-    subprocess.run([sys.executable, "-m", "ablation_core", "ablate", "--model", "toy", "--target", target,
-                    "--anchor", anchor, "--out", str(out), "--overwrite"], check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "ablation_core", "ablate", "--model", "toy", "--method", method,
+                    "--target", target, "--anchor", anchor, "--out", str(out), "--overwrite"], check=True,
+                   capture_output=True, text=True)
     return load_patch(out)
 
 
-def patch_from_node(target: str, anchor: str, folder: Path):
+def patch_from_node(method: str, target: str, anchor: str, folder: Path):
     from tests import comfy_fakes as fakes
 
     monkeypatch = pytest.MonkeyPatch()
@@ -53,6 +62,9 @@ def patch_from_node(target: str, anchor: str, folder: Path):
 
         model, clip = fakes.make_toy_model_and_clip()
         kind = "style" if target in ("van gogh", "monet", "picasso") else "object"
+        if method == "closed-form":
+            node = nodes.NODE_CLASS_MAPPINGS["EraseConceptsClosedForm"]()
+            return node.erase(model, clip, f"{target} -> {anchor}", "", kind, "least-squares", 0.5)["result"][1]
         node = nodes.NODE_CLASS_MAPPINGS["AblateConcept"]()
         output = node.ablate(model, clip, target, anchor, kind, "kv", "default", 0, 0, use_cache=False)
         return output["result"][2]
@@ -63,7 +75,7 @@ def patch_from_node(target: str, anchor: str, folder: Path):
 MAKERS = {"api": patch_from_api, "cli": patch_from_cli, "node": patch_from_node}
 
 
-def run(entries: list[str], per_set: int, concepts: list[str] | None) -> list[dict]:
+def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None) -> list[dict]:
     view = load_model("toy")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,27 +84,30 @@ def run(entries: list[str], per_set: int, concepts: list[str] | None) -> list[di
                 continue
             for entry in entries:
                 started = time.perf_counter()
-                patch = MAKERS[entry](concept.name, concept.anchor, Path(tmp))
+                patch = MAKERS[entry](method, concept.name, concept.anchor, Path(tmp))
                 made = time.perf_counter() - started
                 evaluation = evaluate_toy(view, patch, concept.name, concept.anchor, per_set=per_set)
                 check = json.loads(patch.metadata.get("ablation.check", "{}"))
+                solve = json.loads(patch.metadata.get("ablation.solve", "{}"))
                 neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
                               if s.name.startswith("surrounding")}
                 rows.append({"concept": concept.name, "kind": concept.kind, "anchor": concept.anchor, "entry": entry,
-                             "seconds_to_patch": round(made, 1), "held_out_erased": check.get("erased_fraction"),
+                             "method": method, "seconds_to_patch": round(made, 1),
+                             "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
                              **evaluation.summary, "neighbours": neighbours})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| concept -> anchor | entry point | target shown | misspelt shown | anchor kept | surroundings kept "
-             "| worst neighbour (before -> after) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| concept -> anchor | method | entry point | target shown | misspelt shown | anchor kept "
+             "| surroundings kept | worst neighbour (before -> after) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         typo = (f"{r['misspelt_recognised_before']:.0%} -> {r['misspelt_recognised']:.0%}"
                 if "misspelt_recognised" in r else "-")
         worst_name, (before, after) = min(r["neighbours"].items(), key=lambda kv: kv[1][1] - kv[1][0])
-        lines.append(f"| {r['concept']} -> {r['anchor']} | {r['entry']} "
+        lines.append(f"| {r['concept']} -> {r['anchor']} | {r['method']} | {r['entry']} "
                      f"| {r['target_recognised_before']:.0%} -> **{r['target_recognised']:.0%}** | {typo} "
                      f"| **{r['anchor_retained']:.0%}** | **{r['surrounding_retained']:.0%}** "
                      f"| {worst_name} {before:.0%} -> {after:.0%} |")
@@ -102,12 +117,13 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.every_concept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, default="trained")
     parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
     parser.add_argument("--concepts", nargs="+", default=None, help="only these (default: every concept)")
     parser.add_argument("--per-set", type=int, default=48)
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
-    rows = run(args.entries, args.per_set, args.concepts)
+    rows = run(args.method, args.entries, args.per_set, args.concepts)
     table = markdown(rows)
     print(table)
     if args.out:

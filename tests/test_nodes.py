@@ -372,3 +372,34 @@ def test_report_renders_before_and_after_rows(comfy, trained):
     assert rows == ["Van Gogh", "painting", "a dog"]
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] > 3 * 64
     assert "targets" in text and model.patches == {}
+
+
+# Closed form and fusion ----------------------------------------------------------------------------------------
+
+def test_closed_form_node_erases_a_list_of_concepts_on_the_toy_model(comfy):
+    from ablation_core import evaluate_toy, load_model
+
+    model, clip = fakes.make_toy_model_and_clip()
+    node = _nodes()["EraseConceptsClosedForm"]()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    output = node.erase(model, clip, "snoopy -> dog\n\nnemo, fish", "", "object", "least-squares", 0.5)
+    out_model, patch = output["result"]
+    assert "erased 2 concept(s)" in output["ui"]["text"][0]
+    assert patch.listed("targets") == ["snoopy", "nemo"] and model.patches == {}
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    assert set(out_model.patches) == {backend.ComfyModelView(model).state_key(k)[1] for k in patch.deltas}
+    evaluation = evaluate_toy(load_model("toy"), patch, "snoopy", "dog", per_set=8)
+    assert evaluation.summary["target_recognised"] <= 0.2 and evaluation.summary["anchor_retained"] >= 0.9
+
+
+def test_merge_node_fuses_with_the_base_model_and_asks_for_it(comfy):
+    model, clip = fakes.make_toy_model_and_clip()
+    erase = _nodes()["EraseConceptsClosedForm"]()
+    first = erase.erase(model, clip, "snoopy -> dog", "", "object", "least-squares", 0.5)["result"][1]
+    second = erase.erase(model, clip, "grumpy cat -> cat", "", "object", "least-squares", 0.5)["result"][1]
+    merge = _nodes()["MergeAblationPatches"]()
+    with pytest.raises(AblationError, match="connect both"):
+        merge.merge(first, 1.0, second, 1.0, "fusion")
+    (fused,) = merge.merge(first, 1.0, second, 1.0, "fusion", model=model, clip=clip)
+    assert fused.metadata["ablation.method"] == "merge-fusion"
+    assert fused.listed("targets") == ["snoopy", "grumpy cat"]

@@ -10,7 +10,7 @@ import pytest
 
 from tests import comfy_fakes as fakes
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 CONNECTION_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "CONDITIONING", "ABLATION_PATCH"}
 
 # ComfyUI core nodes the examples use: their widget values in UI order (KSampler's seed brings a control value).
@@ -66,3 +66,8 @@ def test_workflow_is_loadable_ui_json(path, widget_counts):
         assert nodes[target]["inputs"][target_slot]["type"] == kind
         assert nodes[target]["inputs"][target_slot]["link"] == link_id
     assert any(node["type"] in _our_widget_counts() for node in nodes.values())
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_each_workflow_has_the_thumbnail_the_templates_dialog_asks_for(path):
+    assert path.with_suffix(".jpg").exists(), "ComfyUI's Templates dialog shows <name>.jpg beside <name>.json"

@@ -15,80 +15,13 @@ import torch
 from .. import files
 from ..errors import AblationError
 from . import checks
+from .common import device_and_dtype, load_view, patch_out, save_patch, size_text
+from .erase import cmd_ablate
 
 log = logging.getLogger("ablation_core")
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AblationError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
-    index = torch.device(device).index
-    if device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
-        raise AblationError(f"--device {device} was asked for, but this machine has {torch.cuda.device_count()} "
-                            "CUDA GPU(s), numbered from 0")
-    if device.startswith("mps") and not torch.backends.mps.is_available():
-        raise AblationError(f"--device {device} was asked for, but this PyTorch has no Apple GPU (MPS); use cpu")
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
-def _load(args: argparse.Namespace):
-    from ..backends.diffusers import load_model
-
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    return load_model(args.model, device, dtype, getattr(args, "prediction_type", None))
-
-
-def _size(path: Path) -> str:
-    size = path.stat().st_size
-    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
-
-
-def _save_patch(patch, args: argparse.Namespace) -> Path:
-    if not args.full_rank:
-        patch = patch.compressed(args.energy, args.rank)
-    return patch.save(args.out)
-
-
-def _patch_out(args: argparse.Namespace) -> None:
-    files.check_output_file(args.out, (".safetensors",), args.overwrite, "patch file")
-
-
 # Commands ------------------------------------------------------------------------------------------------------
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from ..methods.ablation.loop import ablate
-    from ..methods.ablation.settings import make_config
-    from ..methods.prompts import read_prompt_file
-    from .console import progress_bars
-
-    args.target, args.anchor = checks.check_concepts(args.target, args.anchor)
-    checks.check_model_spec(args.model)
-    if args.model == "toy":
-        checks.check_toy_concepts(args.target, args.anchor)
-    _patch_out(args)
-    anchor_prompts = None
-    if args.anchor_prompts is not None:
-        anchor_prompts = tuple(read_prompt_file(files.check_input_file(args.anchor_prompts, "anchor prompt file")))
-    view = _load(args)
-    config = make_config(
-        args.target, args.anchor, args.preset, kind=args.kind, group=args.group, objective=args.objective,
-        regularization=args.regularize or None, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.lr, lora_rank=args.lora_rank, anchor_images=args.anchor_images,
-        sampler_steps=args.sampler_steps, guidance=args.guidance, misspelled_targets=args.misspellings,
-        anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed)
-    with progress_bars() as on_progress:
-        result = ablate(view, config, on_progress)
-    path = _save_patch(result.patch, args)
-    check = result.check
-    print(f"patch written to {path} ({_size(path)}); loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}; "
-          f"anchors {result.seconds_anchors:.1f}s, training {result.seconds_training:.1f}s; held-out check: the "
-          f"target moved {check['erased_fraction']:.0%} of the way to the anchor")
-    return 0
-
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..patches.patch import describe_patch
@@ -103,7 +36,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     meta = info["metadata"]
     print(f"{args.file}: {info['layers']} layers, {info['storage']}"
           f"{' rank <= ' + str(info['max_rank']) if info['storage'] == 'lora' else ''}, "
-          f"{info['parameters']:,} parameters, {_size(Path(args.file))}")
+          f"{info['parameters']:,} parameters, {size_text(Path(args.file))}")
     for key in sorted(meta):
         print(f"  {key}: {meta[key]}")
     if args.keys:
@@ -122,7 +55,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     files.check_input_file(args.patch, "patch file")
     files.check_output_file(args.out, (".png", ".jpg", ".jpeg"), args.overwrite, "image")
     patch = load_patch(args.patch)
-    view = _load(args)
+    view = load_view(args)
     index = torch.arange(len(prompts)).repeat_interleave(args.images)
 
     def images():
@@ -149,12 +82,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if args.weights is not None and len(args.weights) != len(args.files):
         raise AblationError(f"{len(args.files)} patches but {len(args.weights)} weights; give one weight per patch")
+    if args.method == "fusion" and not args.model:
+        raise AblationError("fusion needs the base model the patches were made for: add --model")
     for name in args.files:
         files.check_input_file(name, "patch file")
-    _patch_out(args)
-    merged = merge_weighted([load_patch(f) for f in args.files], args.weights)
-    path = _save_patch(merged, args)
-    print(f"merged {len(args.files)} patches into {path} ({_size(path)})")
+    if args.model:
+        checks.check_model_spec(args.model)
+    patch_out(args)
+    patches = [load_patch(f) for f in args.files]
+    if args.method == "fusion":
+        from ..methods.closed_form.fusion import fuse_patches
+
+        merged = fuse_patches(load_view(args), patches, args.weights)
+    else:
+        merged = merge_weighted(patches, args.weights)
+    path = save_patch(merged, args)
+    print(f"merged {len(args.files)} patches into {path} ({size_text(path)}, {args.method})")
     return 0
 
 
@@ -167,7 +110,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from_delta_bin = args.delta_bin is not None
     files.check_input_file(args.delta_bin if from_delta_bin else args.finetuned,
                            "delta.bin" if from_delta_bin else "checkpoint")
-    _patch_out(args)
+    patch_out(args)
     if from_delta_bin:
         weights, source = read_delta_bin(args.delta_bin), Path(args.delta_bin).name
     else:
@@ -177,10 +120,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         weights = {k[len(prefix):]: v for k, v in state.items()
                    if k.startswith(prefix) and k.endswith(".weight") and k[len(prefix):-len(".weight")] in chosen}
         source = Path(args.finetuned).name
-    view = _load(args)
+    view = load_view(args)
     patch = patch_from_finetuned(view, weights, source)
-    path = _save_patch(patch, args)
-    print(f"patch with {len(patch.deltas)} layers written to {path} ({_size(path)})")
+    path = save_patch(patch, args)
+    print(f"patch with {len(patch.deltas)} layers written to {path} ({size_text(path)})")
     return 0
 
 
@@ -203,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model == "toy":
         checks.check_toy_concepts(args.target, args.anchor)
     patch = load_patch(args.patch)
-    view = _load(args)
+    view = load_view(args)
     if view.family.name == "toy":
         from ..evaluation.toy_eval import evaluate_toy, to_json
 
@@ -235,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     report = run_bench(args.arch, device, dtype, steps=args.steps, anchor_images=args.anchor_images,
                        sampler_steps=args.sampler_steps, batch_size=args.batch_size)
     print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))

@@ -34,10 +34,10 @@ def _preset_default(name: str, unit: str = "") -> str:
     return f"default: from --preset: {listed}{toy_text}"
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
+def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
                         help="a single-file .safetensors checkpoint, a diffusers folder, or 'toy' (the embedded toy "
-                             "model)")
+                             "model)" + ("" if required else "; the base model the patches were made for"))
     parser.add_argument("--device", type=checks.device, default="auto",
                         help="cuda, cpu, cuda:1 ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -80,7 +80,20 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                        "model and write the change as a patch. Settings left out suit the model (the toy model "
                        "gets its own).")
     _model_args(p)
-    _concept_args(p)
+    p.add_argument("--method", choices=["trained", "closed-form"], default="trained",
+                   help="trained: the paper's fine-tuning (about a minute on a GPU); closed-form: one solve of the "
+                        "K/V weights for any number of targets (seconds; no images) (default: trained)")
+    p.add_argument("--target", action="append", default=None,
+                   help="the concept to remove, e.g. 'Grumpy Cat' or 'Van Gogh'; repeat for several (closed form)")
+    p.add_argument("--anchor", action="append", default=None,
+                   help="what it should become instead, e.g. 'cat' or 'painting': one for all targets or one per "
+                        "--target")
+    p.add_argument("--concepts", default=None,
+                   help="a text file with one 'target, anchor' (or 'target -> anchor') per line, for mass erasure "
+                        "(closed form; default: none)")
+    p.add_argument("--base-patch", default=None,
+                   help="an earlier patch to build on: the run starts from the model with it applied and the new "
+                        "patch holds both changes (default: none)")
     p.add_argument("--kind", choices=KINDS, default=None,
                    help="object: swap the word in object prompts; style: '..., in the style of X'; memorization: "
                         "the target is a whole prompt (default: object; on the toy model, style for its artists)")
@@ -114,7 +127,22 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                         "SD1.5 = 512 px)")
     p.add_argument("--seed", type=checks.seed, default=0,
                    help="seed of prompts, anchor images and training (default: 0)")
+    _add_closed_form_options(p)
     _patch_output_args(p)
+
+
+def _add_closed_form_options(p: argparse.ArgumentParser) -> None:
+    from ..methods.closed_form.settings import MODE_HELP, MODES
+
+    group = p.add_argument_group("closed form (--method closed-form)")
+    group.add_argument("--mode", choices=list(MODES), default=None,
+                       help="how preserved concepts are kept (default: least-squares). "
+                            + "; ".join(f"{k}: {v}" for k, v in MODE_HELP.items()))
+    group.add_argument("--preserve", action="append", default=None,
+                       help="a concept to keep unchanged; repeat for several (default: a built-in bank of everyday "
+                            "objects and styles, plus the anchors)")
+    group.add_argument("--preserve-weight", type=checks.non_negative_float, default=None,
+                       help="least squares: weight of keeping the preserved concepts against erasing (default: 0.5)")
 
 
 def _add_apply(sub: argparse._SubParsersAction) -> None:
@@ -162,10 +190,14 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--keys", action="store_true", help="also list every layer key")
 
-    p = sub.add_parser("merge", help="merge patches into one (weighted sum)")
+    p = sub.add_parser("merge", help="merge patches into one (weighted sum, or closed-form fusion)")
     p.add_argument("files", nargs="+", help="the patch files to merge")
     p.add_argument("--weights", type=checks.finite_float, nargs="+", default=None,
                    help="one weight per patch (default: 1 for each)")
+    p.add_argument("--method", choices=["weighted-sum", "fusion"], default="weighted-sum",
+                   help="weighted-sum: add the changes (they can interfere); fusion: solve for one change that does "
+                        "what each patch does on its own concepts (MACE; needs --model) (default: weighted-sum)")
+    _model_args(p, required=False)
     _patch_output_args(p)
 
     p = sub.add_parser("convert", help="make a patch from a concept-ablation delta.bin or a fine-tuned checkpoint")

@@ -99,8 +99,12 @@ def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
 
 
 def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: ProgressFn | None = None,
-                      should_cancel: CancelFn | None = None) -> ClosedFormResult:
-    """Erase every target of ``config`` in one solve; the model is not modified (the result is a patch)."""
+                      should_cancel: CancelFn | None = None,
+                      base_patch: AblationPatch | None = None) -> ClosedFormResult:
+    """Erase every target of ``config`` in one solve; the model is not modified (the result is a patch).
+
+    With ``base_patch`` the solve starts from the weights with that earlier patch added, and the result holds both
+    changes (with the original model's fingerprint)."""
     started = time.perf_counter()
     report, canceller = on_progress or no_progress, Canceller(should_cancel)
 
@@ -109,6 +113,7 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     layers = view.unet_layers("kv")
     if not layers:
         raise AblationError("this model has no cross-attention K/V projections to edit")
+    base = _base_changes(view, base_patch, {layer.key for layer in layers})
 
     # 2. Embedding moments of the target/anchor pairs and of the preserved set.
     canceller.phase = "encoding prompts"
@@ -135,26 +140,48 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
         for index, layer in enumerate(layers):
             canceller.check()
             weight = layer.weight.detach().to("cpu", torch.float64)
-            deltas[layer.key] = LayerDelta(up=(weight @ left).float(), down=right.float().clone(),
-                                           alpha=float(left.shape[1]))
+            if layer.key in base:
+                weight = weight + base[layer.key]
+                up = torch.cat([weight @ left, base[layer.key]], dim=1)  # the solve's change, then the base's
+                down = torch.cat([right, torch.eye(weight.shape[1], dtype=torch.float64)])
+                deltas[layer.key] = LayerDelta(diff=(up @ down).float())
+            else:
+                deltas[layer.key] = LayerDelta(up=(weight @ left).float(), down=right.float().clone(),
+                                               alpha=float(left.shape[1]))
             report(Progress("solve", index + 1, len(layers)))
-    stats.update(_effect(layers, g, moments, preserved, preserved_count))
+    stats.update(_effect(layers, g, moments, preserved, preserved_count, base))
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
-    patch = AblationPatch(deltas, _metadata(view, config, stats))
+    patch = AblationPatch(deltas, _metadata(view, config, stats, base_patch))
     patch.metadata[META + "base_fingerprint"] = fingerprint({layer.key: layer.weight for layer in layers})
     log.info("closed form: %d target(s) in %.2fs; targets moved %.0f%% onto their anchors", len(config.targets),
              seconds, 100 * stats["target_moved_fraction"])
     return ClosedFormResult(patch, config, stats, seconds)
 
 
-def _effect(layers: list, g: Tensor, moments: Moments, preserved: Tensor, preserved_count: int) -> dict[str, float]:
+def _base_changes(view: ModelView, base_patch: AblationPatch | None, kv_keys: set[str]) -> dict[str, Tensor]:
+    """The dense K/V changes of an earlier patch, by layer key; other layers of it are refused."""
+    if base_patch is None:
+        return {}
+    from ...patches.apply import resolve
+
+    changes = {view.all_layers()[key].key: dense.double().cpu() for key, (_, dense) in
+               resolve(base_patch, view).items()}
+    other = sorted(set(changes) - kv_keys)
+    if other:
+        raise AblationError(f"the base patch changes {len(other)} layer(s) besides the cross-attention K/V (e.g. "
+                            f"'{other[0]}'); the closed form can only build on K/V patches")
+    return changes
+
+
+def _effect(layers: list, g: Tensor, moments: Moments, preserved: Tensor, preserved_count: int,
+            base: dict[str, Tensor]) -> dict[str, float]:
     """On the first and last K/V layer: how far the targets' outputs moved onto their anchors' (1 = all the way)
     and how much the preserved outputs moved (relative), from the moments (exact, no sampling)."""
     identity = torch.eye(g.shape[0], dtype=torch.float64)
     moved, drift = [], []
     for layer in {id(x): x for x in (layers[0], layers[-1])}.values():
-        w = layer.weight.detach().to("cpu", torch.float64)
+        w = layer.weight.detach().to("cpu", torch.float64) + base.get(layer.key, 0)
         gram = w.T @ w  # tr(W X W^T) = tr(X W^T W)
         new = identity + g
         after = new @ moments.cc @ new.T - new @ moments.ac.T - moments.ac @ new.T + moments.aa
@@ -168,11 +195,13 @@ def _effect(layers: list, g: Tensor, moments: Moments, preserved: Tensor, preser
             "preserved_relative_change": round(sum(drift) / len(drift), 8) if drift else 0.0}
 
 
-def _metadata(view: ModelView, config: ClosedFormConfig, stats: dict[str, float]) -> dict[str, str]:
+def _metadata(view: ModelView, config: ClosedFormConfig, stats: dict[str, float],
+              base_patch: AblationPatch | None) -> dict[str, str]:
     family = view.family.name
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.describe().items()
                  if k not in ("preserved_prompts", "anchor_prompts")}
-    pairs = config.pairs()
+    pairs = ([(t, a) for t, a in zip(base_patch.listed("targets"), base_patch.listed("anchors"))]
+             if base_patch else []) + config.pairs()
     title = ", ".join(f"{t} -> {a}" for t, a in pairs[:5]) + (f" (+{len(pairs) - 5} more)" if len(pairs) > 5 else "")
     metadata = {
         META + "method": "closed-form",
@@ -193,5 +222,9 @@ def _metadata(view: ModelView, config: ClosedFormConfig, stats: dict[str, float]
         "modelspec.architecture": f"{MODELSPEC_ARCH.get(family, family)}/lora",
         "modelspec.title": f"Erase {title}",
     }
+    if base_patch is not None:
+        metadata[META + "base_patch"] = json.dumps({"method": base_patch.metadata.get(META + "method", "unknown"),
+                                                    "title": base_patch.metadata.get("modelspec.title", ""),
+                                                    "layers": len(base_patch.deltas)})
     metadata.update(config.extra_metadata)
     return metadata
