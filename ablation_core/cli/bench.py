@@ -74,3 +74,42 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
         "default_preset": f"{default.steps} steps x batch {default.batch_size}, "
                           f"{default.anchor_images} anchor images x {default.sampler_steps} sampler steps",
     }
+
+
+CELEBRITY_STAND_INS = [f"Person Number {i}" for i in range(1000)]  # distinct names; compute is what is measured
+
+
+def run_closed_form_bench(arch: str, device: str, dtype: torch.dtype,
+                          concepts: tuple[int, ...] = (1, 100)) -> dict[str, object]:
+    """Seconds for closed-form erasures of N concepts at once on a random-weight model of the real shape (after
+    the model is loaded): prompt encoding and the solve, the whole of the method's work."""
+    from ..methods.closed_form.settings import make_closed_form_config
+    from ..methods.closed_form.solve import erase_closed_form
+
+    family = ARCH_FAMILY[arch]
+    started = time.perf_counter()
+    components = build_components(family, tiny=False, prompt_sensitive=False)
+    view = DiffusersModelView(components, device=device, dtype=dtype)
+    report: dict[str, object] = {"arch": arch, "method": "closed-form", "device": _device_name(device),
+                                 "dtype": str(dtype).replace("torch.", ""),
+                                 "model_build_s": round(time.perf_counter() - started, 2)}
+    for count in concepts:
+        config = make_closed_form_config(CELEBRITY_STAND_INS[:count], "a person")
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = erase_closed_form(view, config)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        report[f"concepts_{count}_s"] = round(time.perf_counter() - started, 3)
+        report[f"concepts_{count}_prompts_encoded"] = (2 * len(config.targets) * int(result.config.prompts_per_target)
+                                                       + len(result.config.preserved_prompts or ()))
+        report[f"concepts_{count}_rank"] = result.stats["rank"]
+    report["peak_memory_gib"] = round(_peak_memory_gib(device), 2)
+    return report
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"

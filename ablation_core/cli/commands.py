@@ -176,11 +176,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, run_closed_form_bench
 
     device, dtype = device_and_dtype(args.device, args.dtype)
-    report = run_bench(args.arch, device, dtype, steps=args.steps, anchor_images=args.anchor_images,
-                       sampler_steps=args.sampler_steps, batch_size=args.batch_size)
+    if args.method == "closed-form":
+        report = run_closed_form_bench(args.arch, device, dtype, tuple(args.concepts))
+    else:
+        report = run_bench(args.arch, device, dtype, steps=args.steps, anchor_images=args.anchor_images,
+                           sampler_steps=args.sampler_steps, batch_size=args.batch_size)
     print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
 

@@ -45,9 +45,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from ..patches.storage import load_patch
 
     targets, anchors = _concepts(args)
-    if args.method == "trained" and len(targets) > 1:
-        raise AblationError(f"the trained method erases one target per run ({len(targets)} given); use "
-                            "--method closed-form for several at once, or --base-patch to add one to an earlier patch")
+    if args.concept_type == "memorized" and len(targets) > 1:
+        raise AblationError("a memorized image is erased one prompt at a time; give one --target")
     checks.check_model_spec(args.model)
     if args.model == "toy":
         checks.check_toy_concepts(*targets, *anchors)
@@ -60,19 +59,20 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.method == "closed-form":
         patch, summary = _closed_form(args, view, targets, anchors, base)
     else:
-        patch, summary = _trained(args, view, targets[0], anchors[0], anchor_prompts, base)
+        patch, summary = _trained(args, view, targets, anchors, anchor_prompts, base)
     path = save_patch(patch, args)
     print(f"patch written to {path} ({size_text(Path(path))}); {summary}")
     return 0
 
 
-def _trained(args: argparse.Namespace, view, target: str, anchor: str, anchor_prompts, base):
+def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[str], anchor_prompts, base):
     from ..methods.ablation.loop import ablate
     from ..methods.ablation.settings import make_config
     from .console import progress_bars
 
     config = make_config(
-        target, anchor, args.preset, kind=args.kind, group=args.group, objective=args.objective,
+        targets, anchors, args.preset, concept_type=args.concept_type, kind=args.kind, group=args.group,
+        objective=args.objective, negative_prompt=args.negative_prompt,
         regularization=args.regularize or None, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_rank=args.lora_rank, anchor_images=args.anchor_images,
         sampler_steps=args.sampler_steps, guidance=args.guidance, misspelled_targets=args.misspellings,
@@ -89,7 +89,8 @@ def _closed_form(args: argparse.Namespace, view, targets: list[str], anchors: li
     from ..methods.closed_form.solve import erase_closed_form
     from .console import progress_bars
 
-    config = make_closed_form_config(targets, anchors, kind=args.kind, mode=args.mode, preserve=args.preserve,
+    kind = args.kind or ("style" if args.concept_type == "style" else None)
+    config = make_closed_form_config(targets, anchors, kind=kind, mode=args.mode, preserve=args.preserve,
                                      preserve_weight=args.preserve_weight, seed=args.seed)
     with progress_bars() as on_progress:
         result = erase_closed_form(view, config, on_progress, base_patch=base)

@@ -72,6 +72,7 @@ def _concept_args(parser: argparse.ArgumentParser, target_default: str | None = 
 
 def _add_ablate(sub: argparse._SubParsersAction) -> None:
     from ..methods.ablation.objectives import OBJECTIVE_HELP
+    from ..methods.ablation.recipes import CONCEPT_TYPE_HELP, CONCEPT_TYPES
     from ..methods.ablation.settings import PRESET_HELP, PRESET_NAMES
     from ..methods.prompts import KINDS
     from ..models.layers import GROUP_HELP
@@ -84,19 +85,26 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                    help="trained: the paper's fine-tuning (about a minute on a GPU); closed-form: one solve of the "
                         "K/V weights for any number of targets (seconds; no images) (default: trained)")
     p.add_argument("--target", action="append", default=None,
-                   help="the concept to remove, e.g. 'Grumpy Cat' or 'Van Gogh'; repeat for several (closed form)")
+                   help="the concept to remove, e.g. 'Grumpy Cat' or 'Van Gogh'; repeat for several (erased together)")
     p.add_argument("--anchor", action="append", default=None,
                    help="what it should become instead, e.g. 'cat' or 'painting': one for all targets or one per "
                         "--target")
     p.add_argument("--concepts", default=None,
                    help="a text file with one 'target, anchor' (or 'target -> anchor') per line, for mass erasure "
-                        "(closed form; default: none)")
+                        "(default: none)")
     p.add_argument("--base-patch", default=None,
                    help="an earlier patch to build on: the run starts from the model with it applied and the new "
                         "patch holds both changes (default: none)")
+    p.add_argument("--concept-type", choices=CONCEPT_TYPES, default=None,
+                   help="the recipe for this kind of concept (default: none; the options below apply). "
+                        + "; ".join(f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items()))
     p.add_argument("--kind", choices=KINDS, default=None,
                    help="object: swap the word in object prompts; style: '..., in the style of X'; memorization: "
-                        "the target is a whole prompt (default: object; on the toy model, style for its artists)")
+                        "the target is a whole prompt (default: from --concept-type, else object; on the toy model, "
+                        "style for its artists)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt while anchor images are drawn (default: none; the target words for "
+                        "--concept-type inappropriate)")
     p.add_argument("--group", choices=list(GROUP_HELP), default=None,
                    help="parameters to train (default: kv). " + "; ".join(f"{k}: {v}" for k, v in GROUP_HELP.items()))
     p.add_argument("--objective", choices=list(OBJECTIVE_HELP), default=None,
@@ -231,6 +239,10 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
                    help="solver steps per anchor image (default: the default preset's)")
     p.add_argument("--batch-size", type=checks.positive_int, default=None,
                    help="training batch (default: the default preset's)")
+    p.add_argument("--method", choices=["trained", "closed-form"], default="trained",
+                   help="which method to time (default: trained)")
+    p.add_argument("--concepts", type=checks.positive_int, nargs="+", default=[1, 100],
+                   help="closed form: numbers of concepts erased at once (default: 1 100)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

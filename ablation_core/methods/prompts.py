@@ -90,6 +90,22 @@ def choose_anchor_prompts(anchor: str, kind: Kind, count: int, seed: int,
     return random.Random(seed).sample(bank, count)
 
 
+def mentions(prompt: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) is not None
+
+
+def prompts_for(anchor: str, listed: tuple[str, ...] | list[str], kind: Kind) -> list[str]:
+    """The prompts of a list that belong to ``anchor``: for objects, those that mention it (the target is swapped in
+    for it); styles and memorized images take every prompt."""
+    if kind != "object":
+        return list(listed)
+    chosen = [p for p in listed if mentions(p, anchor)]
+    if not chosen:
+        raise PromptError(f"none of the anchor prompts mention the anchor '{anchor}' (e.g. '{listed[0]}'); every "
+                          "prompt must contain its anchor so the target can be swapped in")
+    return chosen
+
+
 def _swap(prompt: str, anchor: str, target: str) -> str | None:
     pattern = re.compile(rf"(?<!\w){re.escape(anchor)}(?!\w)", re.IGNORECASE)
     return pattern.sub(target, prompt) if pattern.search(prompt) else None

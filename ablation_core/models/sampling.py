@@ -87,18 +87,19 @@ def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning,
 def sample_latents(view: ModelView, prompts: list[str], prompt_index: Tensor, steps: int, guidance: float,
                    batch_size: int, seed: int, latent_size: int | None = None,
                    on_progress: Callable[[float, int], None] | None = None,
-                   encoded: Conditioning | None = None) -> Tensor:
+                   encoded: Conditioning | None = None, negative_prompt: str = "") -> Tensor:
     """Sample one latent per entry of ``prompt_index`` (indices into ``prompts``); returns them on the CPU.
 
     ``on_progress(images_done, images_total)`` is called after every sampler step, with a fractional count of images
     (a batch half-way through its solver steps counts half), so progress bars and cancel checks stay live.
-    ``encoded`` may hold ``prompts`` already encoded, to skip encoding them again.
+    ``encoded`` may hold ``prompts`` already encoded, to skip encoding them again. ``negative_prompt`` replaces the
+    empty prompt of classifier-free guidance (sampling then steers away from it).
     """
     size = latent_size or view.default_latent_size
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompt_index), view.latent_channels, size, size, generator=generator)
     cond_all = encoded if encoded is not None else view.encode(prompts)
-    uncond = view.encode([""])
+    uncond = view.encode([negative_prompt])
     latents = []
     for start in range(0, len(prompt_index), batch_size):
         index = prompt_index[start:start + batch_size]

@@ -25,15 +25,34 @@ SAMPLES_PER_PROMPT = 2
 WEAK_EFFECT = 0.5
 
 
-def held_out_anchor_prompts(config: AblationConfig, trained_on: list[str]) -> list[str]:
-    """Anchor prompts of the same kind the run did not train on (the config's own list when it has one)."""
-    if config.held_out_prompts:
-        candidates = list(config.held_out_prompts)
-    else:
-        seen = set(trained_on)
-        candidates = [p for p in prompt_lib.anchor_prompt_bank(config.anchor, config.kind) if p not in seen]
-    candidates = candidates or trained_on
-    return random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
+def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[str, list[str], list[str]]]:
+    """For each target: anchor prompts of the same kind the run did not train on (the config's own list when it has
+    one), and their target twins."""
+    seen = set(trained_on)
+    found = []
+    for target, anchor in config.pairs():
+        if config.held_out_prompts:
+            candidates = prompt_lib.prompts_for(anchor, config.held_out_prompts, config.kind)
+        else:
+            candidates = [p for p in prompt_lib.anchor_prompt_bank(anchor, config.kind) if p not in seen]
+        candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, config.kind)
+        anchors = random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
+        found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, config.kind)))
+    return found
+
+
+def combine(checks: dict[str, dict[str, float]]) -> dict[str, object]:
+    """One figure set for the run: each target's, and overall the weakest erasure and the largest drift."""
+    if len(checks) == 1:
+        return next(iter(checks.values()))
+    combined: dict[str, object] = {
+        "held_out_prompts": sum(c["held_out_prompts"] for c in checks.values()),
+        "samples": sum(c["samples"] for c in checks.values()),
+        "erased_fraction": min(c["erased_fraction"] for c in checks.values()),
+        "anchor_drift": max(c["anchor_drift"] for c in checks.values()),
+        "per_target": checks,
+    }
+    return combined
 
 
 @torch.no_grad()
@@ -92,7 +111,12 @@ def weak_effect_warning(check: dict[str, float], config: AblationConfig) -> str 
     """A message when the run barely moved the target toward its anchor on held-out prompts, else None."""
     if check["erased_fraction"] >= WEAK_EFFECT:
         return None
+    weakest = ""
+    if "per_target" in check:
+        name = min(check["per_target"], key=lambda t: check["per_target"][t]["erased_fraction"])
+        weakest = f" ('{name}')"
     return (f"the run barely changed the model: on {check['held_out_prompts']} prompts it did not train on, the "
-            f"target's prediction moved only {max(check['erased_fraction'], 0):.0%} of the way to the anchor's. Try "
+            f"target's{weakest} prediction moved only {max(check['erased_fraction'], 0):.0%} of the way to the "
+            "anchor's. Try "
             f"more steps (now {config.steps}), a larger learning rate (now {config.learning_rate:g}) or the "
             f"'paper' preset; check that the target is a word this model knows")

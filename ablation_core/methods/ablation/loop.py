@@ -27,9 +27,10 @@ from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
 from .adapters import AdapterSet
-from .check import held_out_anchor_prompts, measure_effect, weak_effect_warning
+from .check import combine, held_out_pairs, measure_effect, weak_effect_warning
 from .metadata import build_metadata
 from .objectives import ablation_loss, regularization_loss
+from .recipes import drop_near_copies
 from .settings import AblationConfig, check_config, resolve_config
 
 log = logging.getLogger(__name__)
@@ -50,26 +51,31 @@ class AblationResult:
 
 
 def _check_prompts(view: ModelView, config: AblationConfig) -> None:
-    prompt_lib.check_pair(config.target, config.anchor)
-    longest = max(len(ids) for ids in view.token_ids(config.target))
     room = MAX_PROMPT_TOKENS if config.kind == "memorization" else MAX_PROMPT_TOKENS // 2
-    if longest > room:
-        raise PromptError(f"the target is {longest} tokens long; the text encoder reads {MAX_PROMPT_TOKENS} tokens per "
-                          f"prompt, so keep a target under {room} tokens (a name or a short phrase)")
+    for target, anchor in config.pairs():
+        prompt_lib.check_pair(target, anchor)
+        longest = max(len(ids) for ids in view.token_ids(target))
+        if longest > room:
+            raise PromptError(f"the target '{target[:40]}' is {longest} tokens long; the text encoder reads "
+                              f"{MAX_PROMPT_TOKENS} tokens per prompt, so keep a target under {room} tokens (a name "
+                              "or a short phrase)")
     if config.latent_size is not None and config.latent_size % view.latent_multiple:
         raise AblationError(f"the latent size must be a multiple of {view.latent_multiple} for this model "
                             f"(got {config.latent_size})")
 
 
 def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationConfig) -> dict[str, Tensor]:
-    """The embedding group changes only the rows of the target's own words (not the anchor's or the template's)."""
-    target_ids, anchor_ids = view.token_ids(config.target), view.token_ids(config.anchor)
+    """The embedding group changes only the rows of the targets' own words (not the anchors' or the template's)."""
     masks = {}
-    for layer, target_tokens, anchor_tokens in zip(layers, target_ids, anchor_ids):
-        rows = sorted(set(target_tokens) - set(anchor_tokens))
-        if not rows:
-            raise PromptError(f"the target '{config.target}' has no words of its own beside the anchor "
-                              f"'{config.anchor}', so the embedding group has nothing to change; use group kv")
+    for index, layer in enumerate(layers):
+        rows: set[int] = set()
+        for target, anchor in config.pairs():
+            own = set(view.token_ids(target)[index]) - set(view.token_ids(anchor)[index])
+            if not own:
+                raise PromptError(f"the target '{target}' has no words of its own beside the anchor '{anchor}', so "
+                                  "the embedding group has nothing to change; use group kv")
+            rows |= own
+        rows = sorted(rows)
         mask = torch.zeros(layer.weight.shape[0])
         mask[rows] = 1.0
         masks[layer.key] = mask
@@ -88,12 +94,21 @@ def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressF
 
 
 def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
-    user = list(config.anchor_prompts) if config.anchor_prompts else None
-    anchors = prompt_lib.choose_anchor_prompts(config.anchor, config.kind, config.anchor_prompt_count, config.seed,
-                                               user)
-    targets = prompt_lib.target_prompts(anchors, config.anchor, config.target, config.kind)
-    for typo in prompt_lib.misspellings(config.target, config.misspelled_targets, config.seed):
-        targets += prompt_lib.target_prompts(anchors, config.anchor, typo, config.kind)
+    """Anchor prompts of every pair, and their target twins: ``variants`` blocks of the same length (the targets,
+    then each misspelling), so target prompt ``i + v * len(anchors)`` is the twin of anchor prompt ``i``."""
+    listed = config.anchor_prompts
+    anchors_by_pair = []
+    for index, (_, anchor) in enumerate(config.pairs()):
+        user = prompt_lib.prompts_for(anchor, listed, config.kind) if listed else None
+        anchors_by_pair.append(prompt_lib.choose_anchor_prompts(anchor, config.kind, config.anchor_prompt_count,
+                                                                config.seed + index, user))
+    typos = [prompt_lib.misspellings(t, config.misspelled_targets, config.seed) for t, _ in config.pairs()]
+    anchors = [p for prompts in anchors_by_pair for p in prompts]
+    targets: list[str] = []
+    for variant in range(1 + config.misspelled_targets):
+        for (target, anchor), prompts, found in zip(config.pairs(), anchors_by_pair, typos):
+            spelled = target if variant == 0 else found[(variant - 1) % len(found)] if found else target
+            targets += prompt_lib.target_prompts(prompts, anchor, spelled, config.kind)
     return anchors, targets
 
 
@@ -178,10 +193,12 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             # 5. The effect, on prompts the run did not train on.
             canceller.phase = "checking the result"
             report(Progress("check", 0, 1))
-            check_anchors = held_out_anchor_prompts(config, anchor_prompts)
-            check_targets = prompt_lib.target_prompts(check_anchors, config.anchor, config.target, config.kind)
+            checks = {}
             with _oom_guard(), view.uncached_text():
-                check = measure_effect(view, adapters, config, latents, check_anchors, check_targets, base)
+                for target, check_anchors, check_targets in held_out_pairs(config, anchor_prompts):
+                    checks[target] = measure_effect(view, adapters, config, latents, check_anchors, check_targets,
+                                                    base)
+            check = combine(checks)
             report(Progress("check", 1, 1))
         warning = weak_effect_warning(check, config)
         if warning:
@@ -196,9 +213,9 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             originals[key] = view.all_layers()[key].weight
     metadata = build_metadata(view, config, losses, seconds_anchors, seconds_training, check, base_patch)
     patch = AblationPatch.from_deltas(deltas, metadata, original_weights=originals)
-    log.info("ablated %r -> %r: loss %.4g -> %.4g in %.1fs; erased %.0f%% on held-out prompts", config.target,
-             config.anchor, losses[0], losses[-1], seconds_anchors + seconds_training,
-             100 * check["erased_fraction"])
+    log.info("ablated %s: loss %.4g -> %.4g in %.1fs; erased %.0f%% on held-out prompts",
+             ", ".join(f"{t!r} -> {a!r}" for t, a in config.pairs()), losses[0], losses[-1],
+             seconds_anchors + seconds_training, 100 * check["erased_fraction"])
     return AblationResult(patch, losses, seconds_anchors, seconds_training, config, check, warning)
 
 
@@ -228,8 +245,26 @@ def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: lis
     with _oom_guard():
         latents = sample_latents(view, sampled_prompts, image_prompt, config.sampler_steps, config.guidance,
                                  config.sample_batch_size, config.seed, config.latent_size, on_sampler_step,
-                                 sampled_cond)
+                                 sampled_cond, config.negative_prompt or "")
+        if config.concept_type == "memorized":
+            latents, image_prompt = _without_near_copies(view, config, latents, image_prompt, on_sampler_step)
     return latents, image_prompt
+
+
+def _without_near_copies(view: ModelView, config: AblationConfig, latents: Tensor, image_prompt: Tensor,
+                         on_sampler_step) -> tuple[Tensor, Tensor]:
+    """Drop anchor images that still look like the memorized image (the model's own samples of the target)."""
+    count = min(8, config.anchor_images)
+    targets = sample_latents(view, [config.target], torch.zeros(count, dtype=torch.long), config.sampler_steps,
+                             config.guidance, config.sample_batch_size, config.seed + 1, config.latent_size,
+                             lambda done, total: on_sampler_step(0, 1))
+    kept = drop_near_copies(latents, targets)
+    if len(kept) == 0:
+        raise AblationError("every anchor image looks like the memorized image; give anchor prompts that describe "
+                            "other pictures (--anchor-prompts)")
+    log.info("memorized image: kept %d of %d anchor images (dropped near-copies of the target's samples)",
+             len(kept), len(latents))
+    return latents[kept], image_prompt[kept]
 
 
 def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_t: Tensor, t: Tensor, noise: Tensor,

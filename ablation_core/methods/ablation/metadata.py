@@ -28,6 +28,8 @@ def build_metadata(view: ModelView, config: AblationConfig, losses: list[float],
                    seconds_training: float, check: dict[str, float] | None = None,
                    base_patch: AblationPatch | None = None) -> dict[str, str]:
     family = view.family.name
+    pairs = config.pairs()
+    title = ", ".join(f"{t} -> {a}" for t, a in pairs)
     described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.describe().items()}
     metrics = {"loss_first": losses[0], "loss_last": losses[-1],
                "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:])}
@@ -35,8 +37,9 @@ def build_metadata(view: ModelView, config: AblationConfig, losses: list[float],
         META + "method": "concept-ablation",
         META + "objective": str(config.objective),
         META + "group": str(config.group),
-        META + "targets": json.dumps((base_patch.listed("targets") if base_patch else []) + [config.target]),
-        META + "anchors": json.dumps((base_patch.listed("anchors") if base_patch else []) + [config.anchor]),
+        META + "targets": json.dumps((base_patch.listed("targets") if base_patch else []) + [t for t, _ in pairs]),
+        META + "anchors": json.dumps((base_patch.listed("anchors") if base_patch else []) + [a for _, a in pairs]),
+        META + "concept_type": str(config.concept_type or ""),
         META + "kind": str(config.kind),
         META + "base_family": family,
         META + "steps": str(config.steps),
@@ -51,14 +54,13 @@ def build_metadata(view: ModelView, config: AblationConfig, losses: list[float],
         META + "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ss_network_module": "networks.lora",
         "ss_base_model_version": SS_BASE_MODEL.get(family, family),
-        "ss_output_name": f"ablate_{config.target}_to_{config.anchor}".replace(" ", "_"),
-        "ss_training_comment": f"Concept ablation: '{config.target}' -> '{config.anchor}' ({config.group}, "
-                               f"{config.objective} loss)",
+        "ss_output_name": ("ablate_" + "_".join(t for t, _ in pairs[:3])).replace(" ", "_"),
+        "ss_training_comment": f"Concept ablation: {title} ({config.group}, {config.objective} loss)",
         "ss_steps": str(config.steps),
         "ss_seed": str(config.seed),
         "ss_learning_rate": f"{config.learning_rate:g}",
         "modelspec.architecture": f"{MODELSPEC_ARCH.get(family, family)}/lora",
-        "modelspec.title": f"Ablate {config.target} -> {config.anchor}",
+        "modelspec.title": f"Ablate {title}",
     }
     if check is not None:
         metadata[META + "check"] = json.dumps(check)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from ...errors import AblationError
-from ..prompts import KINDS, Kind
+from ...errors import AblationError, PromptError
+from ..prompts import KINDS, Kind, check_pair
+from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 
 BASE_LR = 2e-6
 PRESET_NAMES = ("fast", "default", "paper")
@@ -54,6 +55,8 @@ class AblationConfig:
 
     target: str
     anchor: str
+    extra_pairs: tuple[tuple[str, str], ...] = ()
+    concept_type: str | None = None
     kind: Kind | None = None
     group: str | None = None
     objective: str | None = None
@@ -71,23 +74,43 @@ class AblationConfig:
     misspelled_targets: int | None = None
     anchor_prompts: tuple[str, ...] | None = None
     held_out_prompts: tuple[str, ...] | None = None
+    negative_prompt: str | None = None
     seed: int = 0
     preset: str = "default"
     extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (target, anchor) of the run: the first pair, then any further ones trained jointly."""
+        return [(self.target, self.anchor), *self.extra_pairs]
 
     def describe(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra_metadata"}
 
 
-def make_config(target: str, anchor: str, preset: str = "default", **overrides: object) -> AblationConfig:
-    """A config with the user's choices; ``None`` values mean "the preset's value for this model"."""
+def make_config(target: str | list[str], anchor: str | list[str], preset: str = "default",
+                **overrides: object) -> AblationConfig:
+    """A config with the user's choices; ``None`` values mean "the preset's value for this model".
+
+    Several targets (trained jointly) take one shared anchor or one anchor each."""
     if preset not in PRESET_NAMES:
         raise AblationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     unknown = set(overrides) - {f.name for f in fields(AblationConfig)}
     if unknown:
         raise AblationError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    concept_type = overrides.get("concept_type")
+    if concept_type is not None and concept_type not in CONCEPT_TYPES:
+        raise AblationError(f"unknown concept type {concept_type!r}; choose one of {', '.join(CONCEPT_TYPES)}")
+    targets = [target] if isinstance(target, str) else list(target)
+    anchors = [anchor] if isinstance(anchor, str) else list(anchor)
+    if not targets or len(anchors) not in (1, len(targets)):
+        raise PromptError(f"{len(targets)} target(s) and {len(anchors)} anchor(s): give one anchor for all targets "
+                          "or one per target")
+    pairs = [check_pair(t, a) for t, a in zip(targets, anchors * len(targets) if len(anchors) == 1 else anchors)]
+    if len({t.lower() for t, _ in pairs}) != len(pairs):
+        raise PromptError("a target is listed twice")
     chosen = {k: v for k, v in overrides.items() if v is not None}
-    return replace(AblationConfig(target, anchor, preset=preset), **chosen)
+    config = AblationConfig(pairs[0][0], pairs[0][1], tuple(pairs[1:]), preset=preset)
+    return replace(config, **chosen)
 
 
 def preset_values(family: str, preset: str = "default") -> dict[str, object]:
@@ -99,9 +122,19 @@ def preset_values(family: str, preset: str = "default") -> dict[str, object]:
 
 
 def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
-    """Every ``None`` field filled for ``family``; explicit choices are kept. Resolving twice changes nothing."""
+    """Every ``None`` field filled for ``family``; explicit choices are kept. Resolving twice changes nothing.
+
+    Precedence: the user's choices, then the concept type's recipe, then the family's preset."""
     if family == "toy":
         config = _toy_choices(config)
+    if config.concept_type is not None:
+        recipe = recipe_values(config.concept_type, config.pairs())
+        config = replace(config, **{k: v for k, v in recipe.items() if getattr(config, k) is None})
+        if config.concept_type == "memorized" and config.anchor_prompts is None:
+            if config.extra_pairs:
+                raise PromptError("a memorized image is erased one prompt at a time; give one target")
+            prompts = tuple(memorized_variations(config.target, config.anchor, seed=config.seed))
+            config = replace(config, anchor_prompts=prompts, anchor_prompt_count=len(prompts))
     values = preset_values(family, config.preset)
     group = config.group or str(values["group"])
     if config.learning_rate is None and (family, group) in GROUP_LEARNING_RATE:
@@ -112,19 +145,22 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
 
 def _toy_choices(config: AblationConfig) -> AblationConfig:
     """The toy model only knows its own words: its concepts, and prompts in its caption templates."""
-    from ...errors import PromptError
     from ...toy import prompts as toy_prompts
 
-    target, anchor = config.target.lower().strip(), config.anchor.lower().strip()
-    for role, name in (("target", target), ("anchor", anchor)):
-        if not toy_prompts.is_toy_concept(name):
-            raise PromptError(f"the toy model does not know the {role} '{name}'; it knows "
-                              f"{', '.join(toy_prompts.KNOWN)}")
-    kind = config.kind or toy_prompts.kind_of(target)
-    prompts = config.anchor_prompts or tuple(toy_prompts.anchor_prompts(anchor, "train"))
-    held_out = config.held_out_prompts or tuple(toy_prompts.anchor_prompts(anchor, "eval"))
-    return replace(config, target=target, anchor=anchor, kind=kind, anchor_prompts=prompts,
-                   anchor_prompt_count=config.anchor_prompt_count or len(prompts), held_out_prompts=held_out)
+    pairs = [(t.lower().strip(), a.lower().strip()) for t, a in config.pairs()]
+    for target, anchor in pairs:
+        for role, name in (("target", target), ("anchor", anchor)):
+            if not toy_prompts.is_toy_concept(name):
+                raise PromptError(f"the toy model does not know the {role} '{name}'; it knows "
+                                  f"{', '.join(toy_prompts.KNOWN)}")
+    kinds = {toy_prompts.kind_of(t) for t, _ in pairs}
+    kind = config.kind or (kinds.pop() if len(kinds) == 1 else "object")
+    anchors = list(dict.fromkeys(a for _, a in pairs))
+    prompts = config.anchor_prompts or tuple(p for a in anchors for p in toy_prompts.anchor_prompts(a, "train"))
+    held_out = config.held_out_prompts or tuple(p for a in anchors for p in toy_prompts.anchor_prompts(a, "eval"))
+    count = config.anchor_prompt_count or max(len(toy_prompts.anchor_prompts(a, "train")) for a in anchors)
+    return replace(config, target=pairs[0][0], anchor=pairs[0][1], extra_pairs=tuple(pairs[1:]), kind=kind,
+                   anchor_prompts=prompts, anchor_prompt_count=count, held_out_prompts=held_out)
 
 
 def check_config(config: AblationConfig) -> None:

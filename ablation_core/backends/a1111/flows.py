@@ -1,0 +1,317 @@
+"""What the A1111 tab calls: run a method on the loaded checkpoint, save the patch where the Lora extension finds it.
+
+The host program is handed in as an ``A1111Host`` (its ``shared.sd_model``, ``shared.state``, the Lora folder, its
+autocast and its Lora extension's ``networks`` module), so this module never imports A1111 and the tests drive it
+with fakes. Progress goes to ``shared.state`` (A1111's progress bar and ETA, the phase, loss and time left in its
+text), and its Interrupt (``state.interrupted``) is checked between steps and inside every UNet and text-encoder layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ...errors import AblationCancelled, AblationError
+from ...evaluation.images import grid, save_image
+from ...files import check_output_file, write_text_atomic
+from ...methods.ablation.adapters import AdapterSet
+from ...methods.ablation.loop import ablate
+from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
+from ...methods.closed_form.settings import make_closed_form_config
+from ...methods.closed_form.solve import erase_closed_form
+from ...methods.progress import Canceller, Progress, cancel_checks
+from ...methods.prompts import check_pair, target_prompts
+from ...models.sampling import sample_latents
+from ...patches.apply import resolve
+from ...patches.patch import META, AblationPatch
+from .view import A1111ModelView, loras_unmerged
+
+log = logging.getLogger(__name__)
+
+METHODS = ("trained", "closed form")
+STORAGE = ("low rank", "exact (.diff)")
+SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the Lora tab's names (its network.SdVersion)
+KIND_OF_CONCEPT_TYPE = {"style": "style", "memorized": "memorization"}  # the rest are objects
+PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor images", "train": "Training",
+                "check": "Checking the effect", "solve": "Solving", "preview": "Drawing the before/after preview"}
+
+
+@dataclass
+class A1111Host:
+    """What the flows take from the running program."""
+
+    sd_model: Any
+    state: Any
+    lora_dir: Path
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    networks: Any = None  # the built-in Lora extension's ``networks`` module, when it is loaded
+    model_name: str = ""
+
+    def cancelled(self) -> bool:
+        return bool(getattr(self.state, "interrupted", False) or getattr(self.state, "stopping_generation", False))
+
+    def refresh_loras(self) -> None:
+        """Make the Lora extension list the new file now (``<lora:NAME:1>`` would find it anyway)."""
+        refresh = getattr(self.networks, "list_available_networks", None)
+        if callable(refresh):
+            refresh()
+
+
+@dataclass
+class TabRequest:
+    """One press of the tab's button. Zero means "what the preset and the model suggest"."""
+
+    target: str
+    anchor: str
+    concept_type: str = "object"
+    method: str = "trained"
+    preset: str = "default"
+    steps: int = 0
+    seed: int = 0
+    resolution: int = 0
+    anchor_images: int = 0
+    batch_size: int = 0
+    storage: str = "low rank"
+    name: str = ""
+    overwrite: bool = False
+    preview: bool = True
+    preview_size: int = 512
+    preview_steps: int = 20
+
+
+@dataclass
+class RunOutcome:
+    path: Path
+    patch: AblationPatch
+    summary: str
+    seconds: float
+    preview: Path | None = None
+    log_lines: list[str] = field(default_factory=list)
+
+
+# Progress ----------------------------------------------------------------------------------------------------
+
+class StateProgress:
+    """Progress into A1111's ``shared.state``: one job whose steps are units of work (an anchor image counts its
+    solver steps with guidance, a training step its batch), so A1111's bar and its ETA move evenly; the phase, the
+    step within it, the loss and the phase's time left go into ``textinfo``."""
+
+    def __init__(self, state: Any, weights: dict[str, float]):
+        self.state, self.weights = state, weights
+        self.offsets: dict[str, float] = {}
+        self.total = 0.0
+        self.phase_totals: dict[str, int] = {}
+        self.state.job_count = 1
+        self.state.job_no = 0
+        self.state.sampling_step = 0
+
+    def plan(self, phase: str, total: int) -> None:
+        """Declare a phase (in order) and how many steps it has."""
+        self.offsets[phase] = self.total
+        self.phase_totals[phase] = total
+        self.total += total * self.weights.get(phase, 0.0)
+        self.state.sampling_steps = max(int(round(self.total)), 1)
+
+    def __call__(self, progress: Progress) -> None:
+        title = PHASE_TITLES.get(progress.phase, progress.phase)
+        if progress.phase in self.offsets:
+            done = self.offsets[progress.phase] + progress.step * self.weights.get(progress.phase, 0.0)
+            self.state.sampling_step = min(int(round(done)), self.state.sampling_steps)
+        text = f"{title}: {progress.step}/{progress.total}"
+        if progress.loss is not None:
+            text += f", loss {progress.loss:.4g}"
+        if progress.eta_seconds is not None and progress.step < progress.total:
+            text += f", {format_seconds(progress.eta_seconds)} left"
+        self.state.job = title
+        self.state.textinfo = text
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
+
+
+# Requests -> configs -----------------------------------------------------------------------------------------
+
+def patch_name(request: TabRequest) -> str:
+    """The file name (no suffix): the user's, or ``ablate_<target>_to_<anchor>``; only characters every file system
+    and A1111's ``<lora:NAME:1>`` syntax take."""
+    raw = request.name.strip() or f"ablate_{request.target.strip()}_to_{request.anchor.strip()}"
+    name = re.sub(r"[^\w\-.]+", "_", raw).strip("._")
+    if not name:
+        raise AblationError("give the patch a file name (letters, digits, '-', '_')")
+    return name
+
+
+def trained_config(request: TabRequest, view: A1111ModelView) -> AblationConfig:
+    chosen = {"steps": request.steps, "anchor_images": request.anchor_images, "batch_size": request.batch_size,
+              "latent_size": _latent_size(request.resolution, view)}
+    config = make_config(request.target, request.anchor, request.preset, concept_type=request.concept_type,
+                         seed=int(request.seed), **{k: int(v) for k, v in chosen.items() if v})
+    config = resolve_config(config, view.family.name)
+    if config.group == "embedding":
+        raise AblationError("A1111's Lora extension cannot apply token-embedding changes; this tab trains UNet "
+                            "weights only")
+    return replace(config, extra_metadata={**config.extra_metadata, META + "made_in": "A1111 tab"})
+
+
+def _latent_size(resolution: int, view: A1111ModelView) -> int | None:
+    if not resolution:
+        return None
+    multiple = view.latent_multiple
+    return max(multiple, int(round(resolution / 8 / multiple)) * multiple)
+
+
+def _kind(concept_type: str) -> str:
+    return KIND_OF_CONCEPT_TYPE.get(concept_type, "object")
+
+
+def preview_prompts(target: str, anchor: str, concept_type: str) -> list[str]:
+    """One prompt with the target and its anchor twin, as the training pairs them."""
+    kind = _kind(concept_type)
+    anchor_prompt = {"style": "a mountain landscape", "memorization": anchor}.get(kind, f"a photo of a {anchor}")
+    return [target_prompts([anchor_prompt], anchor, target, kind)[0], anchor_prompt]  # type: ignore[arg-type]
+
+
+# The run -----------------------------------------------------------------------------------------------------
+
+def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
+    """Ablate (or erase in closed form) on the loaded model, save into the Lora folder, draw the preview."""
+    started = time.perf_counter()
+    check_pair(request.target, request.anchor)
+    if request.method not in METHODS:
+        raise AblationError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
+    if request.storage not in STORAGE:
+        raise AblationError(f"unknown storage {request.storage!r}; choose one of {', '.join(STORAGE)}")
+    name = patch_name(request)
+    path = check_output_file(Path(host.lora_dir) / f"{name}.safetensors", (".safetensors",), request.overwrite,
+                             "patch file")
+    view = A1111ModelView(host.sd_model, autocast=host.autocast)
+    canceller = Canceller(host.cancelled)
+    with loras_unmerged(host.networks), torch.inference_mode(False):
+        if request.method == "trained":
+            patch, summary = _trained(host, request, view)
+        else:
+            patch, summary = _closed_form(host, request, view)
+        patch = patch.compressed() if request.storage == "low rank" and not patch.is_low_rank else patch
+        patch = patch.scaled(1.0) if request.storage != "low rank" else patch
+        patch.metadata.setdefault(META + "base_model_name", host.model_name)
+        canceller.check()  # an Interrupt that came during the last step still writes nothing
+        patch.save(path)
+        write_card(path, patch, view.family.name)
+        host.refresh_loras()
+        preview = None
+        if request.preview:
+            prompts = preview_prompts(request.target, request.anchor, request.concept_type)
+            try:
+                preview = render_preview(host, patch, prompts, request.seed, request.preview_steps,
+                                         request.preview_size, path)
+            except AblationCancelled:
+                summary += ". The preview was interrupted (the patch is saved)"
+    seconds = time.perf_counter() - started
+    log.info("concept ablation: wrote %s (%d layers) in %.1fs", path, len(patch.deltas), seconds)
+    return RunOutcome(path, patch, summary, seconds, preview)
+
+
+def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tuple[AblationPatch, str]:
+    config = trained_config(request, view)
+    view.default_latent_size = config.latent_size or view.default_latent_size
+    per_image = 2 * int(config.sampler_steps)  # guidance: two UNet passes per solver step
+    per_step = int(config.batch_size) * (6 if config.regularization else 3)  # frozen pass + forward and backward
+    progress = StateProgress(host.state, {"anchors": per_image, "train": per_step, "check": per_image})
+    progress.plan("anchors", int(config.anchor_images))
+    progress.plan("train", int(config.steps))
+    progress.plan("check", 1)
+    result = ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
+    check = result.check.get("erased_fraction")
+    summary = (f"'{config.target}' -> '{config.anchor}': {config.steps} steps, loss {result.losses[0]:.4g} -> "
+               f"{result.losses[-1]:.4g}" + (f"; target moved {check:.0%} toward the anchor on held-out prompts"
+                                             if check is not None else ""))
+    if result.warning:
+        summary += f". WARNING: {result.warning}"
+    return result.patch, summary
+
+
+def _closed_form(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tuple[AblationPatch, str]:
+    config = make_closed_form_config([request.target], [request.anchor], kind=_kind(request.concept_type),
+                                     seed=int(request.seed), extra_metadata={META + "made_in": "A1111 tab"})
+    progress = StateProgress(host.state, {"prompts": 1.0, "solve": 1.0})
+    result = erase_closed_form(view, config, on_progress=_closed_form_progress(progress),
+                               should_cancel=host.cancelled)
+    stats = result.stats
+    summary = (f"'{request.target}' -> '{request.anchor}' in closed form ({result.config.mode}) in "
+               f"{result.seconds:.2f}s: the target moved {stats['target_moved_fraction']:.0%} onto the anchor, "
+               f"preserved concepts changed {stats['preserved_relative_change']:.1%}")
+    return result.patch, summary
+
+
+def _closed_form_progress(progress: StateProgress) -> Callable[[Progress], None]:
+    def report(update: Progress) -> None:
+        if update.phase not in progress.offsets:
+            progress.plan(update.phase, update.total)
+        progress(update)
+    return report
+
+
+# Files beside the patch --------------------------------------------------------------------------------------
+
+def card_description(patch: AblationPatch) -> str:
+    """What the Lora tab shows on the card: what was removed, how, and for which model."""
+    pairs = ", ".join(f"'{t}' -> '{a}'" for t, a in zip(patch.listed("targets"), patch.listed("anchors")))
+    method = patch.metadata.get(META + "method", "concept ablation")
+    family = patch.metadata.get(META + "base_family", "")
+    model = patch.metadata.get(META + "base_model_name", "")
+    text = f"Concept Ablation patch ({method}, {patch.metadata.get(META + 'group', 'kv')}): {pairs}."
+    if family:
+        text += f" Made on {SD_VERSION.get(family, family)}" + (f" ({model})" if model else "") + "."
+    return text
+
+
+def write_card(path: Path, patch: AblationPatch, family: str) -> Path:
+    """``NAME.json`` beside the patch: A1111's user metadata for the card (description, model version, weight)."""
+    card = {"description": card_description(patch), "sd version": SD_VERSION.get(family, "Unknown"),
+            "preferred weight": 1.0, "activation text": "", "notes": "Made with the Concept Ablation extension."}
+    return write_text_atomic(path.with_suffix(".json"), json.dumps(card, indent=2))
+
+
+def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], seed: int, steps: int,
+                   image_size: int, path: Path) -> Path:
+    """Before/after images from the same noise, the patch applied through forward hooks (the weights stay as they
+    are); saved as ``NAME.preview.png``, which the Lora tab shows as the card's picture."""
+    view = A1111ModelView(host.sd_model, autocast=host.autocast)
+    latent_size = _latent_size(image_size, view) or view.default_latent_size
+    view.default_latent_size = latent_size
+    steps = max(int(steps), 1)
+    progress = StateProgress(host.state, {"preview": 1.0})
+    progress.plan("preview", 2 * steps)
+    layers = view.all_layers()
+    adapters = AdapterSet.fixed([(layers[key], dense) for key, (_, dense) in resolve(patch, view).items()])
+    index = torch.arange(len(prompts))
+    images = {}
+    with torch.no_grad(), cancel_checks(view.cancel_check_modules(), Canceller(host.cancelled)):
+        for offset, name in enumerate(("before", "after")):
+            hooks = adapters.attached() if name == "after" else contextlib.nullcontext()
+            with hooks, view.uncached_text():
+                def on_step(done: float, total: int, offset: int = offset) -> None:
+                    progress(Progress("preview", offset * steps + int(round(done / total * steps)), 2 * steps))
+                latents = sample_latents(view, prompts, index, steps, 6.0, len(prompts), int(seed), latent_size,
+                                         on_step)
+            images[name] = view.decode(latents).cpu()
+    rows = [[images["before"][i], images["after"][i]] for i in range(len(prompts))]
+    picture = grid(rows, prompts, ["before", "after"], cell=max(64, min(latent_size * 8, 256)))
+    return save_image(picture, path.with_suffix(".preview.png"))
+
+
+def load_preview(path: Path) -> Image.Image | None:
+    preview = path.with_suffix(".preview.png")
+    return Image.open(preview) if preview.exists() else None

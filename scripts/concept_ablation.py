@@ -1,0 +1,235 @@
+"""A1111 / Forge entry point: the "Ablate Concept" tab.
+
+A1111 runs every ``scripts/*.py`` of an extension and ComfyUI imports the package's ``__init__.py``, so this one
+repository is both a ComfyUI node pack and an A1111 extension; neither program reads the other's entry point.
+
+``ablation_core`` is imported here, while A1111 has put this extension's folder first on ``sys.path`` (it takes it
+away again after loading the script); the package loads its parts lazily, so this costs nothing at startup. torch
+work, gradio and the core's methods are imported when the tab is built or used. The core needs torch and
+safetensors, which A1111 ships, and not diffusers, so the extension installs nothing (no ``install.py``).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+from pathlib import Path
+
+from modules import script_callbacks
+
+import ablation_core  # noqa: F401  (see the module docstring)
+
+TAB_ID = "concept_ablation"
+TAB_TITLE = "Ablate Concept"
+
+
+# What the tab's events call ------------------------------------------------------------------------------------
+
+def lora_dir() -> Path:
+    """A1111's Lora folder: ``--lora-dir`` (added by the built-in Lora extension) or ``models/Lora``."""
+    from modules import paths, shared
+
+    folder = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+    return Path(folder)
+
+
+def make_host():
+    """The running program as the core's flows see it."""
+    from modules import devices, shared
+
+    from ablation_core.backends.a1111 import A1111Host
+    from ablation_core.errors import AblationError
+
+    sd_model = shared.sd_model
+    if sd_model is None:
+        raise AblationError("no checkpoint is loaded: choose one in the checkpoint list at the top of the page")
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    name = getattr(info, "name_for_extra", "") or getattr(info, "title", "") or ""
+    return A1111Host(sd_model, shared.state, lora_dir(), devices.autocast, sys.modules.get("networks"), name)
+
+
+def model_text() -> str:
+    try:
+        from ablation_core.backends.a1111 import A1111ModelView
+
+        host = make_host()
+        view = A1111ModelView(host.sd_model)
+    except Exception as err:  # shown in the tab instead of the model's name
+        return f"<p>Loaded model: none usable ({html.escape(str(err))})</p>"
+    return (f"<p>Loaded model: <b>{html.escape(host.model_name or 'unnamed')}</b> ({view.family.title}). "
+            f"Patches are saved into <code>{html.escape(str(host.lora_dir))}</code>.</p>")
+
+
+def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, preset: str, steps: float,
+        seed: float, resolution: float, anchor_images: float, batch_size: float, storage: str, name: str,
+        overwrite: bool, preview: bool, preview_size: float, preview_steps: float):
+    """The Ablate button (through A1111's ``wrap_gradio_gpu_call``: queue lock, ``shared.state``, progress)."""
+    from ablation_core.backends.a1111 import TabRequest, run_request
+    from ablation_core.errors import AblationCancelled, AblationError
+
+    request = TabRequest(target, anchor, concept_type, method, preset, int(steps or 0), int(seed or 0),
+                         int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name,
+                         bool(overwrite), bool(preview), int(preview_size or 512), int(preview_steps or 20))
+    try:
+        outcome = run_request(make_host(), request)
+    except AblationCancelled as err:
+        print(f"Concept Ablation: {err}")
+        return None, *browser_updates(), f"<p>Interrupted: {html.escape(str(err))}.</p>"
+    except AblationError as err:
+        print(f"Concept Ablation: {err}")
+        return None, *browser_updates(), f"<p class='error'>{html.escape(str(err))}</p>"
+    stem = outcome.path.stem
+    print(f"Concept Ablation: wrote {outcome.path} ({len(outcome.patch.deltas)} layers) in {outcome.seconds:.1f}s; "
+          f"{outcome.summary}")
+    image = str(outcome.preview) if outcome.preview else None
+    message = (f"<p>Saved <code>{html.escape(str(outcome.path))}</code> in {outcome.seconds:.1f}s. "
+               f"Use it in any prompt with <code>&lt;lora:{html.escape(stem)}:1&gt;</code>; the Lora tab lists it "
+               f"(press its refresh button).</p><p>{html.escape(outcome.summary)}</p>")
+    return image, *browser_updates(stem), message
+
+
+def browser_rows(check_fit: bool = True) -> tuple[list[list[str]], list[str]]:
+    from ablation_core.backends.a1111 import A1111ModelView, list_patches
+
+    view = None
+    if check_fit:
+        try:
+            view = A1111ModelView(make_host().sd_model)
+        except Exception as err:  # no model, or one this tool cannot edit: the list still shows the files
+            print(f"Concept Ablation: cannot check patches against the loaded model: {err}")
+    entries = list_patches(lora_dir(), view)
+    return [entry.row() for entry in entries], [entry.name for entry in entries]
+
+
+def browser_updates(selected: str | None = None) -> tuple[object, object]:
+    import gradio as gr
+
+    rows, names = browser_rows()
+    return gr.update(value=rows or None), gr.update(choices=names, value=selected if selected in names else None)
+
+
+def show_patch(name: str | None):
+    """The browser's selection: its metadata as text and its before/after preview."""
+    from ablation_core.backends.a1111 import describe, list_patches
+    from ablation_core.backends.a1111.library import fit_text
+
+    entry = next((e for e in list_patches(lora_dir(), None) if e.name == name), None)
+    if entry is None:
+        return "", None
+    try:
+        from ablation_core.backends.a1111 import A1111ModelView
+
+        entry.fits = fit_text(entry, A1111ModelView(make_host().sd_model))
+    except Exception as err:  # shown in place of the fit
+        entry.fits = f"? ({err})"
+    return describe(entry), str(entry.preview) if entry.preview else None
+
+
+def make_preview(id_task: str, name: str | None, size: float, steps: float, seed: float):
+    """Draw a before/after preview for a patch made elsewhere (CLI, ComfyUI) on the loaded model."""
+    from ablation_core.backends.a1111 import list_patches
+    from ablation_core.backends.a1111.flows import preview_prompts, render_preview
+    from ablation_core.errors import AblationError
+    from ablation_core.patches.storage import load_patch
+
+    entry = next((e for e in list_patches(lora_dir(), None) if e.name == name), None)
+    if entry is None:
+        return None, "<p>Choose a patch first.</p>"
+    patch = load_patch(entry.path)
+    targets, anchors = patch.listed("targets"), patch.listed("anchors")
+    if not targets or not anchors:
+        return None, "<p>This patch names no target and anchor to draw.</p>"
+    kind = patch.metadata.get("ablation.kind", "object")
+    concept_type = {"style": "style", "memorization": "memorized"}.get(kind, "object")
+    try:
+        path = render_preview(make_host(), patch, preview_prompts(targets[0], anchors[0], concept_type),
+                              int(seed or 0), int(steps or 20), int(size or 512), entry.path)
+    except AblationError as err:
+        return None, f"<p class='error'>{html.escape(str(err))}</p>"
+    return str(path), f"<p>Preview saved as <code>{html.escape(str(path))}</code>.</p>"
+
+
+def interrupt() -> None:
+    from modules import shared
+
+    shared.state.interrupt()
+
+
+# The tab -------------------------------------------------------------------------------------------------------
+
+def on_ui_tabs():
+    import gradio as gr
+    from modules.call_queue import wrap_gradio_gpu_call
+
+    from ablation_core.backends.a1111 import COLUMNS, METHODS, STORAGE
+    from ablation_core.methods.ablation.recipes import CONCEPT_TYPE_HELP, CONCEPT_TYPES
+    from ablation_core.methods.ablation.settings import PRESET_HELP, PRESET_NAMES
+
+    rows, names = browser_rows(check_fit=False)
+    with gr.Blocks(analytics_enabled=False) as tab:
+        model_info = gr.HTML(value="<p>Loaded model: press Refresh to check.</p>")
+        with gr.Row():
+            with gr.Column(variant="panel"):
+                target = gr.Textbox(label="Target: the concept to remove", placeholder="Van Gogh, Grumpy Cat, ...",
+                                    elem_id=f"{TAB_ID}_target")
+                anchor = gr.Textbox(label="Anchor: what it should become", placeholder="painting, cat, ...",
+                                    elem_id=f"{TAB_ID}_anchor")
+                with gr.Row():
+                    concept_type = gr.Dropdown(list(CONCEPT_TYPES), value="object", label="Concept type",
+                                               info="; ".join(f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items()
+                                                              if k in ("object", "instance", "style")))
+                    method = gr.Radio(list(METHODS), value=METHODS[0], label="Method",
+                                      info="trained: the paper's fine-tuning (minutes); closed form: seconds")
+                with gr.Row():
+                    preset = gr.Radio(list(PRESET_NAMES), value="default", label="Preset", info=PRESET_HELP)
+                    steps = gr.Number(value=0, precision=0, label="Steps (0: the preset's)")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        resolution = gr.Number(value=0, precision=0, label="Training resolution, px (0: the model's)")
+                        anchor_images = gr.Number(value=0, precision=0, label="Anchor images (0: the preset's)")
+                        batch_size = gr.Number(value=0, precision=0, label="Batch size (0: the preset's)")
+                    storage = gr.Radio(list(STORAGE), value=STORAGE[0], label="File")
+                    with gr.Row():
+                        preview = gr.Checkbox(value=True, label="Draw a before/after preview")
+                        preview_size = gr.Number(value=512, precision=0, label="Preview size, px")
+                        preview_steps = gr.Number(value=20, precision=0, label="Preview steps")
+                with gr.Row():
+                    name = gr.Textbox(label="Save as models/Lora/NAME.safetensors",
+                                      placeholder="empty: ablate_<target>_to_<anchor>")
+                    overwrite = gr.Checkbox(value=False, label="Replace an existing file")
+                with gr.Row():
+                    start = gr.Button("Ablate", variant="primary", elem_id=f"{TAB_ID}_start")
+                    stop = gr.Button("Interrupt", elem_id=f"{TAB_ID}_interrupt")
+            with gr.Column():
+                dummy = gr.Textbox(visible=False)
+                gr.HTML(elem_id=f"{TAB_ID}_status")  # A1111's progress bar goes above it
+                gr.HTML(elem_id=f"{TAB_ID}_progress")  # the run's phase, loss and time left
+                result_image = gr.Image(label="Before / after", type="filepath", interactive=False)
+                result = gr.HTML(elem_id=f"{TAB_ID}_result")
+        gr.HTML("<h3>Patches in the Lora folder made by this tool</h3>")
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id=f"{TAB_ID}_refresh")
+            chosen = gr.Dropdown(names, label="Patch", elem_id=f"{TAB_ID}_patch")
+        table = gr.Dataframe(value=rows or None, headers=COLUMNS, interactive=False, wrap=True)
+        with gr.Row():
+            details = gr.Textbox(label="Metadata", lines=12, interactive=False)
+            with gr.Column():
+                chosen_preview = gr.Image(label="Before / after", type="filepath", interactive=False)
+                draw = gr.Button("Draw a preview on the loaded model", elem_id=f"{TAB_ID}_draw")
+                drawn = gr.HTML()
+
+        inputs = [dummy, target, anchor, concept_type, method, preset, steps, seed, resolution, anchor_images,
+                  batch_size, storage, name, overwrite, preview, preview_size, preview_steps]
+        start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[None, gr.update(), gr.update()]),
+                    _js="concept_ablation_start", inputs=inputs, outputs=[result_image, table, chosen, result])
+        stop.click(fn=interrupt, inputs=[], outputs=[])
+        refresh.click(fn=lambda: (model_text(), *browser_updates()), inputs=[], outputs=[model_info, table, chosen])
+        chosen.change(fn=show_patch, inputs=[chosen], outputs=[details, chosen_preview])
+        draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), _js="concept_ablation_start",
+                   inputs=[dummy, chosen, preview_size, preview_steps, seed], outputs=[chosen_preview, drawn])
+    return [(tab, TAB_TITLE, TAB_ID)]
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
