@@ -21,6 +21,7 @@ from ablation_core import (
     merge_weighted,
 )
 from ablation_core.backends import comfy as backend
+from ablation_core.backends.comfy import closed_form as closed_form_backend
 from ablation_core.patches.patch import DEFAULT_ENERGY
 
 CATEGORY = "conditioning/ablation"
@@ -254,9 +255,11 @@ class MergeAblationPatches:
             "optional": {"patch_3": (PATCH_TYPE,), "weight_3": weight,
                          "model": ("MODEL", {"tooltip": "fusion: the base model the patches were made for"}),
                          "clip": ("CLIP", {"tooltip": "fusion: the base model's CLIP"})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def merge(self, patch_1, weight_1, patch_2, weight_2, method, patch_3=None, weight_3=1.0, model=None, clip=None):
+    def merge(self, patch_1, weight_1, patch_2, weight_2, method, patch_3=None, weight_3=1.0, model=None, clip=None,
+              unique_id=None):
         entries = []
         for value, weight in ((patch_1, weight_1), (patch_2, weight_2), (patch_3, weight_3)):
             entries += backend.stack_entries(value, weight)
@@ -264,10 +267,10 @@ class MergeAblationPatches:
         if method == "fusion":
             if model is None or clip is None:
                 raise PatchError("fusion needs the base MODEL and CLIP the patches were made for: connect both")
-            from ablation_core.backends.comfy.closed_form import fuse
-
-            return (fuse(model, clip, patches, weights),)
-        return (merge_weighted(patches, weights),)
+            merged = closed_form_backend.fuse(model, clip, patches, weights, node_id=unique_id)
+        else:
+            merged = merge_weighted(patches, weights)
+        return {"ui": {"text": [closed_form_backend.describe_merge(merged, len(patches))]}, "result": (merged,)}
 
 
 class AblationReport:

@@ -1,4 +1,4 @@
-"""The closed-form node: erase a list of concepts in seconds (declarations only; the work is in ablation_core)."""
+"""The closed-form node: erase a list of concepts in one solve (declarations only; the work is in ablation_core)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from .ablation_nodes import CATEGORY, PATCH_TYPE
 
 
 class EraseConceptsClosedForm:
-    DESCRIPTION = ("Erases many concepts at once in seconds, without training: each target's cross-attention keys "
-                   "and values are mapped onto its anchor's in closed form (UCE/MACE; SPEED's null-space mode keeps "
-                   "the preserved concepts exactly). The input model is left untouched.")
+    DESCRIPTION = ("Erases many concepts at once without training: each target's cross-attention keys and values "
+                   "are mapped onto its anchor's in closed form (UCE/MACE; SPEED's null-space mode keeps the "
+                   "preserved concepts exactly). The cost is encoding prompts with CLIP: seconds on a GPU, on a CPU "
+                   "about a minute plus a few seconds per concept. The input model is left untouched.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", PATCH_TYPE)
     RETURN_NAMES = ("model", "patch")
@@ -46,13 +47,14 @@ class EraseConceptsClosedForm:
                                         "tooltip": "extra concepts to keep, one per line (a built-in bank of "
                                                    "everyday objects and styles is always kept)"}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve=""):
+    def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve="", unique_id=None):
         targets, anchors = parse_concept_lines(concepts, anchor)
         config = make_closed_form_config(targets, anchors, kind=kind, mode=mode, preserve_weight=preserve_weight,
                                          preserve=[line for line in preserve.splitlines() if line.strip()])
-        model_out, _, patch, summary = backend.erase_concepts(model, clip, config)
+        model_out, _, patch, summary = backend.erase_concepts(model, clip, config, node_id=unique_id)
         return {"ui": {"text": [summary]}, "result": (model_out, patch)}
 
 

@@ -354,7 +354,9 @@ def test_stack_applies_each_patch_and_merge_sums_them(comfy):
     first, second = _patch_for(model, 1.0, "a"), _patch_for(model, 2.0, "b")
     (stack,) = _nodes()["StackAblationPatches"]().stack(first, 1.0, second, 0.5)
     stacked, _ = _nodes()["ApplyAblationPatch"]().apply(model, stack, 2.0)["result"]
-    (merged,) = _nodes()["MergeAblationPatches"]().merge(first, 1.0, second, 0.5, "weighted sum")
+    output = _nodes()["MergeAblationPatches"]().merge(first, 1.0, second, 0.5, "weighted sum")
+    (merged,) = output["result"]
+    assert output["ui"]["text"][0].startswith("weighted sum of 2 patches")
     applied, _ = _nodes()["ApplyAblationPatch"]().apply(model, merged, 2.0)["result"]
     key = next(iter(stacked.patches))
     assert len(stacked.patches[key]) == 2 and len(applied.patches[key]) == 1
@@ -400,6 +402,53 @@ def test_merge_node_fuses_with_the_base_model_and_asks_for_it(comfy):
     merge = _nodes()["MergeAblationPatches"]()
     with pytest.raises(AblationError, match="connect both"):
         merge.merge(first, 1.0, second, 1.0, "fusion")
-    (fused,) = merge.merge(first, 1.0, second, 1.0, "fusion", model=model, clip=clip)
+    output = merge.merge(first, 1.0, second, 1.0, "fusion", model=model, clip=clip, unique_id="4")
+    (fused,) = output["result"]
     assert fused.metadata["ablation.method"] == "merge-fusion"
+    assert output["ui"]["text"][0].startswith("fused 2 patches: ") and "snoopy, grumpy cat" in output["ui"]["text"][0]
+    events = [data for event, data in comfy.messages if event == backend.PROGRESS_EVENT and data["node"] == "4"]
+    assert events[0]["phase"] == "prompts" and events[-1] == {**events[-1], "phase": "done",
+                                                              "summary": output["ui"]["text"][0]}
     assert fused.listed("targets") == ["snoopy", "grumpy cat"]
+
+
+def test_closed_form_node_shows_progress_then_its_summary(comfy):
+    """Encoding the prompts is the whole cost (minutes for a long list on a CPU): the bar and the node's status line
+    follow it, and the last event carries the summary the node shows."""
+    model, clip = fakes.make_toy_model_and_clip()
+    output = _nodes()["EraseConceptsClosedForm"]().erase(model, clip, "snoopy -> dog", "", "object", "least-squares",
+                                                         0.5, unique_id="12")
+    events = [data for event, data in comfy.messages if event == backend.PROGRESS_EVENT]
+    assert events and all(e["node"] == "12" for e in events)
+    prompts = [e for e in events if e["phase"] == "prompts"]
+    assert len(prompts) > 1 and len({e["total"] for e in prompts}) == 1
+    steps = [e["step"] for e in prompts]
+    assert steps == sorted(steps) and steps[-1] == prompts[0]["total"]
+    assert prompts[-1]["eta"] is not None and prompts[-1]["eta"] >= 0
+    assert [e["phase"] for e in events][-2:] == ["solve", "done"]
+    assert events[-1]["summary"] == output["ui"]["text"][0]
+    assert comfy.progress[-1] == (prompts[0]["total"], prompts[0]["total"])
+
+
+def test_closed_form_node_is_cancelled_inside_the_text_encoder(comfy, monkeypatch):
+    from ablation_core.methods import progress
+
+    monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
+    model, clip = fakes.make_model(), fakes.make_clip()
+    comfy.interrupt_after = 2  # the checks before the chunk and before its first batch pass; the next is in CLIP
+    with pytest.raises(fakes.InterruptProcessingException) as raised:
+        _nodes()["EraseConceptsClosedForm"]().erase(model, clip, "Van Gogh", "painting", "style", "least-squares", 0.5)
+    assert any("transformers" in frame.filename for frame in traceback.extract_tb(raised.value.__traceback__))
+    assert model.patches == {}
+    assert not any(module._forward_pre_hooks for module in clip.cond_stage_model.modules())
+
+
+def test_merge_node_fuses_patches_that_share_a_target(comfy):
+    """Two erasures of the same concept (here one patch at two strengths) fuse like any others."""
+    model, clip = fakes.make_toy_model_and_clip()
+    erase = _nodes()["EraseConceptsClosedForm"]()
+    first = erase.erase(model, clip, "snoopy -> dog", "", "object", "least-squares", 0.5)["result"][1]
+    both = erase.erase(model, clip, "Snoopy -> dog\nnemo -> fish", "", "object", "least-squares", 0.5)["result"][1]
+    (fused,) = _nodes()["MergeAblationPatches"]().merge(first, 1.0, both, 0.5, "fusion", model=model,
+                                                         clip=clip)["result"]
+    assert fused.metadata["ablation.method"] == "merge-fusion" and set(fused.deltas) == set(first.deltas)

@@ -22,6 +22,7 @@ CORE_WIDGETS = {
     "VAEDecode": 0,
     "SaveImage": 1,
     "PreviewImage": 0,
+    "ImageBatch": 0,
     "LoraLoader": 3,
     "LoraLoaderModelOnly": 2,
 }
@@ -71,3 +72,21 @@ def test_workflow_is_loadable_ui_json(path, widget_counts):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_each_workflow_has_the_thumbnail_the_templates_dialog_asks_for(path):
     assert path.with_suffix(".jpg").exists(), "ComfyUI's Templates dialog shows <name>.jpg beside <name>.json"
+
+
+def test_mass_erasure_lists_about_ten_styles_and_compares_before_and_after():
+    from ablation_core.methods.closed_form.settings import make_closed_form_config, parse_concept_lines
+
+    workflow = json.loads((WORKFLOWS[0].parent / "mass_erasure.json").read_text())
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    (erase,) = [node for node in nodes.values() if node["type"] == "EraseConceptsClosedForm"]
+    concepts, anchor, kind = erase["widgets_values"][:3]
+    targets, anchors = parse_concept_lines(concepts, anchor)
+    make_closed_form_config(targets, anchors, kind=kind)  # a valid request
+    assert len(targets) >= 8 and kind == "style"
+    sources = {link[0]: link for link in workflow["links"]}
+    samplers = [node for node in nodes.values() if node["type"] == "KSampler"]
+    models = {nodes[sources[s["inputs"][0]["link"]][1]]["type"] for s in samplers}
+    assert models == {"CheckpointLoaderSimple", "EraseConceptsClosedForm"}
+    assert len({json.dumps(s["widgets_values"]) for s in samplers}) == 1  # same seed and settings
+    assert any(node["type"] == "SaveAblationPatch" for node in nodes.values())

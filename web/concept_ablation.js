@@ -1,6 +1,7 @@
 // Concept Ablation front-end: a live loss curve with ETA on Ablate Concept (and, after the run, the held-out check's
-// summary, or "cancelled" / "failed"), patch metadata on Load Ablation Patch, and status text (fingerprint check,
-// saved file) on the other nodes.
+// summary, or "cancelled" / "failed"), a live status line and then the solve's summary on Erase Concepts (Closed
+// Form) and a fusing Merge Ablation Patches, patch metadata on Load Ablation Patch, and status text (fingerprint
+// check, saved file, what was merged) on the other nodes.
 //
 // Both are canvas widgets added after the node's own widgets: they take part in the node's layout (so the chart never
 // hides behind the anchor_prompts text box) and are not serialized (so workflow files keep their widgets_values).
@@ -12,6 +13,8 @@ const CATEGORY = "conditioning/ablation";
 const CHART_HEIGHT = 110;
 const TEXT_LINE = 14;
 const MAX_TEXT_LINES = 24;
+// Nodes of ours that may run for a while without the chart: they say "starting..." until their first progress event.
+const LONG_RUNNING = new Set(["EraseConceptsClosedForm", "MergeAblationPatches"]);
 
 function nodeById(id) {
   return id == null ? null : app.graph.getNodeById(Number(id));
@@ -108,7 +111,7 @@ function addTextWidget(node) {
       const shown = lines(width);
       if (!shown.length) return;
       ctx.save();
-      ctx.fillStyle = owner.ablation?.stopped ? "#f96" : "#ccc";
+      ctx.fillStyle = owner.ablation?.stopped || owner.ablationRun?.stopped ? "#f96" : "#ccc";
       ctx.font = "11px monospace";
       shown.forEach((line, i) => ctx.fillText(line, 10, y + (i + 1) * TEXT_LINE - 2));
       ctx.restore();
@@ -125,8 +128,22 @@ function ablateNodes() {
   return (app.graph?._nodes ?? []).filter((node) => node.ablation);
 }
 
+// Nodes without the chart (Erase Concepts, fusion): one status line while they run, then the summary.
+function showStatus(node, detail) {
+  const eta = formatEta(detail.eta);
+  if (detail.phase === "prompts") {
+    setText(node, `encoding prompts ${detail.step}/${detail.total}${eta ? `  ${eta}` : ""}`);
+  } else if (detail.phase === "solve") {
+    setText(node, `solving: layer ${detail.step}/${detail.total}`);
+  } else if (detail.phase === "done") {
+    node.ablationRun = { running: false, stopped: false };
+    if (detail.summary) setText(node, detail.summary);
+  }
+}
+
 api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
   const node = nodeById(detail.node);
+  if (node?.ablationText && !node.ablation) return showStatus(node, detail);
   if (!node?.ablation) return;
   const state = node.ablation;
   Object.assign(state, { running: detail.phase !== "done", stopped: false });
@@ -157,9 +174,18 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
   node.setDirtyCanvas(true, true);
 });
 
-// A new run of the node: forget the last one's summary and status.
+// A new run of the node: forget the last one's summary and status (a long one says it is running meanwhile).
 api.addEventListener("executing", ({ detail }) => {
   const node = detail == null ? null : nodeById(detail);
+  // Another node (or none: the end) is running now, so ours that ran before have finished, "executed" message or not.
+  for (const other of app.graph?._nodes ?? []) {
+    if (other !== node && other.ablationRun?.running) other.ablationRun.running = false;
+  }
+  if (node?.ablationText && !node.ablation) {
+    node.ablationRun = { running: true, stopped: false };
+    setText(node, LONG_RUNNING.has(node.type) ? "starting..." : "");
+    return;
+  }
   if (!node?.ablation) return;
   Object.assign(node.ablation, { losses: [], total: 0, activity: "", status: "starting..." });
   Object.assign(node.ablation, { running: true, stopped: false });
@@ -168,6 +194,11 @@ api.addEventListener("executing", ({ detail }) => {
 
 // Cancel or an error ends the run without a "done" event: say so instead of leaving the last step and its ETA.
 function markStopped(how, message) {
+  for (const node of app.graph?._nodes ?? []) {
+    if (!node.ablationRun?.running) continue;
+    node.ablationRun = { running: false, stopped: true };
+    setText(node, message);
+  }
   for (const node of ablateNodes()) {
     const state = node.ablation;
     if (!state.running) continue;
@@ -247,6 +278,7 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
+      if (this.ablationRun) this.ablationRun.running = false;
       if (message?.text) setText(this, message.text.join("\n"));
     };
   },

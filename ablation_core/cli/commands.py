@@ -153,8 +153,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with progress_bars() as on_progress:
             evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set, args.seed,
                                       args.strength, args.grid, on_progress)
-        print(to_json(evaluation) if args.json else evaluation.table())
+            attacks = _attacks(args, view, patch, on_progress)
+        if args.json:
+            print(json.dumps({**evaluation.as_json(), "attacks": attacks[0]}, indent=2) if attacks
+                  else to_json(evaluation))
+        else:
+            print(evaluation.table() + (f"\n\n{attacks[1]}" if attacks else ""))
         return 0
+    if args.attack:
+        raise AblationError("attacks are measured on the embedded toy world (its classifier says what a sample "
+                            "shows); use --model toy")
     from ..evaluation.model_metrics import prediction_gaps
     from ..methods.prompts import choose_anchor_prompts, target_prompts
 
@@ -163,6 +171,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gaps = prediction_gaps(view, patch, targets, anchors, args.seed, strength=args.strength)
     print(json.dumps(gaps, indent=2) if args.json else "\n".join(f"{k}: {v:.4f}" for k, v in gaps.items()))
     return 0
+
+
+def _attacks(args: argparse.Namespace, view, patch, on_progress) -> tuple[dict, str] | None:
+    """The attacks asked for with --attack, as JSON and as a table (None when none was asked for)."""
+    if not args.attack:
+        return None
+    from ..evaluation.attacks import as_json, attacks_table, run_attacks
+
+    results = run_attacks(view, patch, args.target, args.anchor, args.attack, args.seed, args.attack_budget,
+                          args.strength, on_progress)
+    return as_json(results), attacks_table(results)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

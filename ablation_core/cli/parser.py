@@ -187,6 +187,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", default=None, help="also write a before/after grid image here (toy world; default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace --grid if it exists (default: refuse)")
     p.add_argument("--seed", type=checks.seed, default=0, help="noise seed (default: 0)")
+    p.add_argument("--attack", action="append", default=None,
+                   choices=["variants", "soft-prompt", "token-search", "all"],
+                   help="also attack the erasure, on the unpatched and the patched toy model; repeat for several. "
+                        "variants: misspellings, other phrasings, compositions; soft-prompt: textual inversion of one "
+                        "token (Circumventing Concept Erasure); token-search: gradient-ranked token swaps over the "
+                        "vocabulary (UnlearnDiffAtk/P4D); all: every one (default: none)")
+    p.add_argument("--attack-budget", choices=["full", "small"], default="full",
+                   help="full: the stated budgets of the results table (minutes on a CPU); small: a quick look "
+                        "(seconds; figures are rougher) (default: full)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

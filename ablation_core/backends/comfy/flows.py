@@ -224,7 +224,8 @@ def describe_text(value: AblationPatch | PatchStack) -> str:
         lines = [f"strength {strength:g}, {len(patch.deltas)} layers, "
                  f"{'low rank ' + str(patch.max_rank) if patch.is_low_rank else 'full rank'}"]
         for key in sorted(patch.metadata):
-            if key.startswith(META) or key in ("modelspec.title", "ss_base_model_version"):
+            if patch.metadata[key] != "" and (key.startswith(META) or key in ("modelspec.title",
+                                                                               "ss_base_model_version")):
                 lines.append(f"{key.removeprefix(META)}: {patch.metadata[key]}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -113,12 +113,17 @@ def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
 
 
 def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | None = None,
-           should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None) -> AblationResult:
+           should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
+           extra_targets: Conditioning | None = None, preserved: Conditioning | None = None) -> AblationResult:
     """Run one ablation and return its patch; raises ``AblationCancelled`` if ``should_cancel()`` turns true.
 
     Settings the config leaves open are chosen for this model (``resolve_config``); the result carries them. With
     ``base_patch`` the run trains on the model with that earlier patch applied (through hooks; the weights are not
-    touched) and the result holds both changes, with the fingerprint of the original model.
+    touched) and the result holds both changes, with the fingerprint of the original model. ``extra_targets`` are
+    more target conditionings (adversarial embeddings, say) trained toward the anchors like the target prompts:
+    blocks of one row per anchor prompt, row ``i`` of each block the twin of anchor prompt ``i`` (``_prompt_pairs``).
+    ``preserved`` are conditionings the run keeps as they were: each step one of them, on the same noisy images, is
+    held to the frozen model's prediction.
     """
     report = on_progress or no_progress
     canceller = Canceller(should_cancel)
@@ -138,13 +143,15 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         # 2. Prompts: each target prompt has an anchor twin; typos of the target add more target prompts.
         canceller.phase = "encoding prompts"
         anchor_prompts, target_prompts = _prompt_pairs(config)
-        variants = len(target_prompts) // len(anchor_prompts)
         generator = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
             to_encode = anchor_prompts + (target_prompts if config.group != "embedding" else [])
             encoded = _encode_with_progress(view, to_encode, report, canceller)
             anchor_cond = encoded.slice(0, len(anchor_prompts))
             target_cond = encoded.slice(len(anchor_prompts), len(to_encode)) if config.group != "embedding" else None
+            target_cond = _with_extra_targets(target_cond, extra_targets, len(anchor_prompts), view)
+            preserved = preserved.to(view.device) if preserved is not None else None
+        variants = (len(target_cond) if target_cond is not None else len(target_prompts)) // len(anchor_prompts)
 
         # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
         canceller.phase = "sampling anchor images"
@@ -176,6 +183,9 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                         loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
                                           target_prompts)
+                        if preserved is not None:
+                            kept = torch.randint(len(preserved), (config.batch_size,), generator=generator)
+                            loss = loss + _kept_loss(view, adapters, x_t, t, preserved.select(kept))
                         if not math.isfinite(loss.item()):
                             raise TrainingDivergedError(
                                 f"the loss became {loss.item()} at step {step}; nothing was written. Lower the "
@@ -217,6 +227,18 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
              ", ".join(f"{t!r} -> {a!r}" for t, a in config.pairs()), losses[0], losses[-1],
              seconds_anchors + seconds_training, 100 * check["erased_fraction"])
     return AblationResult(patch, losses, seconds_anchors, seconds_training, config, check, warning)
+
+
+def _with_extra_targets(target_cond: Conditioning | None, extra: Conditioning | None, anchors: int,
+                        view: ModelView) -> Conditioning | None:
+    if extra is None:
+        return target_cond
+    if target_cond is None:
+        raise AblationError("extra target conditionings act on the UNet; the embedding group trains the text encoder")
+    if len(extra) == 0 or len(extra) % anchors:
+        raise AblationError(f"extra target conditionings come in blocks of one per anchor prompt ({anchors}); got "
+                            f"{len(extra)}")
+    return Conditioning.cat([target_cond, extra.to(view.device)])
 
 
 def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: list[str], target_prompts: list[str],
@@ -283,6 +305,12 @@ def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_
     if config.regularization:
         loss = loss + regularization_loss(config.objective, view.eps(x_t, t, anchor_batch), noise, frozen)
     return loss
+
+
+def _kept_loss(view: ModelView, adapters: AdapterSet, x_t: Tensor, t: Tensor, kept: Conditioning) -> Tensor:
+    with torch.no_grad(), adapters.disabled():
+        frozen = view.eps(x_t, t, kept)
+    return regularization_loss("model", view.eps(x_t, t, kept), frozen, frozen)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,9 @@ class Moments:
     def zeros(cls, dim: int) -> Moments:
         return cls(*(torch.zeros(dim, dim, dtype=torch.float64) for _ in range(3)))
 
+    def plus(self, other: Moments) -> Moments:
+        return Moments(self.cc + other.cc, self.ac + other.ac, self.aa + other.aa, self.count + other.count)
+
     def add(self, targets: Tensor, anchors: Tensor) -> None:
         c, a = targets.double().cpu(), anchors.double().cpu()
         self.cc += c.T @ c

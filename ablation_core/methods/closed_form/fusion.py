@@ -56,9 +56,11 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     kv_keys = {layer.key for layer in view.unet_layers("kv")}
     canceller.phase = "encoding the patches' concepts"
     concepts = [_concept_moments(view, patch, report, canceller) for patch in patches]
+    # every patch's targets, once each: patches that share a target (one erasure at two strengths, or a concept
+    # erased twice) are fused too
+    targets = list({t.lower(): t for p in patches for t in p.listed("targets")}.values())
     preserved_config = resolve_closed_form(make_closed_form_config(
-        [t for p in patches for t in p.listed("targets")], [a for p in patches for a in p.listed("anchors")][:1]),
-        view.family.name)
+        targets, [a for p in patches for a in p.listed("anchors")][:1]), view.family.name)
     preserved, count = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
     dim = concepts[0].shape[0]
     total = sum(concepts) + preserve_weight * preserved / max(count, 1)

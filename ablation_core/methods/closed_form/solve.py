@@ -43,6 +43,8 @@ class ClosedFormResult:
     config: ClosedFormConfig
     stats: dict[str, float]
     seconds: float
+    text_map: Tensor | None = None
+    moments: Moments | None = None
 
 
 def solve_text_map(moments: Moments, preserved: Tensor, preserved_count: int, mode: str, preserve_weight: float,
@@ -99,12 +101,13 @@ def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
 
 
 def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: ProgressFn | None = None,
-                      should_cancel: CancelFn | None = None,
-                      base_patch: AblationPatch | None = None) -> ClosedFormResult:
+                      should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
+                      extra_moments: Moments | None = None) -> ClosedFormResult:
     """Erase every target of ``config`` in one solve; the model is not modified (the result is a patch).
 
     With ``base_patch`` the solve starts from the weights with that earlier patch added, and the result holds both
-    changes (with the original model's fingerprint)."""
+    changes (with the original model's fingerprint). ``extra_moments`` are more (target, anchor) embedding pairs to
+    erase beside the prompts' own (adversarial embeddings, say); the result's ``moments`` are the prompts' own."""
     started = time.perf_counter()
     report, canceller = on_progress or no_progress, Canceller(should_cancel)
 
@@ -123,6 +126,9 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, 0, total)
     if moments.count == 0:
         raise AblationError("the target prompts are identical to their anchor twins; nothing to erase")
+    own_moments = moments
+    if extra_moments is not None:
+        moments = moments.plus(extra_moments)
     preserved, preserved_count = (preserved_moments(view, preserved_prompts, report, canceller,
                                                     len(target_prompts), total)
                                   if preserved_prompts else (torch.zeros_like(moments.cc), 0))
@@ -156,7 +162,7 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     patch.metadata[META + "base_fingerprint"] = fingerprint({layer.key: layer.weight for layer in layers})
     log.info("closed form: %d target(s) in %.2fs; targets moved %.0f%% onto their anchors", len(config.targets),
              seconds, 100 * stats["target_moved_fraction"])
-    return ClosedFormResult(patch, config, stats, seconds)
+    return ClosedFormResult(patch, config, stats, seconds, g, own_moments)
 
 
 def _base_changes(view: ModelView, base_patch: AblationPatch | None, kv_keys: set[str]) -> dict[str, Tensor]:

@@ -1,0 +1,106 @@
+"""Token embeddings under the attacker's control: a learned vector at a placeholder token, or whole id sequences.
+
+Textual inversion and token search both need the text encoder to read something no prompt string says: a vector
+that is no row of the vocabulary, or token ids chosen one by one (which a decode/encode round trip through BPE would
+not keep). A forward hook on each text encoder's token-embedding module (``view.text_layers("embedding")``) rewrites
+its output for the duration of a ``with`` block; the model's weights are never touched, and removing the hook gives
+the model back exactly. The placeholder is a word the prompt can carry ("sks", one token in the CLIP vocabulary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import AblationError
+from ...models.view import Conditioning, ModelView
+
+PLACEHOLDER = "sks"
+START_TOKEN, END_TOKEN = 49406, 49407
+
+
+def embedding_modules(view: ModelView) -> list[nn.Module]:
+    """Each text encoder's token-embedding module (one for SD1/SD2, two for SDXL)."""
+    modules = [layer.module for layer in view.text_layers("embedding")]
+    if not modules:
+        raise AblationError("this model view exposes no token embedding, so adversarial embeddings cannot be injected")
+    return modules
+
+
+def embedding_tables(view: ModelView) -> list[Tensor]:
+    """The vocabulary's embedding rows of each text encoder (read only)."""
+    return [module.weight.detach() for module in embedding_modules(view)]
+
+
+def placeholder_id(view: ModelView, word: str = PLACEHOLDER) -> list[int]:
+    """The placeholder's token id in each text encoder's vocabulary (it must be one token)."""
+    ids = view.token_ids(word)
+    if any(len(found) != 1 for found in ids):
+        raise AblationError(f"the placeholder '{word}' is not a single token for this model")
+    return [found[0] for found in ids]
+
+
+def initial_vector(view: ModelView, words: str) -> list[Tensor]:
+    """The mean embedding of ``words``' tokens in each text encoder: where an inversion starts."""
+    return [table[torch.tensor(ids, device=table.device)].float().mean(0).clone()
+            for table, ids in zip(embedding_tables(view), view.token_ids(words))]
+
+
+@contextlib.contextmanager
+def injected(view: ModelView, vectors: list[Tensor] | None = None, ids: Tensor | None = None,
+             one_hot: Tensor | None = None, positions: list[int] | None = None) -> Iterator[None]:
+    """Inside the block, encoding reads ``vectors[i]`` wherever encoder ``i`` sees the placeholder token.
+
+    ``ids`` ([batch, length]) replaces the token ids every encoder reads (encode as many empty prompts as it has
+    rows); ``one_hot`` ([batch, len(positions), vocabulary], may require grad) then replaces the rows at
+    ``positions`` by ``one_hot @ table``, so a token search can take the gradient of a loss with respect to each
+    choice of token."""
+    modules = embedding_modules(view)
+    marks = placeholder_id(view) if vectors is not None else [None] * len(modules)
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            input_ids = args[0]
+            if ids is not None:
+                input_ids = ids.to(input_ids.device).expand(input_ids.shape[0], -1)
+                output = F.embedding(input_ids, module.weight)
+                if one_hot is not None and positions is not None:
+                    chosen = one_hot.to(module.weight.dtype) @ module.weight
+                    output = output.clone()
+                    output[:, positions] = chosen.expand(output.shape[0], -1, -1)
+            if vectors is not None:
+                mask = (input_ids == marks[index]).unsqueeze(-1)
+                output = torch.where(mask, vectors[index].to(output.dtype), output)
+            return output
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(i)) for i, module in enumerate(modules)]
+    try:
+        with view.uncached_text():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def encode_with(view: ModelView, prompts: list[str], vectors: list[Tensor]) -> Conditioning:
+    """``prompts`` encoded with the placeholder read as ``vectors`` (gradients flow to them if enabled)."""
+    with injected(view, vectors):
+        return view.encode(prompts)
+
+
+def encode_ids(view: ModelView, ids: Tensor, one_hot: Tensor | None = None,
+               positions: list[int] | None = None) -> Conditioning:
+    """Token id sequences ([batch, length], start and end tokens included) encoded as they are."""
+    with injected(view, ids=ids, one_hot=one_hot, positions=positions):
+        return view.encode([""] * ids.shape[0])
+
+
+def prompt_ids(view: ModelView, prompt: str, length: int = 77) -> list[int]:
+    """The full id sequence the first text encoder reads for ``prompt``: start, tokens, end, end-token padding."""
+    tokens = view.token_ids(prompt)[0][: length - 2]
+    return [START_TOKEN, *tokens, END_TOKEN] + [END_TOKEN] * (length - len(tokens) - 2)
