@@ -1,0 +1,102 @@
+"""Concept-type presets, several targets in one run and an erasure on top of an earlier one, measured on the toy world.
+
+``python -m tests.recipe_cases [--per-set 24] [--out F]``
+
+Each case makes a patch through the Python API as a user would (``make_config(..., concept_type=...)``, several
+targets, ``ablate(..., base_patch=first)``) and measures every target it erased with ``evaluate_toy`` (evaluation
+templates and noise disjoint from the run's). A case passes when each target is shown in <= 5 % of samples and the
+anchors and surroundings keep >= 95 %; the table says which did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ablation_core import ablate, evaluate_toy, load_model, make_config
+from ablation_core.files import write_text_atomic
+
+TARGET_MAX, KEPT_MIN = 0.05, 0.95
+
+# (case, [(target, anchor), ...], concept type); memorized images and inappropriate content have no toy-world
+# counterpart (no memorized sample, no detector), so they are not measured here.
+PRESET_CASES = (
+    ("preset object", [("car", "house")], "object"),
+    ("preset instance", [("snoopy", "dog")], "instance"),
+    ("preset instance (overlapping words)", [("grumpy cat", "cat")], "instance"),
+    ("preset style", [("van gogh", "painting")], "style"),
+)
+JOINT_CASE = ("three targets in one run", [("nemo", "fish"), ("monet", "painting"), ("car", "house")], None)
+FIRST, SECOND = ("snoopy", "dog"), ("picasso", "painting")
+
+
+def measure(view, patch, pairs: list[tuple[str, str]], per_set: int) -> list[dict]:
+    rows = []
+    for target, anchor in pairs:
+        evaluation = evaluate_toy(view, patch, target, anchor, per_set=per_set)
+        summary = evaluation.summary
+        rows.append({"target": target, "anchor": anchor, **{k: summary[k] for k in (
+            "target_recognised_before", "target_recognised", "anchor_retained", "surrounding_retained")}})
+    return rows
+
+
+def passed(rows: list[dict]) -> bool:
+    return all(r["target_recognised"] <= TARGET_MAX and r["anchor_retained"] >= KEPT_MIN
+               and r["surrounding_retained"] >= KEPT_MIN for r in rows)
+
+
+def run(per_set: int) -> list[dict]:
+    view = load_model("toy")
+    results = []
+
+    def record(case: str, pairs: list[tuple[str, str]], patch, seconds: float) -> None:
+        rows = measure(view, patch, pairs, per_set)
+        results.append({"case": case, "seconds": round(seconds, 1), "passed": passed(rows), "targets": rows,
+                        "concept_type": patch.metadata.get("ablation.concept_type", ""),
+                        "settings": json.loads(patch.metadata.get("ablation.settings", "{}"))})
+        print(json.dumps(results[-1]), flush=True)
+
+    for case, pairs, concept_type in PRESET_CASES + (JOINT_CASE,):
+        targets, anchors = [t for t, _ in pairs], [a for _, a in pairs]
+        started = time.perf_counter()
+        patch = ablate(view, make_config(targets, anchors, concept_type=concept_type)).patch
+        record(case, pairs, patch, time.perf_counter() - started)
+
+    started = time.perf_counter()
+    first = ablate(view, make_config(*FIRST)).patch
+    both = ablate(view, make_config(*SECOND), base_patch=first).patch
+    record("second erasure on top of a first", [FIRST, SECOND], both, time.perf_counter() - started)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| case | target -> anchor | target shown (before -> after) | anchor kept | surroundings kept | ok |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for result in results:
+        for row in result["targets"]:
+            lines.append(f"| {result['case']} | {row['target']} -> {row['anchor']} "
+                         f"| {row['target_recognised_before']:.0%} -> **{row['target_recognised']:.0%}** "
+                         f"| {row['anchor_retained']:.0%} | {row['surrounding_retained']:.0%} "
+                         f"| {'yes' if result['passed'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.recipe_cases", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-set", type=int, default=24)
+    parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = parser.parse_args(argv)
+    results = run(args.per_set)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+        write_text_atomic(Path(args.out).with_suffix(".md"), table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
