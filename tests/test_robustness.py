@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ablation_core.evaluation.attacks import ATTACK_NAMES, budget_of, run_attack, run_attacks
+from ablation_core.evaluation.attacks import ATTACK_NAMES, budget_of, run_attack
 from ablation_core.methods.robust.rounds import AdversaryBudget, robust_ablate, robust_erase_closed_form
 from tests.conftest import tiny_config
 

@@ -80,8 +80,8 @@ def markdown(rows: list[dict], budget: dict) -> str:
             + " | ".join(ATTACK_NAMES) + " | erase s |\n|" + " --- |" * (6 + len(ATTACK_NAMES)))
     lines = [head]
     for r in rows:
-        attacks = " | ".join(f"{_pct(r['attacks'][n]['success_before'])} -> **{_pct(r['attacks'][n]['success_after'])}**"
-                             for n in ATTACK_NAMES)
+        attacks = " | ".join(f"{_pct(r['attacks'][n]['success_before'])} -> "
+                             f"**{_pct(r['attacks'][n]['success_after'])}**" for n in ATTACK_NAMES)
         lines.append(f"| {r['target']} -> {r['anchor']} | {r['method']} | {_pct(r['target_recognised_before'])} -> "
                      f"**{_pct(r['target_recognised'])}** | {_pct(r['anchor_retained'])} | "
                      f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {r['seconds_erase']:.0f} |")
