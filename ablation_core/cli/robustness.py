@@ -43,9 +43,12 @@ def erase(view, method: str, target: str, anchor: str, rounds: int, seed: int):
 
 
 def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: int, budget: str, per_set: int,
-                    seed: int, on_row) -> list[dict]:
+                    seed: int, on_row, patch_dir: Path | None = None,
+                    attacks: tuple[str, ...] = ATTACK_NAMES) -> list[dict]:
+    if not methods:
+        return []
     prepared, before = {}, {}
-    for name in ATTACK_NAMES:
+    for name in attacks:
         chosen = budget_of(name, budget)
         prepared[name] = ATTACKS[name].prepare(view, target, chosen, seed)
         before[name] = run_attack(view, name, target, anchor, chosen, seed, prepared[name])
@@ -54,18 +57,20 @@ def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: 
         started = time.perf_counter()
         patch = erase(view, method, target, anchor, rounds, seed)
         seconds = time.perf_counter() - started
+        if patch_dir is not None:
+            patch.save(patch_dir / f"{target.replace(' ', '_')}_{method}.safetensors")
         evaluation = evaluate_toy(view, patch, target, anchor, per_set, seed)
-        attacks = {}
+        found = {}
         with apply_patch(view, patch):
-            for name in ATTACK_NAMES:
+            for name in attacks:
                 after = run_attack(view, name, target, anchor, budget_of(name, budget), seed, prepared[name])
-                attacks[name] = {"success_before": before[name].success, "success_after": after.success,
+                found[name] = {"success_before": before[name].success, "success_after": after.success,
                                  "samples": after.samples}
         neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
                       if s.name.startswith("surrounding")}
         row = {"target": target, "anchor": anchor, "method": method, "rounds": rounds if "robust" in method else 0,
                "seconds_erase": round(seconds, 1), **evaluation.summary, "neighbours": neighbours,
-               "attacks": attacks}
+               "attacks": found}
         rows.append(row)
         on_row(row)
     return rows
@@ -76,12 +81,13 @@ def _pct(value: float) -> str:
 
 
 def markdown(rows: list[dict], budget: dict) -> str:
+    names = [n for n in ATTACK_NAMES if rows and n in rows[0]["attacks"]]
     head = ("| concept -> anchor | method | target shown | anchor kept | surrounding kept | "
-            + " | ".join(ATTACK_NAMES) + " | erase s |\n|" + " --- |" * (6 + len(ATTACK_NAMES)))
+            + " | ".join(names) + " | erase s |\n|" + " --- |" * (6 + len(names)))
     lines = [head]
     for r in rows:
         attacks = " | ".join(f"{_pct(r['attacks'][n]['success_before'])} -> "
-                             f"**{_pct(r['attacks'][n]['success_after'])}**" for n in ATTACK_NAMES)
+                             f"**{_pct(r['attacks'][n]['success_after'])}**" for n in names)
         lines.append(f"| {r['target']} -> {r['anchor']} | {r['method']} | {_pct(r['target_recognised_before'])} -> "
                      f"**{_pct(r['target_recognised'])}** | {_pct(r['anchor_retained'])} | "
                      f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {r['seconds_erase']:.0f} |")
@@ -93,7 +99,7 @@ def markdown(rows: list[dict], budget: dict) -> str:
 
         attacks = " | ".join(f"{_pct(mean([r['attacks'][n]['success_before'] for r in mine]))} -> "
                              f"**{_pct(mean([r['attacks'][n]['success_after'] for r in mine]))}**"
-                             for n in ATTACK_NAMES)
+                             for n in names)
         lines.append(f"| **mean of {len(mine)}** | {method} | "
                      f"{_pct(mean([r['target_recognised_before'] for r in mine]))} -> "
                      f"**{_pct(mean([r['target_recognised'] for r in mine]))}** | "
@@ -102,6 +108,18 @@ def markdown(rows: list[dict], budget: dict) -> str:
                      f"{mean([r['seconds_erase'] for r in mine]):.0f} |")
     budgets = "; ".join(f"{name}: {json.dumps(b)}" for name, b in budget.items())
     return "\n".join(lines) + f"\n\nAttack budgets: {budgets}\n"
+
+
+def _earlier_rows(args: argparse.Namespace, budget: dict) -> list[dict]:
+    path = Path(args.out).with_suffix(".json")
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    same = (report.get("budgets") == budget and report.get("rounds") == args.rounds
+            and report.get("per_set") == args.per_set and report.get("seed") == args.seed)
+    if not same:
+        raise SystemExit(f"{path} was measured with other settings; remove it or leave out --resume")
+    return list(report["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,13 +131,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="toy concepts to erase, each with its own anchor (default: every one)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="erasure methods (default: all four)")
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACK_NAMES), choices=ATTACK_NAMES,
+                        help="attacks to run (default: all three)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the robust methods (default: 2)")
     parser.add_argument("--attack-budget", choices=["full", "small"], default="full",
                         help="the attacks' budgets (default: full)")
     parser.add_argument("--per-set", type=int, default=16, help="evaluation samples per prompt set (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="write the rows (.json) and the table (.md) here")
+    parser.add_argument("--out", default=None,
+                        help="write the rows (.json), the table (.md) and the patches (folder F_patches) here")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in F.json (same budget, rounds, samples and seed) and measure only "
+                             "the missing concept x method pairs (default: start over)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown toy concept {unknown[0]!r}; known: {', '.join(CONCEPTS_BY_NAME)}")
     view = load_model("toy")
-    budget = {name: budget_of(name, args.attack_budget).as_json() for name in ATTACK_NAMES}
-    rows: list[dict] = []
+    budget = {name: budget_of(name, args.attack_budget).as_json() for name in args.attacks}
+    rows: list[dict] = _earlier_rows(args, budget) if args.resume and args.out else []
+    patch_dir = Path(args.out + "_patches") if args.out else None
+    if patch_dir is not None:
+        patch_dir.mkdir(parents=True, exist_ok=True)
 
     def on_row(row: dict) -> None:
         rows.append(row)
@@ -142,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:
         concept = CONCEPTS_BY_NAME[name]
-        measure_concept(view, concept.name, concept.anchor, args.methods, args.rounds, args.attack_budget,
-                        args.per_set, args.seed, on_row)
+        done = {r["method"] for r in rows if r["target"] == concept.name}
+        measure_concept(view, concept.name, concept.anchor, [m for m in args.methods if m not in done], args.rounds,
+                        args.attack_budget, args.per_set, args.seed, on_row, patch_dir, tuple(args.attacks))
     print(markdown(rows, budget))
     return 0
 
