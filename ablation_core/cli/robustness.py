@@ -80,17 +80,28 @@ def _pct(value: float) -> str:
     return f"{value:.0%}"
 
 
+def _worst(row: dict) -> str:
+    """The neighbour that lost the most (before -> after), or "-" when none did."""
+    changes = {name: after - before for name, (before, after) in row.get("neighbours", {}).items()}
+    if not changes or min(changes.values()) >= 0:
+        return "-"
+    name = min(changes, key=changes.get)
+    before, after = row["neighbours"][name]
+    return f"{name} {_pct(before)} -> {_pct(after)}"
+
+
 def markdown(rows: list[dict], budget: dict) -> str:
     names = [n for n in ATTACK_NAMES if rows and n in rows[0]["attacks"]]
     head = ("| concept -> anchor | method | target shown | anchor kept | surrounding kept | "
-            + " | ".join(names) + " | erase s |\n|" + " --- |" * (6 + len(names)))
+            + " | ".join(names) + " | worst neighbour | erase s |\n|" + " --- |" * (7 + len(names)))
     lines = [head]
     for r in rows:
         attacks = " | ".join(f"{_pct(r['attacks'][n]['success_before'])} -> "
                              f"**{_pct(r['attacks'][n]['success_after'])}**" for n in names)
         lines.append(f"| {r['target']} -> {r['anchor']} | {r['method']} | {_pct(r['target_recognised_before'])} -> "
                      f"**{_pct(r['target_recognised'])}** | {_pct(r['anchor_retained'])} | "
-                     f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {r['seconds_erase']:.0f} |")
+                     f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {_worst(r)} | "
+                     f"{r['seconds_erase']:.0f} |")
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
 
@@ -104,7 +115,7 @@ def markdown(rows: list[dict], budget: dict) -> str:
                      f"{_pct(mean([r['target_recognised_before'] for r in mine]))} -> "
                      f"**{_pct(mean([r['target_recognised'] for r in mine]))}** | "
                      f"{_pct(mean([r['anchor_retained'] for r in mine]))} | "
-                     f"{_pct(mean([r.get('surrounding_retained', 1.0) for r in mine]))} | {attacks} | "
+                     f"{_pct(mean([r.get('surrounding_retained', 1.0) for r in mine]))} | {attacks} | - | "
                      f"{mean([r['seconds_erase'] for r in mine]):.0f} |")
     budgets = "; ".join(f"{name}: {json.dumps(b)}" for name, b in budget.items())
     return "\n".join(lines) + f"\n\nAttack budgets: {budgets}\n"
