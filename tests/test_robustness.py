@@ -104,3 +104,30 @@ def test_robust_closed_form_adds_the_adversarial_embeddings_to_the_solve(sd1_vie
     assert robust.stats["target_vectors"] > plain.stats["target_vectors"]
     key = next(iter(plain.patch.deltas))
     assert not torch.allclose(plain.patch.deltas[key].full(), robust.patch.deltas[key].full())
+
+
+def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
+    from ablation_core.cli import erase
+    from ablation_core.cli.parser import build_parser
+
+    seen = {}
+
+    def fake(name):
+        def run(view, config, on_progress=None, base_patch=None, **_):
+            seen[name] = config.robust_rounds
+            raise SystemExit(0)
+        return run
+
+    monkeypatch.setattr("ablation_core.methods.robust.rounds.robust_ablate", fake("trained"))
+    monkeypatch.setattr("ablation_core.methods.robust.rounds.robust_erase_closed_form", fake("closed-form"))
+    monkeypatch.setattr(erase, "load_view", lambda args: None)
+    for method in ("trained", "closed-form"):
+        out = str(tmp_path / "p.safetensors")
+        args = build_parser().parse_args(["ablate", "--model", "toy", "--method", method, "--target", "nemo",
+                                          "--anchor", "fish", "--robust", "3", "--out", out])
+        with pytest.raises(SystemExit):
+            erase.cmd_ablate(args)
+    assert seen == {"trained": 3, "closed-form": 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ablate", "--model", "toy", "--target", "nemo", "--anchor", "fish", "--robust", "-1",
+                                   "--out", str(tmp_path / "p.safetensors")])
