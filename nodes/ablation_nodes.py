@@ -29,6 +29,8 @@ PATCH_TYPE = "ABLATION_PATCH"
 PATCH_FOLDER = "ablation_patches"
 SAVE_FOLDERS = ("loras", PATCH_FOLDER)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+ROBUST_TOOLTIP = ("robust erasure: this many rounds of attacking the result (a learned token embedding and a token "
+                  "search) and erasing what the attack found too; each round costs about one more run; 0 = off")
 
 
 # ComfyUI folders ---------------------------------------------------------------------------------------------
@@ -122,15 +124,17 @@ class AblateConcept:
                                                   "(512 SD1/SD2, 1024 SDXL)"}),
                 "use_cache": ("BOOLEAN", {"default": True,
                                           "tooltip": "reuse a finished run with the same model and settings"}),
+                "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": ROBUST_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def ablate(self, model, clip, target, anchor, kind, group, preset, steps, seed, anchor_prompts="",
-               image_size=0, use_cache=True, unique_id=None):
+               image_size=0, use_cache=True, robust_rounds=0, unique_id=None):
         user_prompts = tuple(line.strip() for line in anchor_prompts.splitlines() if line.strip()) or None
         config = make_config(target, anchor, preset, kind=kind, group=group, steps=steps or None, seed=seed,
-                             anchor_prompts=user_prompts, latent_size=(image_size // 8) or None)
+                             anchor_prompts=user_prompts, latent_size=(image_size // 8) or None,
+                             robust_rounds=robust_rounds or None)
         model_out, clip_out, patch, summary = backend.ablate_concept(
             model, clip, config, node_id=unique_id, cache_dir=_cache_dir() if use_cache else None)
         return {"ui": {"text": [summary]}, "result": (model_out, clip_out, patch)}

@@ -66,8 +66,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[str], anchor_prompts, base):
-    from ..methods.ablation.loop import ablate
     from ..methods.ablation.settings import make_config
+    from ..methods.robust.rounds import robust_ablate
     from .console import progress_bars
 
     config = make_config(
@@ -76,9 +76,10 @@ def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[s
         regularization=args.regularize or None, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_rank=args.lora_rank, anchor_images=args.anchor_images,
         sampler_steps=args.sampler_steps, guidance=args.guidance, misspelled_targets=args.misspellings,
-        anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed)
+        anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed,
+        robust_rounds=getattr(args, "robust", 0) or None)
     with progress_bars() as on_progress:
-        result = ablate(view, config, on_progress, base_patch=base)
+        result = robust_ablate(view, config, on_progress, base_patch=base)
     return result.patch, (f"loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}; anchors "
                           f"{result.seconds_anchors:.1f}s, training {result.seconds_training:.1f}s; held-out check: "
                           f"the target moved {result.check['erased_fraction']:.0%} of the way to the anchor")
@@ -86,14 +87,15 @@ def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[s
 
 def _closed_form(args: argparse.Namespace, view, targets: list[str], anchors: list[str], base):
     from ..methods.closed_form.settings import make_closed_form_config
-    from ..methods.closed_form.solve import erase_closed_form
+    from ..methods.robust.rounds import robust_erase_closed_form
     from .console import progress_bars
 
     kind = args.kind or ("style" if args.concept_type == "style" else None)
     config = make_closed_form_config(targets, anchors, kind=kind, mode=args.mode, preserve=args.preserve,
-                                     preserve_weight=args.preserve_weight, seed=args.seed)
+                                     preserve_weight=args.preserve_weight, seed=args.seed,
+                                     robust_rounds=getattr(args, "robust", 0))
     with progress_bars() as on_progress:
-        result = erase_closed_form(view, config, on_progress, base_patch=base)
+        result = robust_erase_closed_form(view, config, on_progress, base_patch=base)
     stats = result.stats
     return result.patch, (f"{len(result.config.targets)} concept(s) in {result.seconds:.2f}s ({result.config.mode}); "
                           f"targets moved {stats['target_moved_fraction']:.0%} onto their anchors, preserved outputs "

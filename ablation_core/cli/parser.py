@@ -135,6 +135,11 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                         "SD1.5 = 512 px)")
     p.add_argument("--seed", type=checks.seed, default=0,
                    help="seed of prompts, anchor images and training (default: 0)")
+    p.add_argument("--robust", type=checks.non_negative_int, default=0, metavar="ROUNDS",
+                   help="robust erasure: ROUNDS times, attack the patch (soft-prompt inversion and token search on "
+                        "the run's own prompts) and erase what the attack found too, keeping every other concept; "
+                        "trained: adversarial training of all attention projections unless --group is given; "
+                        "closed form: RECE-style re-solves. Each round costs about one more run (default: 0 = off)")
     _add_closed_form_options(p)
     _patch_output_args(p)
 

@@ -15,8 +15,8 @@ import torch
 
 from ...methods.closed_form.fusion import fuse_patches
 from ...methods.closed_form.settings import ClosedFormConfig
-from ...methods.closed_form.solve import erase_closed_form
 from ...methods.progress import Canceller, Progress, cancel_checks
+from ...methods.robust.rounds import robust_erase_closed_form
 from ...patches.patch import META, AblationPatch
 from .flows import NodeProgress, apply_patches
 from .view import ComfyModelView, cancel_requested, compute_modules
@@ -58,7 +58,7 @@ def erase_concepts(model, clip, config: ClosedFormConfig,
     with torch.inference_mode(False), torch.no_grad():
         view = ComfyModelView(model, clip, original_weights=True)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
-            result = erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested)
+            result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested)
     model_out, clip_out = apply_patches(model, clip, [(result.patch, 1.0)])
     stats = result.stats
     summary = (f"erased {len(result.config.targets)} concept(s) in {result.seconds:.2f}s ({result.config.mode}): "

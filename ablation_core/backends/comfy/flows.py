@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ...errors import AblationError
 from ...evaluation.images import grid, save_image, to_pil
-from ...methods.ablation.loop import ablate
 from ...methods.ablation.settings import AblationConfig, resolve_config
 from ...methods.progress import Canceller, Progress, cancel_checks
+from ...methods.robust.rounds import robust_ablate
 from ...models.sampling import sample_latents
 from ...patches.apply import check_fingerprint, resolve
 from ...patches.cache import PatchCache, cache_key
@@ -112,7 +112,7 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
         progress = NodeProgress(node_id, int(config.anchor_images), int(config.steps))
         if patch is None:
             started = time.perf_counter()
-            result = ablate(view, config, on_progress=progress, should_cancel=cancel_requested)
+            result = robust_ablate(view, config, on_progress=progress, should_cancel=cancel_requested)
             patch = result.patch
             log.info("concept ablation finished in %.1fs", time.perf_counter() - started)
             if cache:

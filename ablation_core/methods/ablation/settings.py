@@ -26,6 +26,7 @@ DEFAULTS: dict[str, object] = {
     "kind": "object", "group": "kv", "objective": "model", "regularization": False, "steps": 100, "batch_size": 8,
     "learning_rate": BASE_LR * 8, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 128,
     "sampler_steps": 10, "guidance": 6.0, "sample_batch_size": 16, "misspelled_targets": 0,
+    "robust_rounds": 0,
 }
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "real": {
@@ -75,6 +76,7 @@ class AblationConfig:
     anchor_prompts: tuple[str, ...] | None = None
     held_out_prompts: tuple[str, ...] | None = None
     negative_prompt: str | None = None
+    robust_rounds: int | None = None
     seed: int = 0
     preset: str = "default"
     extra_metadata: dict[str, str] = field(default_factory=dict)
@@ -177,7 +179,7 @@ def check_config(config: AblationConfig) -> None:
     for name in ("steps", "batch_size", "anchor_images", "sampler_steps", "sample_batch_size", "anchor_prompt_count"):
         if int(getattr(config, name)) < 1:
             raise AblationError(f"{name.replace('_', ' ')} must be at least 1 (got {getattr(config, name)})")
-    for name in ("lora_rank", "misspelled_targets"):
+    for name in ("lora_rank", "misspelled_targets", "robust_rounds"):
         if int(getattr(config, name)) < 0:
             raise AblationError(f"{name.replace('_', ' ')} cannot be negative (got {getattr(config, name)})")
     if not 0 < float(config.learning_rate) < 1:

@@ -49,6 +49,7 @@ class ClosedFormConfig:
     builtin_preserve: bool = True
     preserved_prompts: tuple[str, ...] | None = None
     anchor_prompts: tuple[tuple[str, ...], ...] | None = None
+    robust_rounds: int = 0
     seed: int = 0
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
@@ -162,6 +163,8 @@ def check_closed_form(config: ClosedFormConfig) -> None:
         raise AblationError(f"the ridge must be a small positive number (got {config.ridge})")
     if not 0 < float(config.null_space_tolerance) < 1:
         raise AblationError(f"the null-space tolerance must be between 0 and 1 (got {config.null_space_tolerance})")
+    if int(config.robust_rounds) < 0:
+        raise AblationError(f"robust rounds cannot be negative (got {config.robust_rounds})")
     if int(config.prompts_per_target) < 1:
         raise AblationError("prompts per target must be at least 1")
     if len({t.lower() for t in config.targets}) != len(config.targets):
