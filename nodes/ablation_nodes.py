@@ -22,6 +22,8 @@ from ablation_core import (
 )
 from ablation_core.backends import comfy as backend
 from ablation_core.backends.comfy import closed_form as closed_form_backend
+from ablation_core.methods.ablation.recipes import CONCEPT_TYPE_HELP, CONCEPT_TYPES
+from ablation_core.methods.closed_form.settings import parse_concept_lines
 from ablation_core.patches.patch import DEFAULT_ENERGY
 
 CATEGORY = "conditioning/ablation"
@@ -31,6 +33,7 @@ SAVE_FOLDERS = ("loras", PATCH_FOLDER)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 ROBUST_TOOLTIP = ("robust erasure: this many rounds of attacking the result (a learned token embedding and a token "
                   "search) and erasing what the attack found too; each round costs about one more run; 0 = off")
+AUTO = "auto"
 
 
 # ComfyUI folders ---------------------------------------------------------------------------------------------
@@ -103,9 +106,12 @@ class AblateConcept:
             "required": {
                 "model": ("MODEL",),
                 "clip": ("CLIP",),
-                "target": ("STRING", {"default": "Van Gogh", "tooltip": "the concept to remove"}),
+                "target": ("STRING", {"default": "Van Gogh", "multiline": True,
+                                      "tooltip": "the concept to remove; several, one per line, are trained "
+                                                 "jointly ('target -> anchor' gives a line its own anchor)"}),
                 "anchor": ("STRING", {"default": "painting",
-                                      "tooltip": "what the target should turn into (a broader concept)"}),
+                                      "tooltip": "what the target should turn into (a broader concept); for "
+                                                 "every line that names none"}),
                 "kind": (list(KINDS), {"default": "style",
                                        "tooltip": "object/instance: swap the word; style: 'in the style of'; "
                                                   "memorization: the exact prompt"}),
@@ -124,19 +130,34 @@ class AblateConcept:
                                                   "(512 SD1/SD2, 1024 SDXL)"}),
                 "use_cache": ("BOOLEAN", {"default": True,
                                           "tooltip": "reuse a finished run with the same model and settings"}),
+                "concept_type": ([AUTO, *CONCEPT_TYPES], {
+                    "default": AUTO, "tooltip": "auto: kind and group as set above; otherwise the type's recipe "
+                                                "picks them (and its other settings): "
+                                                + "; ".join(f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items())}),
+                "negative_prompt": ("STRING", {"default": "",
+                                               "tooltip": "negative prompt while the anchor images are drawn; "
+                                                          "empty = none (inappropriate: the targets)"}),
+                "base_patch": (PATCH_TYPE, {"tooltip": "an earlier patch to build on: training sees the model with "
+                                                       "it applied and the output patch holds both changes. A MODEL "
+                                                       "from our nodes already brings its patches."}),
                 "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": ROBUST_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def ablate(self, model, clip, target, anchor, kind, group, preset, steps, seed, anchor_prompts="",
-               image_size=0, use_cache=True, robust_rounds=0, unique_id=None):
+               image_size=0, use_cache=True, concept_type=AUTO, negative_prompt="", base_patch=None,
+               robust_rounds=0, unique_id=None):
         user_prompts = tuple(line.strip() for line in anchor_prompts.splitlines() if line.strip()) or None
-        config = make_config(target, anchor, preset, kind=kind, group=group, steps=steps or None, seed=seed,
+        targets, anchors = parse_concept_lines(target, anchor, separators=("->",))
+        typed = concept_type != AUTO  # the type's recipe chooses kind and group
+        config = make_config(targets, anchors, preset, kind=None if typed else kind, group=None if typed else group,
+                             concept_type=concept_type if typed else None, steps=steps or None, seed=seed,
                              anchor_prompts=user_prompts, latent_size=(image_size // 8) or None,
-                             robust_rounds=robust_rounds or None)
+                             negative_prompt=negative_prompt.strip() or None, robust_rounds=robust_rounds or None)
         model_out, clip_out, patch, summary = backend.ablate_concept(
-            model, clip, config, node_id=unique_id, cache_dir=_cache_dir() if use_cache else None)
+            model, clip, config, node_id=unique_id, cache_dir=_cache_dir() if use_cache else None,
+            base_patch=base_patch)
         return {"ui": {"text": [summary]}, "result": (model_out, clip_out, patch)}
 
 

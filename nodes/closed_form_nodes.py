@@ -46,18 +46,22 @@ class EraseConceptsClosedForm:
                 "preserve": ("STRING", {"multiline": True, "default": "",
                                         "tooltip": "extra concepts to keep, one per line (a built-in bank of "
                                                    "everyday objects and styles is always kept)"}),
+                "base_patch": (PATCH_TYPE, {"tooltip": "an earlier K/V patch to build on: the solve starts from "
+                                                       "the weights with it applied and the output patch holds both "
+                                                       "changes. A MODEL from our nodes already brings its patches."}),
                 "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": ROBUST_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve="", robust_rounds=0,
-              unique_id=None):
+    def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve="", base_patch=None,
+              robust_rounds=0, unique_id=None):
         targets, anchors = parse_concept_lines(concepts, anchor)
         config = make_closed_form_config(targets, anchors, kind=kind, mode=mode, preserve_weight=preserve_weight,
                                          preserve=[line for line in preserve.splitlines() if line.strip()],
                                          robust_rounds=robust_rounds)
-        model_out, _, patch, summary = backend.erase_concepts(model, clip, config, node_id=unique_id)
+        model_out, _, patch, summary = backend.erase_concepts(model, clip, config, node_id=unique_id,
+                                                              base_patch=base_patch)
         return {"ui": {"text": [summary]}, "result": (model_out, patch)}
 
 

@@ -452,3 +452,116 @@ def test_merge_node_fuses_patches_that_share_a_target(comfy):
     (fused,) = _nodes()["MergeAblationPatches"]().merge(first, 1.0, both, 0.5, "fusion", model=model,
                                                          clip=clip)["result"]
     assert fused.metadata["ablation.method"] == "merge-fusion" and set(fused.deltas) == set(first.deltas)
+
+
+# New widgets of Ablate Concept and chained erasures ---------------------------------------------------------------
+
+def _captured_config(monkeypatch, **widgets):
+    """The config and base patch the Ablate Concept node hands the backend for these widgets (nothing trains)."""
+    seen = {}
+
+    def capture(model, clip, config, **kwargs):
+        seen.update(config=config, **kwargs)
+        return model, clip, None, "done"
+
+    monkeypatch.setattr(backend, "ablate_concept", capture)
+    inputs = {"target": "Van Gogh", "anchor": "painting", "kind": "style", "group": "kv", "preset": "fast",
+              "steps": 0, "seed": 0, **widgets}
+    _nodes()["AblateConcept"]().ablate(fakes.make_model(), fakes.make_clip(), **inputs)
+    return seen
+
+
+def test_ablate_node_takes_several_targets_a_concept_type_and_a_negative_prompt(comfy, monkeypatch):
+    from ablation_core import resolve_config
+
+    seen = _captured_config(monkeypatch, target="Van Gogh\n\nnudity -> a person, fully clothed",
+                            concept_type="inappropriate", negative_prompt=" ")
+    config = resolve_config(seen["config"], "sd1")
+    assert config.pairs() == [("Van Gogh", "painting"), ("nudity", "a person, fully clothed")]
+    assert (config.group, config.kind) == ("attn", "object")  # the recipe's, not the kind/group widgets'
+    assert config.negative_prompt == "Van Gogh, nudity"  # empty widget: the recipe's negative prompt
+    auto = resolve_config(_captured_config(monkeypatch, group="full", negative_prompt="blurry")["config"], "sd1")
+    assert (auto.concept_type, auto.group, auto.kind, auto.negative_prompt) == (None, "full", "style", "blurry")
+    with pytest.raises(AblationError, match="names no anchor"):
+        _captured_config(monkeypatch, target="Van Gogh", anchor=" ")
+
+
+def test_chained_erase_nodes_give_one_patch_on_the_original_model(comfy):
+    """Erase Concepts on the output of another: the second patch holds both erasures (as the core's base patch
+    gives), carries the original fingerprint, and replaces the first on the MODEL instead of stacking on it."""
+    from ablation_core.methods.closed_form.settings import make_closed_form_config
+    from ablation_core.methods.closed_form.solve import erase_closed_form
+
+    model, clip = fakes.make_toy_model_and_clip()
+    erase = _nodes()["EraseConceptsClosedForm"]()
+    first_model, first = erase.erase(model, clip, "snoopy -> dog", "", "object", "least-squares", 0.5)["result"]
+    foreign_key = "diffusion_model.out.2.weight"  # a LoRA loaded in between stays on the MODEL
+    lora_model = first_model.clone()
+    lora_model.add_patches({foreign_key: (torch.ones(1),)})
+    output = erase.erase(lora_model, clip, "grumpy cat -> cat", "", "object", "least-squares", 0.5)
+    chained_model, chained = output["result"]
+    assert output["ui"]["text"][0].startswith("built on the MODEL's earlier patch (snoopy)")
+    assert chained.listed("targets") == ["snoopy", "grumpy cat"]
+    assert chained.base_fingerprint == first.base_fingerprint
+    assert backend.fingerprint_matches(model, clip, chained)
+    direct = erase_closed_form(backend.ComfyModelView(model, clip, original_weights=True),
+                               make_closed_form_config("grumpy cat", "cat"), base_patch=first).patch
+    alone = erase.erase(model, clip, "grumpy cat -> cat", "", "object", "least-squares", 0.5)["result"][1]
+    key = next(iter(chained.deltas))
+    torch.testing.assert_close(chained.deltas[key].full(), direct.deltas[key].full())
+    assert not torch.allclose(chained.deltas[key].full(), alone.deltas[key].full(), atol=1e-4)
+    applied, _ = _nodes()["ApplyAblationPatch"]().apply(model, chained, 1.0, clip)["result"]
+    view = backend.ComfyModelView(model)
+    for patch_key in chained.deltas:
+        state_key = view.state_key(patch_key)[1]
+        assert len(chained_model.patches[state_key]) == 1  # the first patch was taken off, not stacked under
+        torch.testing.assert_close(chained_model.patched_weight(state_key), applied.patched_weight(state_key))
+    assert len(chained_model.patches[foreign_key]) == 1 and first_model.patches != chained_model.patches
+    assert [e.patch for e in backend.chain.carried(chained_model)] == [chained]
+
+
+def test_chained_ablate_nodes_train_on_the_original_weights_with_the_first_patch(comfy, monkeypatch):
+    model, clip = fakes.make_model(), fakes.make_clip()
+    node = _nodes()["AblateConcept"]()
+    first_model, _, first = _run_ablate(node, model, clip, monkeypatch, use_cache=False)
+    seen = {}
+    original = backend.flows.ablate
+
+    def spy(view, config, **kwargs):
+        seen["patches"] = {k: list(v) for k, v in view.patcher.patches.items()}  # what ComfyUI loads to train on
+        seen["base"] = kwargs.get("base_patch")
+        return original(view, config, **kwargs)
+
+    monkeypatch.setattr(backend.flows, "ablate", spy)
+    applied, _ = _nodes()["ApplyAblationPatch"]().apply(first_model, first, 0.5)["result"]  # stacked: 1.5 x first
+    output = node.ablate(applied, clip, "Monet", "painting", "style", "kv", "fast", TINY["steps"], 0,
+                         image_size=TINY["latent_size"] * 8, use_cache=True)
+    chained_model, _, chained = output["result"]
+    assert "earlier patches" in output["ui"]["text"][0]
+    assert seen["patches"] == {}  # trained on the original weights, the earlier patches through hooks
+    view = backend.ComfyModelView(model)
+    for key, delta in first.deltas.items():
+        torch.testing.assert_close(seen["base"].deltas[key].full(), 1.5 * delta.full())
+    assert chained.listed("targets") == ["Van Gogh", "Van Gogh", "Monet"]
+    assert chained.base_fingerprint == first.base_fingerprint
+    reapplied, _ = _nodes()["ApplyAblationPatch"]().apply(model, chained, 1.0)["result"]
+    for key in chained.deltas:
+        state_key = view.state_key(key)[1]
+        assert len(chained_model.patches[state_key]) == 1
+        torch.testing.assert_close(chained_model.patched_weight(state_key), reapplied.patched_weight(state_key))
+        assert not torch.allclose(chained.deltas[key].full(), 1.5 * first.deltas[key].full())
+    # The same node on the original MODEL with the first patch as its base_patch input builds on it once.
+    seen.clear()
+    node.ablate(first_model, clip, "Monet", "painting", "style", "kv", "fast", TINY["steps"], 0, base_patch=first,
+                image_size=TINY["latent_size"] * 8, use_cache=False)
+    assert seen["base"] is first
+
+
+def test_a_record_whose_patches_were_removed_is_ignored(comfy, trained):
+    model, clip, out_model, _, patch = trained
+    assert [e.patch for e in backend.chain.carried(out_model)] == [patch]
+    rebuilt = out_model.clone()
+    rebuilt.patches = {}  # a node that rebuilt the MODEL's patches: the record stays, the weights are original
+    assert backend.chain.carried(rebuilt) == []
+    base = backend.chain.base_patch(backend.chain.carried(rebuilt), [])
+    assert base is None

@@ -18,7 +18,7 @@ from ...methods.closed_form.settings import ClosedFormConfig
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_erase_closed_form
 from ...patches.patch import META, AblationPatch
-from .flows import NodeProgress, apply_patches
+from .flows import NodeProgress, PatchStack, apply_patches, on_original_weights
 from .view import ComfyModelView, cancel_requested, compute_modules
 
 
@@ -51,19 +51,24 @@ class SolveProgress:
         NodeProgress._send({"node": self.node_id, "phase": "done", "cached": False, "losses": [], "summary": summary})
 
 
-def erase_concepts(model, clip, config: ClosedFormConfig,
-                   node_id: str | None = None) -> tuple[object, object, AblationPatch, str]:
-    """(patched MODEL clone, CLIP, patch, a one-line summary of the solve)."""
+def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = None,
+                   base_patch: AblationPatch | PatchStack | None = None) -> tuple[object, object, AblationPatch, str]:
+    """(patched MODEL clone, CLIP, patch, a one-line summary of the solve).
+
+    As ``flows.ablate_concept``: on a MODEL that carries our patches (or with ``base_patch``) the solve starts from
+    the original weights plus those patches, and the patch holds every change with the original fingerprint."""
     progress = SolveProgress(node_id)
+    model, clip, base, prefix = on_original_weights(model, clip, base_patch)
     with torch.inference_mode(False), torch.no_grad():
         view = ComfyModelView(model, clip, original_weights=True)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
-            result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested)
+            result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested,
+                                              base_patch=base)
     model_out, clip_out = apply_patches(model, clip, [(result.patch, 1.0)])
     stats = result.stats
-    summary = (f"erased {len(result.config.targets)} concept(s) in {result.seconds:.2f}s ({result.config.mode}): "
-               f"targets moved {stats['target_moved_fraction']:.0%} onto their anchors, preserved outputs changed "
-               f"{stats['preserved_relative_change']:.1%}")
+    summary = prefix + (f"erased {len(result.config.targets)} concept(s) in {result.seconds:.2f}s "
+                        f"({result.config.mode}): targets moved {stats['target_moved_fraction']:.0%} onto their "
+                        f"anchors, preserved outputs changed {stats['preserved_relative_change']:.1%}")
     progress.finish(summary)
     return model_out, clip_out, result.patch, summary
 

@@ -27,6 +27,7 @@ from ...patches.apply import check_fingerprint, resolve
 from ...patches.cache import PatchCache, cache_key
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch
+from . import chain
 from .view import ComfyModelView, cancel_requested, compute_modules, ensure_loaded, make_trainable
 
 log = logging.getLogger(__name__)
@@ -98,33 +99,51 @@ def as_single_patch(value: AblationPatch | PatchStack) -> AblationPatch:
 
 
 def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = None,
-                   cache_dir: str | Path | None = None) -> tuple[object, object, AblationPatch, str]:
+                   cache_dir: str | Path | None = None,
+                   base_patch: AblationPatch | PatchStack | None = None) -> tuple[object, object, AblationPatch, str]:
     """Train in ComfyUI and return (patched MODEL clone, CLIP (a patched clone for the embedding group), patch,
-    a one-line summary for the node: how much of the target the held-out check found erased, or a warning)."""
+    a one-line summary for the node: how much of the target the held-out check found erased, or a warning).
+
+    When the MODEL already carries our patches (``chain``), or ``base_patch`` is given, the run trains on the
+    original weights with those patches as its base: the patch holds every change, with the original fingerprint."""
+    model, clip, base, prefix = on_original_weights(model, clip, base_patch)
     with torch.inference_mode(False), torch.enable_grad():
         trainer = model.clone()
         make_trainable(trainer)
         view = ComfyModelView(trainer, clip, latent_size=config.latent_size)
         config = resolve_config(config, view.family.name)
         cache = PatchCache(cache_dir) if cache_dir else None
-        key = cache_key(view, str(config.group), config.describe()) if cache else None
+        settings = {**config.describe(), **({"base_patch": chain.digest(base)} if base is not None else {})}
+        key = cache_key(view, str(config.group), settings) if cache else None
         patch = cache.get(key) if cache else None
         progress = NodeProgress(node_id, int(config.anchor_images), int(config.steps))
         if patch is None:
             started = time.perf_counter()
-            result = robust_ablate(view, config, on_progress=progress, should_cancel=cancel_requested)
+            result = robust_ablate(view, config, on_progress=progress, should_cancel=cancel_requested,
+                                   base_patch=base)
             patch = result.patch
             log.info("concept ablation finished in %.1fs", time.perf_counter() - started)
             if cache:
                 cache.put(key, patch)
-            summary = summarize(patch, cached=False)
+            summary = prefix + summarize(patch, cached=False)
             progress.finish(result.losses, cached=False, summary=summary)
         else:
             log.info("concept ablation: reusing the cached patch for these settings (%s)", key)
-            summary = summarize(patch, cached=True)
+            summary = prefix + summarize(patch, cached=True)
             progress.finish(stored_loss_curve(patch), cached=True, summary=summary)
     model_out, clip_out = apply_patches(model, clip, [(patch, 1.0)])
     return model_out, clip_out, patch, summary
+
+
+def on_original_weights(model, clip, base_patch: AblationPatch | PatchStack | None):
+    """(MODEL and CLIP without our earlier patches, those patches as one base patch or None, the summary prefix)."""
+    entries = chain.carried(model, clip)
+    base = chain.base_patch(entries, stack_entries(base_patch))
+    if entries:
+        log.info("the MODEL carries %d earlier ablation patch(es) (%s): building on the original weights with them "
+                 "as the base patch", len(entries), ", ".join(base.listed("targets")))
+        model, clip = chain.without(model, clip, entries)
+    return model, clip, base, chain.describe(entries, base)
 
 
 def stored_loss_curve(patch: AblationPatch) -> list[float]:
@@ -157,9 +176,11 @@ def summarize(patch: AblationPatch, cached: bool) -> str:
 
 
 def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tuple[object, object]:
-    """Clones of MODEL and CLIP with the patches added as ComfyUI weight patches (``(delta,)`` = "diff")."""
+    """Clones of MODEL and CLIP with the patches added as ComfyUI weight patches (``(delta,)`` = "diff"); the MODEL
+    records them (``chain``), after the ones it already carried, so a later erasure can build on them."""
     view = ComfyModelView(model, clip, original_weights=True)
     outputs = {"model": model.clone(), "clip": clip}
+    carried = chain.carried(model, clip)
     for patch, strength in entries:
         resolved = resolve(patch, view)
         check_fingerprint(patch, view)
@@ -175,6 +196,9 @@ def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tu
         for owner, patches in by_owner.items():
             if patches:
                 outputs[owner].add_patches(patches, strength)
+        added = tuple((owner, k, v[0]) for owner, patches in by_owner.items() for k, v in patches.items())
+        carried.append(chain.CarriedPatch(patch, strength, added))
+    chain.record(outputs["model"], carried)
     return outputs["model"], outputs["clip"]
 
 

@@ -84,15 +84,17 @@ def make_closed_form_config(targets: list[str] | tuple[str, ...] | str, anchors:
                                     else (pairs[0][1],)), **chosen)
 
 
-def parse_concept_lines(text: str, default_anchor: str | None = None) -> tuple[list[str], list[str]]:
+def parse_concept_lines(text: str, default_anchor: str | None = None,
+                        separators: tuple[str, ...] = ("->", ",")) -> tuple[list[str], list[str]]:
     """Targets and anchors from lines of ``target -> anchor`` or ``target, anchor`` (or a bare ``target`` with
-    ``default_anchor``); blank lines and lines starting with ``#`` are skipped."""
+    ``default_anchor``); blank lines and lines starting with ``#`` are skipped. ``separators=("->",)`` keeps commas
+    inside targets and anchors (whole prompts, "a person, fully clothed")."""
     targets, anchors = [], []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        for separator in ("->", ","):
+        for separator in separators:
             if separator in line:
                 target, anchor = (part.strip() for part in line.split(separator, 1))
                 break
