@@ -88,14 +88,38 @@ def patch_from_node(method: str, target: str, anchor: str, folder: Path):
 MAKERS = {"api": patch_from_api, "cli": patch_from_cli, "node": patch_from_node}
 
 
-def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None) -> list[dict]:
+def _unpatched_samples_cached() -> None:
+    """Classify each unpatched prompt set once per process (evaluations of several patches share their "before")."""
+    from ablation_core.evaluation import toy_eval
+
+    real = toy_eval._classify_samples
+    cache: dict[tuple, object] = {}
+
+    def cached(view, classifier, prompts, seed, steps, guidance):
+        state = float(sum(p.double().sum() for p in view.unet.parameters()))  # the patch changes the weights
+        key = (tuple(prompts), seed, steps, guidance, state)
+        if key not in cache:
+            cache[key] = real(view, classifier, prompts, seed, steps, guidance)
+        return cache[key]
+
+    toy_eval._classify_samples = cached
+
+
+def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None,
+        variants: dict[str, dict] | None = None) -> list[dict]:
+    """``variants``: api settings by label (each concept is made and measured once per variant)."""
     view = load_model("toy")
     rows = []
+    variants = variants or {"": dict(API_SETTINGS)}
+    if len(variants) > 1:
+        _unpatched_samples_cached()
     with tempfile.TemporaryDirectory() as tmp:
         for concept in CONCEPTS:
             if concepts and concept.name not in concepts:
                 continue
-            for entry in entries:
+            for entry, label in [(e, v) for e in entries for v in variants]:
+                API_SETTINGS.clear()
+                API_SETTINGS.update(variants[label])
                 started = time.perf_counter()
                 patch = MAKERS[entry](method, concept.name, concept.anchor, Path(tmp))
                 made = time.perf_counter() - started
@@ -105,7 +129,7 @@ def run(method: str, entries: list[str], per_set: int, concepts: list[str] | Non
                 neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
                               if s.name.startswith("surrounding")}
                 rows.append({"concept": concept.name, "kind": concept.kind, "anchor": concept.anchor, "entry": entry,
-                             "method": method, "seconds_to_patch": round(made, 1),
+                             "method": method + (f" ({label})" if label else ""), "seconds_to_patch": round(made, 1),
                              "unet_evaluations": COUNTED.pop(concept.name, None) if entry == "api" else None,
                              "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
                              **evaluation.summary, "neighbours": neighbours})
@@ -140,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="trained api entry: config settings (values read as JSON, else as text)")
     parser.add_argument("--previous-default", action="store_true",
                         help="trained api entry: the previous default preset (re-noised anchors, 4x the evaluations)")
+    parser.add_argument("--compare-previous-default", action="store_true",
+                        help="trained api entry: each concept with the previous default preset and today's")
     args = parser.parse_args(argv)
     if args.previous_default:
         from ablation_core.methods.ablation.settings import previous_default
@@ -151,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             API_SETTINGS[key] = json.loads(value)
         except json.JSONDecodeError:
             API_SETTINGS[key] = value
-    rows = run(args.method, args.entries, args.per_set, args.concepts)
+    variants = None
+    if args.compare_previous_default:
+        from ablation_core.methods.ablation.settings import previous_default
+
+        variants = {"previous default": {**previous_default("toy"), **API_SETTINGS}, "default": dict(API_SETTINGS)}
+    rows = run(args.method, args.entries, args.per_set, args.concepts, variants)
     table = markdown(rows)
     print(table)
     if args.out:
