@@ -135,6 +135,7 @@ def test_reused_states_feed_the_loss(sd1_view, monkeypatch):
     assert len(drawn) == 3 and counted["training"] == 3 * 2
     for (states, batch), (x_t, frozen) in zip(drawn, losses):
         assert len(states) == 2 * 2  # 2 images x 2 solver steps
+        assert torch.equal(batch[0], x_t) and torch.equal(batch[5], frozen)  # the drawn batch is what the loss gets
         for row in range(len(x_t)):
             match = [i for i in range(len(states)) if torch.equal(states.x_t[i], x_t[row])]
             assert match, "a training input is not a state the sampler visited"
