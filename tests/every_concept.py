@@ -1,6 +1,7 @@
 """Every entry point on every concept of the toy world: the held-out check on quality settings.
 
-``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]``
+``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]
+[--settings KEY=VALUE ...] [--previous-default]``
 
 For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
   - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))`` (closed form:
@@ -10,6 +11,8 @@ For each toy concept (with its suggested anchor) and each entry point, makes a p
   - ``node``: the Ablate Concept (closed form: Erase Concepts) node's own function on the toy model held as a
     ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's
     default widgets except target, anchor and kind;
+(``--settings`` adds config settings to the api entry's call, ``--previous-default`` the settings of the default
+preset before training reused the sampler's states; the api rows count the run's UNet evaluations with a hook),
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
 given beyond what each entry point's user types, so the figures show what users get.
 """
@@ -32,6 +35,8 @@ from ablation_core.methods.ablation.loop import ablate
 from ablation_core.toy.concepts import CONCEPTS
 
 ENTRIES = ("api", "cli", "node")
+API_SETTINGS: dict[str, object] = {}
+COUNTED: dict[str, int] = {}
 METHODS = ("trained", "closed-form")
 
 
@@ -41,7 +46,15 @@ def patch_from_api(method: str, target: str, anchor: str, folder: Path):
         from ablation_core.methods.closed_form.solve import erase_closed_form
 
         return erase_closed_form(load_model("toy"), make_closed_form_config(target, anchor)).patch
-    return ablate(load_model("toy"), make_config(target, anchor)).patch
+    view = load_model("toy")
+    calls = []
+    handle = view.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        result = ablate(view, make_config(target, anchor, **API_SETTINGS))
+    finally:
+        handle.remove()
+    COUNTED[target] = sum(calls)
+    return result.patch
 
 
 def patch_from_cli(method: str, target: str, anchor: str, folder: Path):
@@ -75,14 +88,38 @@ def patch_from_node(method: str, target: str, anchor: str, folder: Path):
 MAKERS = {"api": patch_from_api, "cli": patch_from_cli, "node": patch_from_node}
 
 
-def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None) -> list[dict]:
+def _unpatched_samples_cached() -> None:
+    """Classify each unpatched prompt set once per process (evaluations of several patches share their "before")."""
+    from ablation_core.evaluation import toy_eval
+
+    real = toy_eval._classify_samples
+    cache: dict[tuple, object] = {}
+
+    def cached(view, classifier, prompts, seed, steps, guidance):
+        state = float(sum(p.double().sum() for p in view.unet.parameters()))  # the patch changes the weights
+        key = (tuple(prompts), seed, steps, guidance, state)
+        if key not in cache:
+            cache[key] = real(view, classifier, prompts, seed, steps, guidance)
+        return cache[key]
+
+    toy_eval._classify_samples = cached
+
+
+def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None,
+        variants: dict[str, dict] | None = None) -> list[dict]:
+    """``variants``: api settings by label (each concept is made and measured once per variant)."""
     view = load_model("toy")
     rows = []
+    variants = variants or {"": dict(API_SETTINGS)}
+    if len(variants) > 1:
+        _unpatched_samples_cached()
     with tempfile.TemporaryDirectory() as tmp:
         for concept in CONCEPTS:
             if concepts and concept.name not in concepts:
                 continue
-            for entry in entries:
+            for entry, label in [(e, v) for e in entries for v in variants]:
+                API_SETTINGS.clear()
+                API_SETTINGS.update(variants[label])
                 started = time.perf_counter()
                 patch = MAKERS[entry](method, concept.name, concept.anchor, Path(tmp))
                 made = time.perf_counter() - started
@@ -92,7 +129,8 @@ def run(method: str, entries: list[str], per_set: int, concepts: list[str] | Non
                 neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
                               if s.name.startswith("surrounding")}
                 rows.append({"concept": concept.name, "kind": concept.kind, "anchor": concept.anchor, "entry": entry,
-                             "method": method, "seconds_to_patch": round(made, 1),
+                             "method": method + (f" ({label})" if label else ""), "seconds_to_patch": round(made, 1),
+                             "unet_evaluations": COUNTED.pop(concept.name, None) if entry == "api" else None,
                              "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
                              **evaluation.summary, "neighbours": neighbours})
                 print(json.dumps(rows[-1]), flush=True)
@@ -122,8 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concepts", nargs="+", default=None, help="only these (default: every concept)")
     parser.add_argument("--per-set", type=int, default=48)
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="trained api entry: config settings (values read as JSON, else as text)")
+    parser.add_argument("--previous-default", action="store_true",
+                        help="trained api entry: the previous default preset (re-noised anchors, 4x the evaluations)")
+    parser.add_argument("--compare-previous-default", action="store_true",
+                        help="trained api entry: each concept with the previous default preset and today's")
     args = parser.parse_args(argv)
-    rows = run(args.method, args.entries, args.per_set, args.concepts)
+    if args.previous_default:
+        from ablation_core.methods.ablation.settings import previous_default
+
+        API_SETTINGS.update(previous_default("toy"))
+    for item in args.settings:
+        key, _, value = item.partition("=")
+        try:
+            API_SETTINGS[key] = json.loads(value)
+        except json.JSONDecodeError:
+            API_SETTINGS[key] = value
+    variants = None
+    if args.compare_previous_default:
+        from ablation_core.methods.ablation.settings import previous_default
+
+        variants = {"previous default": {**previous_default("toy"), **API_SETTINGS}, "default": dict(API_SETTINGS)}
+    rows = run(args.method, args.entries, args.per_set, args.concepts, variants)
     table = markdown(rows)
     print(table)
     if args.out:

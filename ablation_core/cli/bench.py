@@ -1,79 +1,131 @@
-"""``bench``: time a real ablation on a random-weight model of the real SD1.5/SD2/SDXL shape.
+"""``bench``: what a trained ablation costs, phase by phase, on a random-weight model of the real shape (or the toy).
 
-Random weights compute exactly what real ones do, so the timings and memory hold for real models. On a CPU the
-default preset takes very long; pass smaller ``--steps/--anchor-images/--sampler-steps`` and read the measured
-rates and the projection to the default preset (labelled as a projection).
+Random weights compute exactly what real ones do, so evaluations, FLOPs, seconds and memory hold for real models.
+Every run reports, per phase (setup, prompt encoding, anchor sampling, training, check, patch extraction and
+compression): seconds, UNet evaluations (counted by a hook), FLOPs (counted, ``evaluation.cost``) and peak memory;
+plus the evaluations and FLOPs of the full default preset, computed from the cost model (``budget``, checked against
+the counted evaluations of the run) and FLOPs measured per evaluation at the default latent size. ``--quick`` runs
+the same phases with a few steps on small latents; ``--compare-default`` runs the previous default and today's in one
+invocation (same machine, same load) and reports the ratio. Before building anything it checks that the model and
+the run fit the device's memory and says what to change if not.
 """
 
 from __future__ import annotations
 
 import platform
-import resource
 import time
 
 import torch
 
-from ..backends.diffusers import DiffusersModelView
+from ..backends.diffusers import DiffusersModelView, load_model
+from ..evaluation.cost import RunMeter
 from ..methods.ablation.loop import ablate
-from ..methods.ablation.settings import make_config, resolve_config
+from ..methods.ablation.settings import make_config, previous_default, resolve_config
+from ..models.layers import select_unet_modules
+from ..models.memory import check_fits, estimate
 from ..models.random_models import build_components
+from .bench_report import default_preset_costs, run_report
 
-ARCH_FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
+ARCH_FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl", "toy": "toy"}
+TARGETS = {"toy": ("cat", "dog")}
+DEFAULT_TARGET = ("Grumpy Cat", "cat")
+QUICK = {"steps": 2, "batch_size": 1, "anchor_images": 1, "sampler_steps": 2, "sample_batch_size": 1}
+QUICK_LATENT = 16
+QUICK_PROMPTS = 2
 
 
 def _peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = None, anchor_images: int | None = None,
-              sampler_steps: int | None = None, batch_size: int | None = None) -> dict[str, object]:
+def _one_held_out_prompt(family: str, anchor: str) -> tuple[str]:
+    if family == "toy":
+        from ..toy.prompts import anchor_prompts
+
+        return (anchor_prompts(anchor, "eval")[0],)
+    return (f"a photo of a {anchor}",)
+
+
+def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int,
+                group: str) -> tuple[DiffusersModelView, dict[str, object]]:
+    """The model to measure; a full-size one only after checking that it and the run fit the device's memory."""
+    started = time.perf_counter()
+    if arch == "toy":
+        view = load_model("toy", device, dtype)
+        return view, {"model_build_s": round(time.perf_counter() - started, 2)}
     family = ARCH_FAMILY[arch]
-    started = time.perf_counter()
-    components = build_components(family, tiny=False, prompt_sensitive=False)
+    with torch.device("meta"):
+        twin = build_components(family, tiny=False, prompt_sensitive=False)
+    weights = sum(p.numel() for m in [twin.unet, *twin.text_encoders] for p in m.parameters())
+    trained = sum(m.weight.numel() for _, m in select_unet_modules(twin.unet.named_modules(), group))
+    size = latent or int(twin.unet.config.sample_size)
+    needed = estimate(family, size, batch, dtype, trained, weights)
+    check_fits(needed, device, batch, size, dtype)
+    components = build_components(family, tiny=False, prompt_sensitive=False, dtype=dtype)
     view = DiffusersModelView(components, device=device, dtype=dtype)
-    build_seconds = time.perf_counter() - started
-    config = resolve_config(make_config("Grumpy Cat", "cat", steps=steps, anchor_images=anchor_images,
-                                        sampler_steps=sampler_steps, batch_size=batch_size), family)
-    default = resolve_config(make_config("Grumpy Cat", "cat"), family)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    result = ablate(view, config)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    end_to_end = time.perf_counter() - started
-    per_step = result.seconds_training / config.steps
-    per_image_step = result.seconds_anchors / (config.anchor_images * config.sampler_steps)
-    projected = (per_step * default.steps + per_image_step * default.anchor_images * default.sampler_steps)
-    if device.startswith("cuda"):
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    return {
-        "arch": arch,
-        "device": device_name,
-        "dtype": str(dtype).replace("torch.", ""),
-        "latent_size": view.default_latent_size,
-        "group": config.group,
-        "unet_parameters_m": round(sum(p.numel() for p in view.unet.parameters()) / 1e6, 1),
-        "model_build_s": round(build_seconds, 2),
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "anchor_images": config.anchor_images,
-        "sampler_steps": config.sampler_steps,
-        "anchor_generation_s": round(result.seconds_anchors, 3),
-        "anchor_s_per_image_per_sampler_step": round(per_image_step, 4),
-        "training_s": round(result.seconds_training, 3),
-        "training_s_per_step": round(per_step, 4),
-        "end_to_end_s": round(end_to_end, 3),
-        "peak_memory_gib": round(_peak_memory_gib(device), 2),
-        "projected_default_preset_s": round(projected, 1),
-        "default_preset": f"{default.steps} steps x batch {default.batch_size}, "
-                          f"{default.anchor_images} anchor images x {default.sampler_steps} sampler steps",
-    }
+    return view, {"model_build_s": round(time.perf_counter() - started, 2),
+                  "memory_estimate_bytes": needed.total, "memory_estimate": needed.describe()}
+
+
+def _measure(view: DiffusersModelView, config, family: str) -> tuple[dict[str, object], RunMeter, object]:
+    """One ablation under the meters, then its patch compressed (the phase a saved patch goes through)."""
+    meter = RunMeter(view.unet, view.text_encoders, view.device)
+    with meter.measuring():
+        started = time.perf_counter()
+        result = ablate(view, config)
+        meter.enter("patch_compression")
+        result.patch.compressed()
+        meter.close()
+        end_to_end = time.perf_counter() - started
+    trained = [layer.module for layer in view.layers(result.config.group)]
+    meter.count_flops(trained)
+    return run_report(meter, result, end_to_end), meter, result
+
+
+def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = None, anchor_images: int | None = None,
+              sampler_steps: int | None = None, batch_size: int | None = None, quick: bool = False,
+              compare_default: bool = False, latent_size: int | None = None) -> dict[str, object]:
+    family = ARCH_FAMILY[arch]
+    target, anchor = TARGETS.get(family, DEFAULT_TARGET)
+    scale: dict[str, object] = dict(QUICK) if quick and not compare_default else {}
+    scale.update({k: v for k, v in {"steps": steps, "anchor_images": anchor_images, "sampler_steps": sampler_steps,
+                                    "batch_size": batch_size}.items() if v is not None})
+    if quick:
+        scale["held_out_prompts"] = _one_held_out_prompt(family, anchor)
+    if quick and family != "toy":
+        latent_size = latent_size or QUICK_LATENT
+        scale["anchor_prompt_count"] = QUICK_PROMPTS
+    if latent_size is not None:
+        scale["latent_size"] = latent_size
+    config = resolve_config(make_config(target, anchor, **scale), family)
+    view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group))
+    report: dict[str, object] = {
+        "arch": arch, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "latent_size": latent_size or view.default_latent_size, "default_latent_size": view.default_latent_size,
+        "unet_parameters_m": round(sum(p.numel() for p in view.unet.parameters()) / 1e6, 1), **built}
+    runs = {}
+    if compare_default:
+        old = resolve_config(make_config(target, anchor, **{**scale, **previous_default(family)}), family)
+        runs["previous_default"], _, _ = _measure(view, old, family)
+    measured, meter, result = _measure(view, config, family)
+    report.update(measured)
+    default = resolve_config(make_config(target, anchor), family)
+    report.update(default_preset_costs(view, meter, default, "default_preset"))
+    if compare_default:
+        old_default = resolve_config(make_config(target, anchor, **previous_default(family)), family)
+        report.update(default_preset_costs(view, meter, old_default, "previous_default_preset"))
+        runs["default"] = measured
+        old_s, new_s = runs["previous_default"]["end_to_end_s"], measured["end_to_end_s"]
+        report["compare"] = {
+            "previous_default": runs["previous_default"], "default": measured,
+            "speedup_end_to_end": round(old_s / new_s, 2) if new_s else None,
+            "unet_evaluation_ratio": round(runs["previous_default"]["unet_evaluations"]
+                                           / max(1, measured["unet_evaluations"]), 2)}
+    return report
 
 
 CELEBRITY_STAND_INS = [f"Person Number {i}" for i in range(1000)]  # distinct names; compute is what is measured

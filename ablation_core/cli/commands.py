@@ -197,12 +197,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, run_closed_form_bench
 
-    device, dtype = device_and_dtype(args.device, args.dtype)
+    dtype_name = args.dtype
+    if dtype_name == "auto" and args.arch != "toy":
+        dtype_name = "bf16"  # full-size weights in bf16 on a CPU too: half the memory (SDXL's fp32 weights are 14 GB)
+    device, dtype = device_and_dtype(args.device, dtype_name)
     if args.method == "closed-form":
+        if args.arch == "toy":
+            raise AblationError("the closed-form bench builds real shapes: choose --arch sd15, sd2 or sdxl")
         report = run_closed_form_bench(args.arch, device, dtype, tuple(args.concepts))
     else:
         report = run_bench(args.arch, device, dtype, steps=args.steps, anchor_images=args.anchor_images,
-                           sampler_steps=args.sampler_steps, batch_size=args.batch_size)
+                           sampler_steps=args.sampler_steps, batch_size=args.batch_size, quick=args.quick,
+                           compare_default=args.compare_default, latent_size=args.latent_size)
     print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
 

@@ -241,10 +241,11 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the run (default: 0)")
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
-    p.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], required=True, help="model shape to build")
+    p.add_argument("--arch", choices=["sd15", "sd2", "sdxl", "toy"], required=True,
+                   help="model shape to build (toy: the embedded toy model)")
     p.add_argument("--device", type=checks.device, default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="precision (default: bf16 on a GPU, fp32 on a CPU)")
+                   help="precision (default: bf16; fp32 for the toy model on a CPU)")
     p.add_argument("--steps", type=checks.positive_int, default=None,
                    help="training steps (default: the default preset's)")
     p.add_argument("--anchor-images", type=checks.positive_int, default=None,
@@ -258,6 +259,13 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concepts", type=checks.positive_int, nargs="+", default=[1, 100],
                    help="closed form: numbers of concepts erased at once (default: 1 100)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--quick", action="store_true",
+                   help="every phase with a few steps on small latents (minutes on a CPU); the default preset's "
+                        "evaluations and FLOPs are still reported, computed from the measured ones")
+    p.add_argument("--compare-default", action="store_true",
+                   help="run the previous default preset and today's in one invocation and report the speed-up")
+    p.add_argument("--latent-size", type=checks.positive_int, default=None,
+                   help="latent size of the run (default: the model's; 16 with --quick)")
 
 
 def build_parser() -> argparse.ArgumentParser:

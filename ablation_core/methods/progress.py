@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import AblationCancelled
+from . import phases
 
 CHECK_INTERVAL_S = 0.05
 
@@ -48,11 +49,23 @@ def never_cancel() -> bool:
 
 
 class Canceller:
-    """Turns ``should_cancel()`` into ``AblationCancelled`` naming the phase the run was in."""
+    """Turns ``should_cancel()`` into ``AblationCancelled`` naming the phase the run was in.
+
+    Setting ``phase`` also tells the listeners of ``methods.phases`` (the benchmark's meters), so the run needs no
+    second set of phase markers."""
 
     def __init__(self, should_cancel: CancelFn | None):
         self.should_cancel = should_cancel or never_cancel
         self.phase = "starting"
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self._phase = name
+        phases.announce(name)
 
     def check(self) -> None:
         if self.should_cancel():

@@ -70,14 +70,22 @@ def sample_dpmpp_2m(eps: EpsFn, noise: Tensor, alphas_cumprod: Tensor, steps: in
             on_step(i)
     return x.to(noise.dtype)
 
-def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning,
-               guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """An eps function with classifier-free guidance: one batched pass over [uncond, cond]."""
+RecordFn = Callable[[Tensor, Tensor, Tensor], None]
+
+
+def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning, guidance: float,
+               record: RecordFn | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """An eps function with classifier-free guidance: one batched pass over [uncond, cond].
+
+    ``record(x_t, t, cond_eps)`` receives every state the solver visits with the prompt's own (unguided) prediction:
+    the frozen model's answer at that noisy latent, which training can reuse instead of computing it again."""
     both = Conditioning.cat([uncond, cond])
 
     def eps(x_t: Tensor, t: Tensor) -> Tensor:
         out = view.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         uncond_eps, cond_eps = out.chunk(2)
+        if record is not None:
+            record(x_t, t, cond_eps)
         return uncond_eps + guidance * (cond_eps - uncond_eps)
 
     return eps
@@ -87,13 +95,15 @@ def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning,
 def sample_latents(view: ModelView, prompts: list[str], prompt_index: Tensor, steps: int, guidance: float,
                    batch_size: int, seed: int, latent_size: int | None = None,
                    on_progress: Callable[[float, int], None] | None = None,
-                   encoded: Conditioning | None = None, negative_prompt: str = "") -> Tensor:
+                   encoded: Conditioning | None = None, negative_prompt: str = "",
+                   states: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None) -> Tensor:
     """Sample one latent per entry of ``prompt_index`` (indices into ``prompts``); returns them on the CPU.
 
     ``on_progress(images_done, images_total)`` is called after every sampler step, with a fractional count of images
     (a batch half-way through its solver steps counts half), so progress bars and cancel checks stay live.
     ``encoded`` may hold ``prompts`` already encoded, to skip encoding them again. ``negative_prompt`` replaces the
-    empty prompt of classifier-free guidance (sampling then steers away from it).
+    empty prompt of classifier-free guidance (sampling then steers away from it). A ``states`` list receives, for
+    every solver step of every batch, ``(x_t, t, eps_of_the_prompt, image_index)`` (see ``guided_eps``).
     """
     size = latent_size or view.default_latent_size
     generator = torch.Generator().manual_seed(seed)
@@ -105,7 +115,12 @@ def sample_latents(view: ModelView, prompts: list[str], prompt_index: Tensor, st
         index = prompt_index[start:start + batch_size]
         cond = cond_all.select(index)
         uncond_batch = uncond.select([0] * len(index))
-        eps = guided_eps(view, cond, uncond_batch, guidance)
+        record = None
+        if states is not None:
+            def record(x_t: Tensor, t: Tensor, cond_eps: Tensor,
+                       images: Tensor = torch.arange(start, start + len(index))) -> None:
+                states.append((x_t.detach().to(view.dtype), t.detach(), cond_eps.detach(), images))
+        eps = guided_eps(view, cond, uncond_batch, guidance, record)
 
         def on_step(i: int, start: int = start, count: int = len(index)) -> None:
             if on_progress is not None:

@@ -28,9 +28,11 @@ from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
 from .adapters import AdapterSet
 from .check import combine, held_out_pairs, measure_effect, weak_effect_warning
+from .fits import check_run_fits
 from .metadata import build_metadata
 from .objectives import ablation_loss, regularization_loss
 from .recipes import drop_near_copies
+from .reuse import SamplerStates, training_batch, uses_sampler_states
 from .settings import AblationConfig, check_config, resolve_config
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     if not layers:
         raise AblationError(f"the model has no layers in group {config.group!r}")
     row_masks = _embedding_row_masks(view, layers, config) if config.group == "embedding" else None
+    check_run_fits(view, config, layers)
     base = AdapterSet.fixed([(view.all_layers()[k], d) for k, (_, d) in resolve(base_patch, view).items()]) \
         if base_patch is not None else None
 
@@ -156,8 +159,10 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
         canceller.phase = "sampling anchor images"
         started = time.perf_counter()
+        recorded: list | None = [] if uses_sampler_states(config) else None
         latents, image_prompt = _anchor_latents(view, config, anchor_prompts, target_prompts, anchor_cond,
-                                                target_cond, generator, report, canceller)
+                                                target_cond, generator, report, canceller, recorded)
+        states = SamplerStates.gather(recorded) if recorded else None
         seconds_anchors = time.perf_counter() - started
 
         # 4. Train adapters on the frozen model.
@@ -171,18 +176,13 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             with torch.enable_grad():
                 for step in range(config.steps):
                     canceller.check()
-                    image = torch.randint(len(latents), (config.batch_size,), generator=generator)
-                    variant = torch.randint(variants, (config.batch_size,), generator=generator)
-                    prompt = image_prompt[image]
-                    t = torch.randint(0, len(acp), (config.batch_size,), generator=generator).to(view.device)
-                    noise = torch.randn(latents[image].shape, generator=generator).to(view.device, view.dtype)
-                    x0 = latents[image].to(view.device, view.dtype)
-                    a = acp[t].view(-1, 1, 1, 1)
-                    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+                    x_t, t, noise, prompt, variant, frozen = training_batch(
+                        states, latents, image_prompt, variants, config.batch_size, acp, generator, view.device,
+                        view.dtype)
                     with _oom_guard():
                         loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
-                                          target_prompts)
+                                          target_prompts, frozen)
                         if preserved is not None:
                             kept = torch.randint(len(preserved), (config.batch_size,), generator=generator)
                             loss = loss + _kept_loss(view, adapters, x_t, t, preserved.select(kept))
@@ -215,6 +215,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             log.warning(warning)
 
     # 6. The patch: the trained weight deltas plus everything needed to trust and reproduce them.
+    canceller.phase = "building the patch"
     deltas = adapters.weight_deltas()
     originals = {layer.key: layer.weight for layer in layers}
     if base is not None:
@@ -243,8 +244,9 @@ def _with_extra_targets(target_cond: Conditioning | None, extra: Conditioning | 
 
 def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: list[str], target_prompts: list[str],
                     anchor_cond: Conditioning, target_cond: Conditioning | None, generator: torch.Generator,
-                    report: ProgressFn, canceller: Canceller) -> tuple[Tensor, Tensor]:
-    """Anchor images from the frozen model (target images for the maximization baseline), and each one's prompt."""
+                    report: ProgressFn, canceller: Canceller, states: list | None = None) -> tuple[Tensor, Tensor]:
+    """Anchor images from the frozen model (target images for the maximization baseline), and each one's prompt.
+    A ``states`` list receives the sampler's states for training (``reuse.SamplerStates``)."""
     if config.objective == "maximize":
         sampled_prompts = target_prompts[: len(anchor_prompts)]
         sampled_cond = target_cond.slice(0, len(anchor_prompts)) if target_cond is not None else None
@@ -267,7 +269,7 @@ def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: lis
     with _oom_guard():
         latents = sample_latents(view, sampled_prompts, image_prompt, config.sampler_steps, config.guidance,
                                  config.sample_batch_size, config.seed, config.latent_size, on_sampler_step,
-                                 sampled_cond, config.negative_prompt or "")
+                                 sampled_cond, config.negative_prompt or "", states)
         if config.concept_type == "memorized":
             latents, image_prompt = _without_near_copies(view, config, latents, image_prompt, on_sampler_step)
     return latents, image_prompt
@@ -291,10 +293,10 @@ def _without_near_copies(view: ModelView, config: AblationConfig, latents: Tenso
 
 def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_t: Tensor, t: Tensor, noise: Tensor,
                anchor_index: Tensor, target_index: Tensor, anchor_cond: Conditioning,
-               target_cond: Conditioning | None, target_prompts: list[str]) -> Tensor:
+               target_cond: Conditioning | None, target_prompts: list[str], frozen: Tensor | None = None) -> Tensor:
+    """The step's loss; ``frozen`` is the frozen anchor prediction when the caller has it (sampler states)."""
     anchor_batch = anchor_cond.select(anchor_index)
-    frozen = None
-    if config.objective == "model":
+    if frozen is None and config.objective == "model":
         with torch.no_grad(), adapters.disabled():
             frozen = view.eps(x_t, t, anchor_batch)
     if target_cond is None:  # embedding group: the text encoder is what trains

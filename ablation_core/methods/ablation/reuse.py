@@ -1,0 +1,65 @@
+"""Training inputs taken from the anchor sampler's own path: no separate frozen pass, fewer UNet evaluations.
+
+Each solver step of anchor sampling evaluates the frozen model at a noisy latent ``x_t`` for the anchor prompt (the
+conditional half of the guided pass). The model-based loss (Eq. 5) pulls the target prompt's prediction at some
+``x_t`` toward exactly that frozen anchor prediction, so the triples ``(x_t, t, eps_anchor)`` the sampler already
+paid for are ready-made training examples: a training step then costs one UNet pass (with gradients) per example
+instead of two, and the noisy latents are the model's own, on its sampling path. ``SamplerStates`` holds them;
+``training_batch`` draws a step's batch from them, or, when they are not used, noises anchor images as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplerStates:
+    """Every state the anchor sampler visited: noisy latent, timestep, frozen anchor prediction, and image index."""
+
+    x_t: Tensor
+    t: Tensor
+    frozen: Tensor
+    image: Tensor
+
+    @classmethod
+    def gather(cls, recorded: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> SamplerStates:
+        x_t, t, frozen, image = (torch.cat(parts) for parts in zip(*recorded))
+        return cls(x_t, t.long(), frozen, image.long().cpu())
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+def uses_sampler_states(config) -> bool:
+    """Reuse needs the frozen anchor prediction as the target (objective "model") on images of the anchor prompts
+    as sampled (memorized-image runs drop some images after sampling, so they noise images as before)."""
+    return bool(config.reuse_sampler_states) and config.objective == "model" and config.concept_type != "memorized"
+
+
+def training_batch(states: SamplerStates | None, latents: Tensor, image_prompt: Tensor, variants: int, batch: int,
+                   acp: Tensor, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """One step's batch: ``(x_t, t, noise, anchor prompt index, variant, frozen anchor prediction or None)``.
+
+    From sampler states: states drawn uniformly (``noise`` is then the frozen prediction, which only the "model"
+    objective's target uses). Otherwise anchor images noised at uniform timesteps, with the frozen prediction left to
+    the caller, as in the original recipe."""
+    if states is not None:
+        pick = torch.randint(len(states), (batch,), generator=generator)
+        variant = torch.randint(variants, (batch,), generator=generator)
+        on_device = pick.to(states.x_t.device)
+        frozen = states.frozen[on_device].to(device, dtype)
+        return (states.x_t[on_device].to(device, dtype), states.t[on_device].to(device), frozen,
+                image_prompt[states.image[pick]], variant, frozen)
+    image = torch.randint(len(latents), (batch,), generator=generator)
+    variant = torch.randint(variants, (batch,), generator=generator)
+    t = torch.randint(0, len(acp), (batch,), generator=generator).to(device)
+    noise = torch.randn(latents[image].shape, generator=generator).to(device, dtype)
+    x0 = latents[image].to(device, dtype)
+    a = acp[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)
+    return x_t, t, noise, image_prompt[image], variant, None

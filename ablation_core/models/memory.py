@@ -1,0 +1,97 @@
+"""Will a run fit? An estimate of the memory a trained ablation needs, checked before anything heavy starts.
+
+A run that does not fit should say so and what to change, not be killed by the kernel after minutes (or die with
+a CUDA error half-way). The estimate is deliberately simple and a little generous:
+
+- weights: parameters x bytes per parameter (only when the model is still to be loaded: the benchmark),
+- training activations: what autograd saves for one training pass, per latent pixel and batch row, measured per
+  family with ``models.meta.call_cost`` on the full-size UNet (kv group, bf16, 32x32 latents, weights excluded),
+  scaled by the latent area, the batch and the bytes per value,
+- the trained deltas with their gradients and Adam's two moments (4 x float32 each),
+- a fixed allowance for the framework itself and transient buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import OutOfMemoryError
+
+# Bytes autograd saves per latent pixel for one bf16 training row (see the module docstring).
+SAVED_BYTES_PER_PIXEL = {"sd1": 524_000, "sd2": 418_000, "sdxl": 583_000}
+DEFAULT_SAVED_BYTES_PER_PIXEL = 583_000
+FRAMEWORK_BYTES = 1 << 30
+GIB = 1 << 30
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    activations: int
+    trained: int
+    framework: int = FRAMEWORK_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.trained + self.framework
+
+    def describe(self) -> str:
+        return (f"{self.total / GIB:.1f} GiB (weights {self.weights / GIB:.1f}, training activations "
+                f"{self.activations / GIB:.1f}, trained deltas and optimizer {self.trained / GIB:.2f}, framework "
+                f"{self.framework / GIB:.1f})")
+
+
+def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dtype) -> int:
+    per_pixel = SAVED_BYTES_PER_PIXEL.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL)
+    scale = torch.empty((), dtype=dtype).element_size() / 2
+    return int(per_pixel * latent_size * latent_size * batch * scale)
+
+
+def estimate(family: str, latent_size: int, batch: int, dtype: torch.dtype, trained_parameters: int,
+             weight_parameters: int = 0) -> MemoryEstimate:
+    """What a run needs beyond what is already loaded (``weight_parameters`` = 0 when the model is in memory)."""
+    bytes_per = torch.empty((), dtype=dtype).element_size()
+    return MemoryEstimate(weights=weight_parameters * bytes_per,
+                          activations=activation_bytes(family, latent_size, batch, dtype),
+                          trained=trained_parameters * 4 * 4)
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Free memory on ``device``: the CUDA allocator's free bytes, or the system's MemAvailable on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            found = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
+        if found:
+            return int(found.group(1)) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_fits(needed: MemoryEstimate, device: torch.device | str, batch: int, latent_size: int,
+               dtype: torch.dtype) -> None:
+    """Raise ``OutOfMemoryError`` naming what to change when ``needed`` exceeds the free memory of ``device``."""
+    free = available_bytes(device)
+    if needed.total <= free:
+        return
+    hints = []
+    if batch > 1:
+        hints.append(f"a smaller training batch (--batch-size, now {batch})")
+    if latent_size > 16:
+        hints.append(f"smaller latents (--latent-size, now {latent_size})")
+    if torch.empty((), dtype=dtype).element_size() > 2:
+        hints.append("bf16 weights (--dtype bf16)")
+    hints.append("the kv group")
+    if torch.device(device).type != "cpu":
+        hints.append("a larger device, or --device cpu")
+    raise OutOfMemoryError(f"this run needs about {needed.describe()}, but {torch.device(device)} has "
+                           f"{free / GIB:.1f} GiB free; nothing was started. Try " + ", ".join(hints)
+                           + " (or set ABLATION_SKIP_MEMORY_CHECK=1 to try anyway)")

@@ -1,0 +1,142 @@
+"""Cost accounting and the cheaper training path: counted evaluations, bench's JSON, the memory check, reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from ablation_core import ablate
+from ablation_core.cli import main
+from ablation_core.errors import OutOfMemoryError
+from ablation_core.evaluation.cost import RunMeter
+from ablation_core.methods.ablation import loop
+from ablation_core.methods.ablation.budget import unet_evaluations
+from ablation_core.models import memory
+from ablation_core.models.sampling import sample_latents
+
+SMALL = dict(steps=3, batch_size=2, anchor_images=2, sampler_steps=2, sample_batch_size=2, anchor_prompt_count=2,
+             held_out_prompts=("a photo of a cat",))
+
+
+def _counted(view, config) -> tuple[dict[str, int], object]:
+    meter = RunMeter(view.unet, view.text_encoders, view.device)
+    with meter.measuring():
+        result = ablate(view, config)
+    return {name: phase.unet_evaluations for name, phase in meter.phases.items() if phase.unet_evaluations}, result
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_counted_evaluations_match_the_settings(sd1_view, reuse):
+    counted, result = _counted(sd1_view, tiny_config(**SMALL, reuse_sampler_states=reuse))
+    # 2 images x 2 solver steps x 2 (guidance); 3 steps x 2 rows x (grad pass [+ frozen pass]); 1 prompt x 2 samples x 5
+    expected = {"anchor_sampling": 8, "training": 6 if reuse else 12, "check": 10}
+    assert counted == expected
+    assert unet_evaluations(result.config, held_out_prompts=1) == expected
+
+
+def test_bench_quick_json_has_every_field(capsys):
+    assert main(["bench", "--arch", "toy", "--quick", "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for phase in ("prompt_encoding", "anchor_sampling", "training", "check", "patch_extraction", "patch_compression"):
+        figures = report["phases"][phase]
+        assert {"seconds", "unet_evaluations", "flops", "peak_memory_bytes"} <= figures.keys(), phase
+        assert figures["peak_memory_bytes"] > 0
+    assert report["phases"]["anchor_sampling"]["unet_evaluations"] > 0
+    assert report["phases"]["training"]["flops"] > report["phases"]["training"]["unet_evaluations"] > 0
+    assert report["unet_evaluations"] == report["unet_evaluations_expected"]
+    assert report["end_to_end_s"] > 0 and report["device"].startswith("cpu")
+    assert report["settings"]["steps"] == 2
+    assert report["default_preset"]["settings"]["steps"] == 100
+    assert report["default_preset_unet_evaluations"] == sum(report["default_preset"]["unet_evaluations_by_phase"]
+                                                            .values())
+    assert report["default_preset_flops"] > report["default_preset_unet_evaluations"]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(sd1_view, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    calls = []
+    handle = sd1_view.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(OutOfMemoryError, match="nothing was started") as caught:
+            ablate(sd1_view, tiny_config(**SMALL))
+    finally:
+        handle.remove()
+    assert not calls
+    assert "--batch-size" in str(caught.value) and "GiB" in str(caught.value)
+    monkeypatch.setenv("ABLATION_SKIP_MEMORY_CHECK", "1")
+    ablate(sd1_view, tiny_config(**{**SMALL, "steps": 1}))
+
+
+def test_bench_refuses_a_model_too_large_for_the_memory(monkeypatch, capsys):
+    import ablation_core.cli.bench as bench
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 << 30)
+    built = []
+    real_build = bench.build_components
+
+    def build(*args, **kwargs):
+        built.append(kwargs.get("dtype"))
+        if kwargs.get("dtype") is not None:
+            raise AssertionError("the model was built although it does not fit")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_components", build)
+    assert main(["bench", "--arch", "sdxl", "--quick", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert "GiB" in err and "weights 6." in err and "Traceback" not in err
+    assert built == [None]  # only the weightless (meta) copy used for the estimate
+
+
+def test_estimate_counts_weights_and_activations():
+    small = memory.estimate("sd1", 16, 1, torch.bfloat16, trained_parameters=10**6, weight_parameters=10**9)
+    large = memory.estimate("sd1", 64, 8, torch.bfloat16, trained_parameters=10**6, weight_parameters=10**9)
+    assert small.weights == 2 * 10**9 and large.activations == 16 * 8 * small.activations
+    assert memory.estimate("sd1", 16, 1, torch.float32, 0, 10**9).weights == 4 * 10**9
+
+
+def test_sampler_states_hold_the_frozen_anchor_prediction(sd1_view):
+    cond = sd1_view.encode(["a photo of a cat", "a cat"])
+    states: list = []
+    sample_latents(sd1_view, ["a photo of a cat", "a cat"], torch.tensor([1, 0, 1]), 3, 5.0, 2, 0,
+                   encoded=cond, states=states)
+    assert len(states) == 2 * 3  # two batches, three solver steps each
+    x_t, t, frozen, images = states[-1]
+    assert images.tolist() == [2]
+    with torch.no_grad():
+        again = sd1_view.eps(x_t, t, cond.select([1]))
+    torch.testing.assert_close(frozen, again, rtol=1e-4, atol=1e-5)
+
+
+def test_reused_states_feed_the_loss(sd1_view, monkeypatch):
+    drawn = []
+    real_batch = loop.training_batch
+
+    def spy(states, *args, **kwargs):
+        batch = real_batch(states, *args, **kwargs)
+        drawn.append((states, batch))
+        return batch
+
+    monkeypatch.setattr(loop, "training_batch", spy)
+    losses = []
+    real_loss = loop._step_loss
+
+    def loss_spy(view, adapters, config, x_t, t, noise, anchor_index, target_index, anchor_cond, target_cond,
+                 target_prompts, frozen=None):
+        assert frozen is not None, "the loss computed its own frozen pass"
+        losses.append((x_t, frozen))
+        return real_loss(view, adapters, config, x_t, t, noise, anchor_index, target_index, anchor_cond,
+                         target_cond, target_prompts, frozen)
+
+    monkeypatch.setattr(loop, "_step_loss", loss_spy)
+    counted, _ = _counted(sd1_view, tiny_config(**SMALL, reuse_sampler_states=True))
+    assert len(drawn) == 3 and counted["training"] == 3 * 2
+    for (states, batch), (x_t, frozen) in zip(drawn, losses):
+        assert len(states) == 2 * 2  # 2 images x 2 solver steps
+        assert torch.equal(batch[0], x_t) and torch.equal(batch[5], frozen)  # the drawn batch is what the loss gets
+        for row in range(len(x_t)):
+            match = [i for i in range(len(states)) if torch.equal(states.x_t[i], x_t[row])]
+            assert match, "a training input is not a state the sampler visited"
+            assert torch.equal(states.frozen[match[0]], frozen[row])
