@@ -68,8 +68,8 @@ def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, 
     from ablation_core.backends.a1111 import TabRequest, run_request
     from ablation_core.errors import AblationCancelled, AblationError
 
-    request = TabRequest(target, anchor, concept_type, method, preset, int(steps or 0), int(seed or 0),
-                         int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name,
+    request = TabRequest(target or "", anchor or "", concept_type, method, preset, int(steps or 0), int(seed or 0),
+                         int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name or "",
                          bool(overwrite), bool(preview), int(preview_size or 512), int(preview_steps or 20))
     try:
         outcome = run_request(make_host(), request)

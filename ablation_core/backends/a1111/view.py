@@ -58,6 +58,9 @@ class LoadedWeightLayer(Layer):
 
 def a1111_family(sd_model: Any) -> Family:
     """SD1/SD2/SDXL from A1111's own flags, or from the UNet's shapes; SD3 and inpainting models get a clear error."""
+    if hasattr(sd_model, "forge_objects"):
+        raise UnsupportedModelError("this is Forge's own model backend, which the Ablate Concept tab does not read "
+                                    "yet; make the patch with the ComfyUI nodes or the CLI and put it into models/Lora")
     if getattr(sd_model, "is_sd3", False):
         raise UnsupportedModelError(f"the loaded model is SD3. {MMDIT_TEXT}")
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
