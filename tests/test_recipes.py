@@ -45,6 +45,18 @@ def test_several_targets_pair_every_target_prompt_with_its_anchor_twin():
         make_config(["a", "b", "c"], ["x", "y"])
 
 
+def test_targets_of_different_kinds_keep_their_own_phrasing_and_steps_scale_with_targets():
+    config = resolve_config(make_config(["nemo", "monet"], ["fish", "painting"]), "toy")
+    assert config.kinds() == ["object", "style"]
+    assert config.steps == 2 * resolve_config(make_config("nemo", "fish"), "toy").steps
+    anchors, targets = _prompt_pairs(config)
+    styled = [t.endswith(", in the style of monet") for t in targets]
+    assert 0 < sum(styled) < len(targets)
+    assert all("fish" in a and "nemo" in t for a, t, s in zip(anchors, targets, styled) if not s)
+    assert resolve_config(make_config(["nemo", "monet"], "fish", steps=7, kind="object"), "toy").kinds() == [
+        "object", "object"]  # an explicit kind is the user's choice for every target
+
+
 def test_a_joint_run_records_every_target_and_checks_each(sd1_view):
     result = ablate(sd1_view, tiny_config(["Grumpy Cat", "Snoopy"], "dog", steps=4))
     assert result.patch.listed("targets") == ["Grumpy Cat", "Snoopy"]

@@ -30,14 +30,14 @@ def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[
     one), and their target twins."""
     seen = set(trained_on)
     found = []
-    for target, anchor in config.pairs():
+    for (target, anchor), kind in zip(config.pairs(), config.kinds()):
         if config.held_out_prompts:
-            candidates = prompt_lib.prompts_for(anchor, config.held_out_prompts, config.kind)
+            candidates = prompt_lib.prompts_for(anchor, config.held_out_prompts, kind)
         else:
-            candidates = [p for p in prompt_lib.anchor_prompt_bank(anchor, config.kind) if p not in seen]
-        candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, config.kind)
+            candidates = [p for p in prompt_lib.anchor_prompt_bank(anchor, kind) if p not in seen]
+        candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, kind)
         anchors = random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
-        found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, config.kind)))
+        found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, kind)))
     return found
 
 

@@ -100,17 +100,18 @@ def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
     then each misspelling), so target prompt ``i + v * len(anchors)`` is the twin of anchor prompt ``i``."""
     listed = config.anchor_prompts
     anchors_by_pair = []
+    kinds = config.kinds()
     for index, (_, anchor) in enumerate(config.pairs()):
-        user = prompt_lib.prompts_for(anchor, listed, config.kind) if listed else None
-        anchors_by_pair.append(prompt_lib.choose_anchor_prompts(anchor, config.kind, config.anchor_prompt_count,
+        user = prompt_lib.prompts_for(anchor, listed, kinds[index]) if listed else None
+        anchors_by_pair.append(prompt_lib.choose_anchor_prompts(anchor, kinds[index], config.anchor_prompt_count,
                                                                 config.seed + index, user))
     typos = [prompt_lib.misspellings(t, config.misspelled_targets, config.seed) for t, _ in config.pairs()]
     anchors = [p for prompts in anchors_by_pair for p in prompts]
     targets: list[str] = []
     for variant in range(1 + config.misspelled_targets):
-        for (target, anchor), prompts, found in zip(config.pairs(), anchors_by_pair, typos):
+        for (target, anchor), kind, prompts, found in zip(config.pairs(), kinds, anchors_by_pair, typos):
             spelled = target if variant == 0 else found[(variant - 1) % len(found)] if found else target
-            targets += prompt_lib.target_prompts(prompts, anchor, spelled, config.kind)
+            targets += prompt_lib.target_prompts(prompts, anchor, spelled, kind)
     return anchors, targets
 
 

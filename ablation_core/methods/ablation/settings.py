@@ -67,6 +67,7 @@ class AblationConfig:
     extra_pairs: tuple[tuple[str, str], ...] = ()
     concept_type: str | None = None
     kind: Kind | None = None
+    pair_kinds: tuple[Kind, ...] | None = None
     group: str | None = None
     objective: str | None = None
     regularization: bool | None = None
@@ -93,6 +94,11 @@ class AblationConfig:
     def pairs(self) -> list[tuple[str, str]]:
         """Every (target, anchor) of the run: the first pair, then any further ones trained jointly."""
         return [(self.target, self.anchor), *self.extra_pairs]
+
+    def kinds(self) -> list[Kind]:
+        """The kind of each pair: ``pair_kinds`` where they differ (a style and an object in one run), else
+        ``kind`` for all."""
+        return list(self.pair_kinds) if self.pair_kinds else [self.kind] * len(self.pairs())  # type: ignore[list-item]
 
     def describe(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra_metadata"}
@@ -152,6 +158,8 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
             prompts = tuple(memorized_variations(config.target, config.anchor, seed=config.seed))
             config = replace(config, anchor_prompts=prompts, anchor_prompt_count=len(prompts))
     values = preset_values(family, config.preset)
+    if config.steps is None:  # the preset's steps are per target: several targets share the run, not the steps
+        values["steps"] = int(values["steps"]) * len(config.pairs())
     group = config.group or str(values["group"])
     if config.learning_rate is None and (family, group) in GROUP_LEARNING_RATE:
         values["learning_rate"] = GROUP_LEARNING_RATE[(family, group)]
@@ -169,14 +177,16 @@ def _toy_choices(config: AblationConfig) -> AblationConfig:
             if not toy_prompts.is_toy_concept(name):
                 raise PromptError(f"the toy model does not know the {role} '{name}'; it knows "
                                   f"{', '.join(toy_prompts.KNOWN)}")
-    kinds = {toy_prompts.kind_of(t) for t, _ in pairs}
-    kind = config.kind or (kinds.pop() if len(kinds) == 1 else "object")
+    pair_kinds = tuple(toy_prompts.kind_of(t) for t, _ in pairs)
+    kind = config.kind or pair_kinds[0]
+    mixed = config.kind is None and config.pair_kinds is None and len(set(pair_kinds)) > 1
     anchors = list(dict.fromkeys(a for _, a in pairs))
     prompts = config.anchor_prompts or tuple(p for a in anchors for p in toy_prompts.anchor_prompts(a, "train"))
     held_out = config.held_out_prompts or tuple(p for a in anchors for p in toy_prompts.anchor_prompts(a, "eval"))
     count = config.anchor_prompt_count or max(len(toy_prompts.anchor_prompts(a, "train")) for a in anchors)
     return replace(config, target=pairs[0][0], anchor=pairs[0][1], extra_pairs=tuple(pairs[1:]), kind=kind,
-                   anchor_prompts=prompts, anchor_prompt_count=count, held_out_prompts=held_out)
+                   pair_kinds=pair_kinds if mixed else config.pair_kinds, anchor_prompts=prompts,
+                   anchor_prompt_count=count, held_out_prompts=held_out)
 
 
 def check_config(config: AblationConfig) -> None:
@@ -188,8 +198,11 @@ def check_config(config: AblationConfig) -> None:
         raise AblationError(f"unknown parameter group {config.group!r}; choose one of {', '.join(GROUPS)}")
     if config.objective not in OBJECTIVES:
         raise AblationError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if config.kind not in KINDS:
-        raise AblationError(f"unknown concept kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+    for kind in [config.kind, *(config.pair_kinds or ())]:
+        if kind not in KINDS:
+            raise AblationError(f"unknown concept kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if config.pair_kinds and len(config.pair_kinds) != len(config.pairs()):
+        raise AblationError(f"{len(config.pair_kinds)} kinds for {len(config.pairs())} targets: give one per target")
     for name in ("steps", "batch_size", "anchor_images", "sampler_steps", "sample_batch_size", "anchor_prompt_count"):
         if int(getattr(config, name)) < 1:
             raise AblationError(f"{name.replace('_', ' ')} must be at least 1 (got {getattr(config, name)})")
