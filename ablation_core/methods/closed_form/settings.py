@@ -41,6 +41,7 @@ class ClosedFormConfig:
     anchors: tuple[str, ...]
     preserve: tuple[str, ...] = ()
     kind: Kind | None = None
+    pair_kinds: tuple[Kind, ...] | None = None
     mode: str | None = None
     preserve_weight: float | None = None
     ridge: float | None = None
@@ -56,6 +57,10 @@ class ClosedFormConfig:
     def pairs(self) -> list[tuple[str, str]]:
         anchors = self.anchors * len(self.targets) if len(self.anchors) == 1 else self.anchors
         return list(zip(self.targets, anchors))
+
+    def kinds(self) -> list[Kind]:
+        """The kind of each target: ``pair_kinds`` where they differ (styles and objects in one list), else ``kind``."""
+        return list(self.pair_kinds) if self.pair_kinds else [self.kind] * len(self.targets)  # type: ignore[list-item]
 
     def describe(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra_metadata"}
@@ -141,8 +146,9 @@ def _toy_choices(config: ClosedFormConfig) -> ClosedFormConfig:
         if not toy_prompts.is_toy_concept(name):
             raise PromptError(f"the toy model does not know the {role} '{name}'; it knows "
                               f"{', '.join(toy_prompts.KNOWN)}")
-    kinds = {toy_prompts.kind_of(t) for t in targets}
-    kind = config.kind or (kinds.pop() if len(kinds) == 1 else "object")
+    pair_kinds = tuple(toy_prompts.kind_of(t) for t in targets)
+    kind = config.kind or pair_kinds[0]
+    mixed = config.kind is None and config.pair_kinds is None and len(set(pair_kinds)) > 1
     pairs = list(zip(targets, anchors * len(targets) if len(anchors) == 1 else anchors))
     anchor_prompts = config.anchor_prompts or tuple(tuple(toy_prompts.anchor_prompts(a, "train")) for _, a in pairs)
     preserved = config.preserved_prompts
@@ -151,14 +157,17 @@ def _toy_choices(config: ClosedFormConfig) -> ClosedFormConfig:
         preserved = tuple(p for c in dict.fromkeys(kept) for p in toy_prompts.captions_of(c, "train")
                           if not any(t in p for t in targets))
     return replace(config, targets=targets, anchors=anchors, kind=kind, anchor_prompts=anchor_prompts,
-                   preserved_prompts=preserved)
+                   preserved_prompts=preserved, pair_kinds=pair_kinds if mixed else config.pair_kinds)
 
 
 def check_closed_form(config: ClosedFormConfig) -> None:
     if config.mode not in MODES:
         raise AblationError(f"unknown closed-form mode {config.mode!r}; choose one of {', '.join(MODES)}")
-    if config.kind not in KINDS:
-        raise AblationError(f"unknown concept kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+    for kind in [config.kind, *(config.pair_kinds or ())]:
+        if kind not in KINDS:
+            raise AblationError(f"unknown concept kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if config.pair_kinds and len(config.pair_kinds) != len(config.targets):
+        raise AblationError(f"{len(config.pair_kinds)} kinds for {len(config.targets)} targets: give one per target")
     if not 0 <= float(config.preserve_weight) < 1e6:
         raise AblationError(f"the preserve weight must be 0 or more (got {config.preserve_weight})")
     if not 0 < float(config.ridge) < 1e3:

@@ -89,13 +89,13 @@ def low_rank_map(g: Tensor, energy: float = G_ENERGY) -> tuple[Tensor, Tensor, f
 
 def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
     targets, anchors = [], []
-    for index, (target, anchor) in enumerate(config.pairs()):
+    for index, ((target, anchor), kind) in enumerate(zip(config.pairs(), config.kinds())):
         if config.anchor_prompts is not None:
             chosen = list(config.anchor_prompts[index])
         else:
-            chosen = prompt_lib.choose_anchor_prompts(anchor, config.kind, int(config.prompts_per_target),
+            chosen = prompt_lib.choose_anchor_prompts(anchor, kind, int(config.prompts_per_target),
                                                       config.seed + index)
-        targets += prompt_lib.target_prompts(chosen, anchor, target, config.kind)
+        targets += prompt_lib.target_prompts(chosen, anchor, target, kind)
         anchors += chosen
     return targets, anchors
 
