@@ -229,6 +229,7 @@ def on_ui_tabs():
         chosen.change(fn=show_patch, inputs=[chosen], outputs=[details, chosen_preview])
         draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), _js="concept_ablation_start",
                    inputs=[dummy, chosen, preview_size, preview_steps, seed], outputs=[chosen_preview, drawn])
+    print(f"Concept Ablation: '{TAB_TITLE}' tab added ({len(names)} patch(es) of this tool in {lora_dir()})")
     return [(tab, TAB_TITLE, TAB_ID)]
 
 
