@@ -32,6 +32,7 @@ DEFAULT_TARGET = ("Grumpy Cat", "cat")
 QUICK = {"steps": 2, "batch_size": 1, "anchor_images": 1, "sampler_steps": 2, "sample_batch_size": 1}
 QUICK_LATENT = 16
 QUICK_PROMPTS = 2
+QUICK_LORA_RANK = 8  # SDXL's full-rank kv deltas with AdamW state are 5 GiB: more than the quick run itself
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -50,8 +51,8 @@ def _one_held_out_prompt(family: str, anchor: str) -> tuple[str]:
     return (f"a photo of a {anchor}",)
 
 
-def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int,
-                group: str) -> tuple[DiffusersModelView, dict[str, object]]:
+def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int, group: str,
+                lora_rank: int) -> tuple[DiffusersModelView, dict[str, object]]:
     """The model to measure; a full-size one only after checking that it and the run fit the device's memory."""
     started = time.perf_counter()
     if arch == "toy":
@@ -61,7 +62,8 @@ def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, 
     with torch.device("meta"):
         twin = build_components(family, tiny=False, prompt_sensitive=False)
     weights = sum(p.numel() for m in [twin.unet, *twin.text_encoders] for p in m.parameters())
-    trained = sum(m.weight.numel() for _, m in select_unet_modules(twin.unet.named_modules(), group))
+    modules = [m for _, m in select_unet_modules(twin.unet.named_modules(), group)]
+    trained = sum(lora_rank * sum(m.weight.shape[:2]) if lora_rank else m.weight.numel() for m in modules)
     size = latent or int(twin.unet.config.sample_size)
     needed = estimate(family, size, batch, dtype, trained, weights)
     check_fits(needed, device, batch, size, dtype)
@@ -99,10 +101,13 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
     if quick and family != "toy":
         latent_size = latent_size or QUICK_LATENT
         scale["anchor_prompt_count"] = QUICK_PROMPTS
+        if not compare_default:
+            scale["lora_rank"] = QUICK_LORA_RANK
     if latent_size is not None:
         scale["latent_size"] = latent_size
     config = resolve_config(make_config(target, anchor, **scale), family)
-    view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group))
+    view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group),
+                              int(config.lora_rank))
     report: dict[str, object] = {
         "arch": arch, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "latent_size": latent_size or view.default_latent_size, "default_latent_size": view.default_latent_size,
