@@ -6,7 +6,8 @@ compression): seconds, UNet evaluations (counted by a hook), FLOPs (counted, ``e
 plus the evaluations and FLOPs of the full default preset, computed from the cost model (``budget``, checked against
 the counted evaluations of the run) and FLOPs measured per evaluation at the default latent size. ``--quick`` runs
 the same phases with a few steps on small latents; ``--compare-default`` runs the previous default and today's in one
-invocation (same machine, same load) and reports the ratio. Before building anything it checks that the model and
+invocation (same machine, same load) with the quarter-cost candidate (``settings.QUARTER_COST``) and reports the
+ratio. Before building anything it checks that the model and
 the run fit the device's memory and says what to change if not.
 """
 
@@ -20,7 +21,7 @@ import torch
 from ..backends.diffusers import DiffusersModelView, load_model
 from ..evaluation.cost import RunMeter
 from ..methods.ablation.loop import ablate
-from ..methods.ablation.settings import make_config, previous_default, resolve_config
+from ..methods.ablation.settings import QUARTER_COST, make_config, resolve_config
 from ..models.layers import select_unet_modules
 from ..models.memory import check_fits, estimate
 from ..models.random_models import build_components
@@ -112,24 +113,19 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
         "arch": arch, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "latent_size": latent_size or view.default_latent_size, "default_latent_size": view.default_latent_size,
         "unet_parameters_m": round(sum(p.numel() for p in view.unet.parameters()) / 1e6, 1), **built}
-    runs = {}
-    if compare_default:
-        old = resolve_config(make_config(target, anchor, **{**scale, **previous_default(family)}), family)
-        runs["previous_default"], _, _ = _measure(view, old, family)
     measured, meter, result = _measure(view, config, family)
     report.update(measured)
     default = resolve_config(make_config(target, anchor), family)
     report.update(default_preset_costs(view, meter, default, "default_preset"))
     if compare_default:
-        old_default = resolve_config(make_config(target, anchor, **previous_default(family)), family)
-        report.update(default_preset_costs(view, meter, old_default, "previous_default_preset"))
-        runs["default"] = measured
-        old_s, new_s = runs["previous_default"]["end_to_end_s"], measured["end_to_end_s"]
+        cheap = resolve_config(make_config(target, anchor, **{**scale, **QUARTER_COST}), family)
+        candidate, _, _ = _measure(view, cheap, family)
+        cheap_default = resolve_config(make_config(target, anchor, **QUARTER_COST), family)
+        report.update(default_preset_costs(view, meter, cheap_default, "quarter_cost_preset"))
         report["compare"] = {
-            "previous_default": runs["previous_default"], "default": measured,
-            "speedup_end_to_end": round(old_s / new_s, 2) if new_s else None,
-            "unet_evaluation_ratio": round(runs["previous_default"]["unet_evaluations"]
-                                           / max(1, measured["unet_evaluations"]), 2)}
+            "default": measured, "quarter_cost": candidate,
+            "speedup_end_to_end": round(measured["end_to_end_s"] / candidate["end_to_end_s"], 2),
+            "unet_evaluation_ratio": round(measured["unet_evaluations"] / max(1, candidate["unet_evaluations"]), 2)}
     return report
 
 
