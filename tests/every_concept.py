@@ -1,7 +1,7 @@
 """Every entry point on every concept of the toy world: the held-out check on quality settings.
 
 ``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]
-[--settings KEY=VALUE ...] [--previous-default]``
+[--settings KEY=VALUE ...] [--quarter-cost] [--compare-quarter-cost]``
 
 For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
   - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))`` (closed form:
@@ -11,8 +11,9 @@ For each toy concept (with its suggested anchor) and each entry point, makes a p
   - ``node``: the Ablate Concept (closed form: Erase Concepts) node's own function on the toy model held as a
     ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's
     default widgets except target, anchor and kind;
-(``--settings`` adds config settings to the api entry's call, ``--previous-default`` the settings of the default
-preset before training reused the sampler's states; the api rows count the run's UNet evaluations with a hook),
+(``--settings`` adds config settings to the api entry's call, ``--quarter-cost`` the settings of the candidate
+default at a quarter of the UNet evaluations, ``settings.QUARTER_COST``; the api rows count the run's UNet
+evaluations with a hook),
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
 given beyond what each entry point's user types, so the figures show what users get.
 """
@@ -162,15 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
                         help="trained api entry: config settings (values read as JSON, else as text)")
-    parser.add_argument("--previous-default", action="store_true",
-                        help="trained api entry: the previous default preset (re-noised anchors, 4x the evaluations)")
-    parser.add_argument("--compare-previous-default", action="store_true",
-                        help="trained api entry: each concept with the previous default preset and today's")
+    parser.add_argument("--quarter-cost", action="store_true",
+                        help="trained api entry: the quarter-cost candidate (settings.QUARTER_COST)")
+    parser.add_argument("--compare-quarter-cost", action="store_true",
+                        help="trained api entry: each concept with the default preset and the quarter-cost candidate")
     args = parser.parse_args(argv)
-    if args.previous_default:
-        from ablation_core.methods.ablation.settings import previous_default
+    if args.quarter_cost:
+        from ablation_core.methods.ablation.settings import QUARTER_COST
 
-        API_SETTINGS.update(previous_default("toy"))
+        API_SETTINGS.update(QUARTER_COST)
     for item in args.settings:
         key, _, value = item.partition("=")
         try:
@@ -178,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             API_SETTINGS[key] = value
     variants = None
-    if args.compare_previous_default:
-        from ablation_core.methods.ablation.settings import previous_default
+    if args.compare_quarter_cost:
+        from ablation_core.methods.ablation.settings import QUARTER_COST
 
-        variants = {"previous default": {**previous_default("toy"), **API_SETTINGS}, "default": dict(API_SETTINGS)}
+        variants = {"default": dict(API_SETTINGS), "quarter cost": {**API_SETTINGS, **QUARTER_COST}}
     rows = run(args.method, args.entries, args.per_set, args.concepts, variants)
     table = markdown(rows)
     print(table)

@@ -6,7 +6,8 @@ compression): seconds, UNet evaluations (counted by a hook), FLOPs (counted, ``e
 plus the evaluations and FLOPs of the full default preset, computed from the cost model (``budget``, checked against
 the counted evaluations of the run) and FLOPs measured per evaluation at the default latent size. ``--quick`` runs
 the same phases with a few steps on small latents; ``--compare-default`` runs the previous default and today's in one
-invocation (same machine, same load) and reports the ratio. Before building anything it checks that the model and
+invocation (same machine, same load) with the quarter-cost candidate (``settings.QUARTER_COST``) and reports the
+ratio. Before building anything it checks that the model and
 the run fit the device's memory and says what to change if not.
 """
 
@@ -20,7 +21,7 @@ import torch
 from ..backends.diffusers import DiffusersModelView, load_model
 from ..evaluation.cost import RunMeter
 from ..methods.ablation.loop import ablate
-from ..methods.ablation.settings import make_config, previous_default, resolve_config
+from ..methods.ablation.settings import QUARTER_COST, make_config, resolve_config
 from ..models.layers import select_unet_modules
 from ..models.memory import check_fits, estimate
 from ..models.random_models import build_components
@@ -32,6 +33,7 @@ DEFAULT_TARGET = ("Grumpy Cat", "cat")
 QUICK = {"steps": 2, "batch_size": 1, "anchor_images": 1, "sampler_steps": 2, "sample_batch_size": 1}
 QUICK_LATENT = 16
 QUICK_PROMPTS = 2
+QUICK_LORA_RANK = 8  # SDXL's full-rank kv deltas with AdamW state are 5 GiB: more than the quick run itself
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -50,8 +52,8 @@ def _one_held_out_prompt(family: str, anchor: str) -> tuple[str]:
     return (f"a photo of a {anchor}",)
 
 
-def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int,
-                group: str) -> tuple[DiffusersModelView, dict[str, object]]:
+def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int, group: str,
+                lora_rank: int) -> tuple[DiffusersModelView, dict[str, object]]:
     """The model to measure; a full-size one only after checking that it and the run fit the device's memory."""
     started = time.perf_counter()
     if arch == "toy":
@@ -61,7 +63,8 @@ def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, 
     with torch.device("meta"):
         twin = build_components(family, tiny=False, prompt_sensitive=False)
     weights = sum(p.numel() for m in [twin.unet, *twin.text_encoders] for p in m.parameters())
-    trained = sum(m.weight.numel() for _, m in select_unet_modules(twin.unet.named_modules(), group))
+    modules = [m for _, m in select_unet_modules(twin.unet.named_modules(), group)]
+    trained = sum(lora_rank * sum(m.weight.shape[:2]) if lora_rank else m.weight.numel() for m in modules)
     size = latent or int(twin.unet.config.sample_size)
     needed = estimate(family, size, batch, dtype, trained, weights)
     check_fits(needed, device, batch, size, dtype)
@@ -99,32 +102,30 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
     if quick and family != "toy":
         latent_size = latent_size or QUICK_LATENT
         scale["anchor_prompt_count"] = QUICK_PROMPTS
+        if not compare_default:
+            scale["lora_rank"] = QUICK_LORA_RANK
     if latent_size is not None:
         scale["latent_size"] = latent_size
     config = resolve_config(make_config(target, anchor, **scale), family)
-    view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group))
+    view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group),
+                              int(config.lora_rank))
     report: dict[str, object] = {
         "arch": arch, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "latent_size": latent_size or view.default_latent_size, "default_latent_size": view.default_latent_size,
         "unet_parameters_m": round(sum(p.numel() for p in view.unet.parameters()) / 1e6, 1), **built}
-    runs = {}
-    if compare_default:
-        old = resolve_config(make_config(target, anchor, **{**scale, **previous_default(family)}), family)
-        runs["previous_default"], _, _ = _measure(view, old, family)
     measured, meter, result = _measure(view, config, family)
     report.update(measured)
     default = resolve_config(make_config(target, anchor), family)
     report.update(default_preset_costs(view, meter, default, "default_preset"))
     if compare_default:
-        old_default = resolve_config(make_config(target, anchor, **previous_default(family)), family)
-        report.update(default_preset_costs(view, meter, old_default, "previous_default_preset"))
-        runs["default"] = measured
-        old_s, new_s = runs["previous_default"]["end_to_end_s"], measured["end_to_end_s"]
+        cheap = resolve_config(make_config(target, anchor, **{**scale, **QUARTER_COST}), family)
+        candidate, _, _ = _measure(view, cheap, family)
+        cheap_default = resolve_config(make_config(target, anchor, **QUARTER_COST), family)
+        report.update(default_preset_costs(view, meter, cheap_default, "quarter_cost_preset"))
         report["compare"] = {
-            "previous_default": runs["previous_default"], "default": measured,
-            "speedup_end_to_end": round(old_s / new_s, 2) if new_s else None,
-            "unet_evaluation_ratio": round(runs["previous_default"]["unet_evaluations"]
-                                           / max(1, measured["unet_evaluations"]), 2)}
+            "default": measured, "quarter_cost": candidate,
+            "speedup_end_to_end": round(measured["end_to_end_s"] / candidate["end_to_end_s"], 2),
+            "unet_evaluation_ratio": round(measured["unet_evaluations"] / max(1, candidate["unet_evaluations"]), 2)}
     return report
 
 

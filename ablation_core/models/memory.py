@@ -83,13 +83,15 @@ def check_fits(needed: MemoryEstimate, device: torch.device | str, batch: int, l
     if needed.total <= free:
         return
     hints = []
+    if needed.trained > GIB:
+        hints.append(f"low-rank deltas (--lora-rank 8; full-rank deltas with their optimizer state take "
+                     f"{needed.trained / GIB:.1f} GiB)")
     if batch > 1:
         hints.append(f"a smaller training batch (--batch-size, now {batch})")
     if latent_size > 16:
         hints.append(f"smaller latents (--latent-size, now {latent_size})")
     if torch.empty((), dtype=dtype).element_size() > 2:
         hints.append("bf16 weights (--dtype bf16)")
-    hints.append("the kv group")
     if torch.device(device).type != "cpu":
         hints.append("a larger device, or --device cpu")
     raise OutOfMemoryError(f"this run needs about {needed.describe()}, but {torch.device(device)} has "

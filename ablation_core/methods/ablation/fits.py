@@ -22,7 +22,9 @@ def run_estimate(view: ModelView, config: AblationConfig, layers: list[Layer],
                  weight_parameters: int = 0) -> MemoryEstimate:
     latent = config.latent_size or view.default_latent_size
     rows = int(config.batch_size) * (2 if config.regularization else 1)
-    trained = sum(layer.module.weight.numel() for layer in layers)
+    rank = int(config.lora_rank or 0)
+    trained = sum(rank * sum(layer.module.weight.shape[:2]) if rank else layer.module.weight.numel()
+                  for layer in layers)
     needed = estimate(view.family.name, latent, rows, view.dtype, trained, weight_parameters)
     if uses_sampler_states(config):  # x_t and the frozen prediction of every solver step, in the model's dtype
         value_bytes = 2 if view.dtype.itemsize <= 2 else 4
