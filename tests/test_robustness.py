@@ -21,8 +21,8 @@ from tests.conftest import tiny_config
 RECOVERED_ON_BASE = {"variants": 0.8, "soft-prompt": 0.9, "token-search": 0.9}
 TINY_ADVERSARY = AdversaryBudget(images=4, inversion_steps=3, inversion_batch=2, search_images=2,
                                  search_iterations=1, search_candidates=4, top_k=8)
-QUICK_ADVERSARY = AdversaryBudget(images=8, inversion_steps=40, search_images=4, search_iterations=2,
-                                  search_candidates=8)
+QUICK_ADVERSARY = AdversaryBudget(images=16, inversion_steps=60, search_images=4, search_iterations=1,
+                                  search_candidates=4)
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +59,26 @@ def test_eval_attack_json_has_before_after_and_budget(toy_view, tmp_path, capsys
     assert found["success_before"] >= RECOVERED_ON_BASE["token-search"]
 
 
-def test_robust_training_lowers_soft_prompt_recovery_on_nemo(toy_view):
-    """One adversarial round at the fast preset against the plain fast ablation, attacked alike (same images the
-    attacker learns from, same seeds)."""
+def test_robust_closed_form_lowers_soft_prompt_recovery_on_nemo(toy_view):
+    """One RECE-style round (a 60-step inversion) against the plain closed form, attacked alike (the same images the
+    attacker learns from, the same seeds). Measured: 100 % -> 69 %. The robust trained method does better (0 % in
+    docs/robustness.md) but costs minutes, so the test uses the closed form."""
     from ablation_core.evaluation.attacks import ATTACKS
-    from ablation_core.methods.ablation.settings import make_config
+    from ablation_core.methods.closed_form.settings import make_closed_form_config
     from ablation_core.patches.apply import apply_patch
 
     budget = budget_of("soft-prompt", "small")
     prepared = ATTACKS["soft-prompt"].prepare(toy_view, "nemo", budget, 0)
-    config = make_config("nemo", "fish", preset="fast")
-    plain = robust_ablate(toy_view, config).patch
-    robust = robust_ablate(toy_view, replace(config, robust_rounds=1), budget=QUICK_ADVERSARY).patch
+    config = make_closed_form_config("nemo", "fish")
+    plain = robust_erase_closed_form(toy_view, config).patch
+    robust = robust_erase_closed_form(toy_view, replace(config, robust_rounds=1), budget=QUICK_ADVERSARY).patch
 
     def recovered(patch) -> float:
         with apply_patch(toy_view, patch):
             return run_attack(toy_view, "soft-prompt", "nemo", "fish", budget, 0, prepared).success
 
     plain_success, robust_success = recovered(plain), recovered(robust)
-    assert plain_success >= 0.25, f"the plain ablation already resists the attack ({plain_success:.0%})"
+    assert plain_success >= 0.9, f"the plain closed form already resists the attack ({plain_success:.0%})"
     assert robust_success <= plain_success - 0.2, f"robust {robust_success:.0%} vs plain {plain_success:.0%}"
 
 

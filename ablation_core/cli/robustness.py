@@ -92,6 +92,8 @@ def _worst(row: dict) -> str:
 
 def markdown(rows: list[dict], budget: dict) -> str:
     names = [n for n in ATTACK_NAMES if rows and n in rows[0]["attacks"]]
+    concepts = list(dict.fromkeys(r["target"] for r in rows))
+    rows = sorted(rows, key=lambda r: (concepts.index(r["target"]), METHODS.index(r["method"])))
     head = ("| concept -> anchor | method | target shown | anchor kept | surrounding kept | "
             + " | ".join(names) + " | worst neighbour | erase s |\n|" + " --- |" * (7 + len(names)))
     lines = [head]
@@ -102,7 +104,7 @@ def markdown(rows: list[dict], budget: dict) -> str:
                      f"**{_pct(r['target_recognised'])}** | {_pct(r['anchor_retained'])} | "
                      f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {_worst(r)} | "
                      f"{r['seconds_erase']:.0f} |")
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         mine = [r for r in rows if r["method"] == method]
 
         def mean(values: list[float]) -> float:
