@@ -147,3 +147,13 @@ def test_training_on_top_of_a_closed_form_patch_keeps_both_and_the_original_fing
     assert not torch.allclose(result.patch.deltas[key].full(), base.deltas[key].full())
     with apply_patch(sd1_view, result.patch, strict=True):  # the fingerprint is the original model's
         pass
+
+
+def test_a_joint_list_never_anchors_one_target_on_prompts_naming_another():
+    config = resolve_closed_form(make_closed_form_config(["van gogh", "monet", "nemo"], ["painting", "painting",
+                                                                                         "fish"]), "toy")
+    assert config.kinds() == ["style", "style", "object"]
+    targets, anchors = _prompt_pairs(config)
+    assert anchors and not any(word in a for a in anchors for word in ("van gogh", "monet", "nemo"))
+    assert any(t.endswith(", in the style of monet") for t in targets)
+    assert sum("nemo" in t for t in targets) > 0

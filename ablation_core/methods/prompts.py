@@ -94,6 +94,14 @@ def mentions(prompt: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) is not None
 
 
+def without_targets(prompts: list[str], targets: list[str]) -> list[str]:
+    """Anchor prompts that mention none of a run's targets. In a joint erasure an anchor prompt naming another target
+    ("a painting of a cat in the style of van gogh" for monet -> painting, with van gogh erased too) would teach the
+    model to keep that target; the prompts are left as they are when every one names a target."""
+    kept = [p for p in prompts if not any(mentions(p, t) for t in targets)]
+    return kept or list(prompts)
+
+
 def prompts_for(anchor: str, listed: tuple[str, ...] | list[str], kind: Kind) -> list[str]:
     """The prompts of a list that belong to ``anchor``: for objects, those that mention it (the target is swapped in
     for it); styles and memorized images take every prompt."""

@@ -103,8 +103,10 @@ def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
     kinds = config.kinds()
     for index, (_, anchor) in enumerate(config.pairs()):
         user = prompt_lib.prompts_for(anchor, listed, kinds[index]) if listed else None
-        anchors_by_pair.append(prompt_lib.choose_anchor_prompts(anchor, kinds[index], config.anchor_prompt_count,
-                                                                config.seed + index, user))
+        chosen = prompt_lib.choose_anchor_prompts(anchor, kinds[index], config.anchor_prompt_count,
+                                                  config.seed + index, user)
+        anchors_by_pair.append(prompt_lib.without_targets(chosen, [t for t, _ in config.pairs()])
+                               if config.extra_pairs else chosen)
     typos = [prompt_lib.misspellings(t, config.misspelled_targets, config.seed) for t, _ in config.pairs()]
     anchors = [p for prompts in anchors_by_pair for p in prompts]
     targets: list[str] = []

@@ -95,6 +95,8 @@ def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
         else:
             chosen = prompt_lib.choose_anchor_prompts(anchor, kind, int(config.prompts_per_target),
                                                       config.seed + index)
+        if len(config.targets) > 1:
+            chosen = prompt_lib.without_targets(chosen, list(config.targets))
         targets += prompt_lib.target_prompts(chosen, anchor, target, kind)
         anchors += chosen
     return targets, anchors
