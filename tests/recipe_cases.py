@@ -47,7 +47,7 @@ def passed(rows: list[dict]) -> bool:
                and r["surrounding_retained"] >= KEPT_MIN for r in rows)
 
 
-def run(per_set: int) -> list[dict]:
+def run(per_set: int, cases: list[str] | None = None) -> list[dict]:
     view = load_model("toy")
     results = []
 
@@ -58,12 +58,19 @@ def run(per_set: int) -> list[dict]:
                         "settings": json.loads(patch.metadata.get("ablation.settings", "{}"))})
         print(json.dumps(results[-1]), flush=True)
 
+    def wanted(case: str) -> bool:
+        return not cases or any(case.startswith(c) for c in cases)
+
     for case, pairs, concept_type in PRESET_CASES + (JOINT_CASE,):
+        if not wanted(case):
+            continue
         targets, anchors = [t for t, _ in pairs], [a for _, a in pairs]
         started = time.perf_counter()
         patch = ablate(view, make_config(targets, anchors, concept_type=concept_type)).patch
         record(case, pairs, patch, time.perf_counter() - started)
 
+    if not wanted("second erasure"):
+        return results
     started = time.perf_counter()
     first = ablate(view, make_config(*FIRST)).patch
     both = ablate(view, make_config(*SECOND), base_patch=first).patch
@@ -87,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.recipe_cases", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-set", type=int, default=24)
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="only the cases whose names start so: preset, three, second (default: all)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
-    results = run(args.per_set)
+    results = run(args.per_set, args.cases)
     table = markdown(results)
     print(table)
     if args.out:
