@@ -23,13 +23,15 @@ from ...errors import PatchError
 from ...models.view import ModelView
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch, LayerDelta
+from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, ProgressFn, no_progress
 from .embeddings import pair_moments, preserved_moments
 from .settings import make_closed_form_config, resolve_closed_form
 from .solve import _prompt_pairs, low_rank_map
 
 
-def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, canceller: Canceller) -> Tensor:
+def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, canceller: Canceller,
+                     fused_targets: list[str]) -> Tensor:
     targets, anchors = patch.listed("targets"), patch.listed("anchors")
     if not targets or len(anchors) not in (1, len(targets)):
         raise PatchError("fusion needs each patch's targets and anchors in its metadata (ablation.targets, "
@@ -38,6 +40,10 @@ def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, 
     config = resolve_closed_form(make_closed_form_config(targets, anchors, kind=kind if kind != "None" else None,
                                                          builtin_preserve=False), view.family.name)
     target_prompts, anchor_prompts = _prompt_pairs(config)
+    kept = prompt_lib.without_targets(anchor_prompts, fused_targets)  # as one joint solve would phrase them
+    if len(kept) < len(anchor_prompts):
+        target_prompts, anchor_prompts = map(list, zip(*[(t, a) for t, a in zip(target_prompts, anchor_prompts)
+                                                         if a in kept]))
     moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller)
     return moments.cc / max(moments.count, 1)
 
@@ -55,10 +61,10 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     summed = merge_weighted(patches, weights)  # checks families and shapes; the fallback for other layers
     kv_keys = {layer.key for layer in view.unet_layers("kv")}
     canceller.phase = "encoding the patches' concepts"
-    concepts = [_concept_moments(view, patch, report, canceller) for patch in patches]
     # every patch's targets, once each: patches that share a target (one erasure at two strengths, or a concept
     # erased twice) are fused too
     targets = list({t.lower(): t for p in patches for t in p.listed("targets")}.values())
+    concepts = [_concept_moments(view, patch, report, canceller, targets) for patch in patches]
     preserved_config = resolve_closed_form(make_closed_form_config(
         targets, [a for p in patches for a in p.listed("anchors")][:1]), view.family.name)
     preserved, count = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
