@@ -525,14 +525,14 @@ def test_chained_ablate_nodes_train_on_the_original_weights_with_the_first_patch
     node = _nodes()["AblateConcept"]()
     first_model, _, first = _run_ablate(node, model, clip, monkeypatch, use_cache=False)
     seen = {}
-    original = backend.flows.ablate
+    original = backend.flows.robust_ablate
 
     def spy(view, config, **kwargs):
         seen["patches"] = {k: list(v) for k, v in view.patcher.patches.items()}  # what ComfyUI loads to train on
         seen["base"] = kwargs.get("base_patch")
         return original(view, config, **kwargs)
 
-    monkeypatch.setattr(backend.flows, "ablate", spy)
+    monkeypatch.setattr(backend.flows, "robust_ablate", spy)
     applied, _ = _nodes()["ApplyAblationPatch"]().apply(first_model, first, 0.5)["result"]  # stacked: 1.5 x first
     output = node.ablate(applied, clip, "Monet", "painting", "style", "kv", "fast", TINY["steps"], 0,
                          image_size=TINY["latent_size"] * 8, use_cache=True)
