@@ -298,7 +298,8 @@ def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], se
     adapters = AdapterSet.fixed([(layers[key], dense) for key, (_, dense) in resolve(patch, view).items()])
     index = torch.arange(len(prompts))
     images = {}
-    with torch.no_grad(), cancel_checks(view.cancel_check_modules(), Canceller(host.cancelled)):
+    canceller = Canceller(host.cancelled)
+    with torch.no_grad(), cancel_checks(view.cancel_check_modules(), canceller):
         for offset, name in enumerate(("before", "after")):
             hooks = adapters.attached() if name == "after" else contextlib.nullcontext()
             with hooks, view.uncached_text():
@@ -306,6 +307,7 @@ def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], se
                     progress(Progress("preview", offset * steps + int(round(done / total * steps)), 2 * steps))
                 latents = sample_latents(view, prompts, index, steps, 6.0, len(prompts), int(seed), latent_size,
                                          on_step)
+            canceller.check()  # the checks inside the UNet are throttled: a short sampling may end between them
             images[name] = view.decode(latents).cpu()
     rows = [[images["before"][i], images["after"][i]] for i in range(len(prompts))]
     picture = grid(rows, prompts, ["before", "after"], cell=max(64, min(latent_size * 8, 256)))
