@@ -63,14 +63,15 @@ def model_text() -> str:
 
 def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, preset: str, steps: float,
         seed: float, resolution: float, anchor_images: float, batch_size: float, storage: str, name: str,
-        overwrite: bool, preview: bool, preview_size: float, preview_steps: float):
+        overwrite: bool, preview: bool, preview_size: float, preview_steps: float, robust_rounds: float = 0):
     """The Ablate button (through A1111's ``wrap_gradio_gpu_call``: queue lock, ``shared.state``, progress)."""
     from ablation_core.backends.a1111 import TabRequest, run_request
     from ablation_core.errors import AblationCancelled, AblationError
 
     request = TabRequest(target or "", anchor or "", concept_type, method, preset, int(steps or 0), int(seed or 0),
                          int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name or "",
-                         bool(overwrite), bool(preview), int(preview_size or 512), int(preview_steps or 20))
+                         bool(overwrite), bool(preview), int(preview_size or 512), int(preview_steps or 20),
+                         int(robust_rounds or 0))
     try:
         outcome = run_request(make_host(), request)
     except AblationCancelled as err:
@@ -162,7 +163,7 @@ def on_ui_tabs():
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
 
-    from ablation_core.backends.a1111 import COLUMNS, METHODS, STORAGE
+    from ablation_core.backends.a1111 import COLUMNS, METHODS, ROBUST_HELP, STORAGE
     from ablation_core.methods.ablation.recipes import CONCEPT_TYPE_HELP, CONCEPT_TYPES
     from ablation_core.methods.ablation.settings import PRESET_HELP, PRESET_NAMES
 
@@ -185,6 +186,8 @@ def on_ui_tabs():
                     preset = gr.Radio(list(PRESET_NAMES), value="default", label="Preset", info=PRESET_HELP)
                     steps = gr.Number(value=0, precision=0, label="Steps (0: the preset's)")
                     seed = gr.Number(value=0, precision=0, label="Seed")
+                    robust_rounds = gr.Number(value=0, precision=0, label="Robust rounds (0: off)",
+                                              info=ROBUST_HELP)
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         resolution = gr.Number(value=0, precision=0, label="Training resolution, px (0: the model's)")
@@ -221,7 +224,7 @@ def on_ui_tabs():
                 drawn = gr.HTML()
 
         inputs = [dummy, target, anchor, concept_type, method, preset, steps, seed, resolution, anchor_images,
-                  batch_size, storage, name, overwrite, preview, preview_size, preview_steps]
+                  batch_size, storage, name, overwrite, preview, preview_size, preview_steps, robust_rounds]
         start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[None, gr.update(), gr.update()]),
                     _js="concept_ablation_start", inputs=inputs, outputs=[result_image, table, chosen, result])
         stop.click(fn=interrupt, inputs=[], outputs=[])

@@ -31,6 +31,17 @@ from tests.comfy_fakes import CONTEXT_DIM, TinyLDMUNet
 ADM_CHANNELS = CONTEXT_DIM + 16
 
 
+class FakeEmbeddingsWithFixes(nn.Module):
+    """A1111's textual-inversion wrapper around the vocabulary embedding (``sd_hijack.EmbeddingsWithFixes``)."""
+
+    def __init__(self, wrapped: nn.Embedding):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.wrapped(input_ids)
+
+
 class FakeCLIPEmbedder(nn.Module):
     """A1111's ``FrozenCLIPEmbedderWithCustomWords``: ``wrapped.transformer`` is the HF text model, ``tokenize``
     gives ids without start/end tokens, calling it with prompts gives ``[B, 77, dim]``."""
@@ -42,6 +53,9 @@ class FakeCLIPEmbedder(nn.Module):
         self.wrapped.transformer = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=16))
+        transformer = self.wrapped.transformer
+        embeddings = getattr(transformer, "text_model", transformer).embeddings
+        embeddings.token_embedding = FakeEmbeddingsWithFixes(embeddings.token_embedding)
         self.tokenizer = sd_clip_tokenizer()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:

@@ -337,3 +337,47 @@ def test_comfy_entry_and_core_import_without_gradio_or_a1111():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_robust_rounds_run_through_the_tab_and_leave_the_model_as_it_was(a1111, monkeypatch):
+    """The robust option hooks A1111's token embedding (inside its textual-inversion wrapper) to attack the patch,
+    erases what the attack found, and records the rounds; the loaded model is untouched afterwards. (The adversary
+    gets a tiny budget here; the tab uses the full one.)"""
+    from functools import partial
+
+    from ablation_core.backends.a1111 import flows
+    from ablation_core.methods.robust import rounds
+
+    tiny = rounds.AdversaryBudget(images=2, inversion_steps=3, inversion_batch=2, search_images=2,
+                                  search_iterations=1, search_candidates=4, top_k=8)
+    monkeypatch.setattr(flows, "robust_erase_closed_form", partial(rounds.robust_erase_closed_form, budget=tiny))
+    model = a1111.shared.sd_model
+    before = fakes.model_weights(model)
+    _, buttons = build_tab(a1111)
+    *_, message = press(buttons["Ablate"], form("closed form", **{"Robust rounds (0: off)": 1}))
+    path = a1111.lora_dir / "ablate_Van_Gogh_to_painting.safetensors"
+    assert path.exists(), message
+    robust = json.loads(load_patch(path).metadata[META + "robust"])
+    assert robust["rounds"] == 1 and robust["found"]
+    after = fakes.model_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and fakes.hooks_left(model) == 0
+
+
+def test_a_text_encoder_returning_nan_gets_a_clear_message_and_writes_nothing(a1111, monkeypatch):
+    """A1111's emphasis rescaling divides by the mean of the encoding; a text encoder whose outputs average to zero
+    (a random-weight checkpoint) gives NaN there. The run stops with a message instead of a NaN loss or solve."""
+    model = a1111.shared.sd_model
+    encode = model.get_learned_conditioning
+
+    def nan_for_hats(prompts):
+        out = encode(prompts)
+        rows = torch.tensor(["hat" in p.lower() for p in prompts])
+        return torch.where(rows.view(-1, 1, 1), torch.full_like(out, float("nan")), out)
+
+    monkeypatch.setattr(model, "get_learned_conditioning", nan_for_hats)
+    _, buttons = build_tab(a1111)
+    for method in ("closed form", "trained"):
+        *_, message = press(buttons["Ablate"], form(method, **{"Target: the concept to remove": "Hat",
+                                                               "Anchor: what it should become": "cap"}))
+        assert "NaN or infinite" in message and "Emphasis mode" in message, message
+        assert not list(a1111.lora_dir.glob("*.safetensors"))

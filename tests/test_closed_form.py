@@ -157,3 +157,46 @@ def test_a_joint_list_never_anchors_one_target_on_prompts_naming_another():
     assert anchors and not any(word in a for a in anchors for word in ("van gogh", "monet", "nemo"))
     assert any(t.endswith(", in the style of monet") for t in targets)
     assert sum("nemo" in t for t in targets) > 0
+
+
+def test_a_rerun_reuses_encoded_chunks_and_an_edited_text_encoder_is_never_served_stale(sd1_view):
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    MOMENT_CACHE.clear()
+    config = make_closed_form_config(["Grumpy Cat"], "cat", preserve=["a tree", "a house"], **TINY)
+    first = erase_closed_form(sd1_view, config)
+    misses = MOMENT_CACHE.misses
+    again = erase_closed_form(sd1_view, config)
+    assert MOMENT_CACHE.misses == misses and MOMENT_CACHE.hits >= misses  # nothing encoded the second time
+    for key, delta in first.patch.deltas.items():
+        assert torch.equal(delta.full(), again.patch.deltas[key].full())
+
+    # one token embedding of a preserved word changes: the chunk holding it is encoded afresh, and the result is
+    # what a process that never cached anything computes
+    embeddings = sd1_view.text_encoders[0].get_input_embeddings().weight
+    row = sd1_view.token_ids("tree")[0][0]
+    saved = embeddings.data[row].clone()
+    try:
+        embeddings.data[row] += 0.5
+        edited = erase_closed_form(sd1_view, config)
+        assert MOMENT_CACHE.misses > misses
+        MOMENT_CACHE.clear()
+        fresh = erase_closed_form(sd1_view, config)
+    finally:
+        embeddings.data[row] = saved
+    key = next(iter(first.patch.deltas))
+    assert not torch.equal(edited.patch.deltas[key].full(), first.patch.deltas[key].full())
+    assert torch.equal(edited.patch.deltas[key].full(), fresh.patch.deltas[key].full())
+
+
+def test_a_mass_erasure_never_pushes_the_preserved_bank_out_of_the_cache():
+    from ablation_core.methods.closed_form.embeddings import MomentCache
+
+    cache = MomentCache(max_bytes=8 * 4 * 100)  # room for 100 float32 values of each kind
+    bank = ("preserved", ("a photo of a cat",), "cpu", "torch.float32", "probe")
+    cache.put(bank, (torch.zeros(40),))
+    for index in range(30):  # many target chunks, each newer than the bank
+        cache.put(("pairs", (f"target {index}",), "cpu", "torch.float32", "probe"), (torch.zeros(30),))
+    assert cache.get(bank) is not None
+    kept = [k for k in cache.entries if k[0] == "pairs"]
+    assert len(kept) == 13 and kept[-1][1] == ("target 29",)  # the newest that fit in half the budget

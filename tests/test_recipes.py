@@ -81,3 +81,18 @@ def test_near_copies_of_the_memorized_image_are_dropped():
     anchors = torch.cat([target[:1] * 1.1 + 0.01, torch.randn(4, 4, 8, 8, generator=generator)])
     assert drop_near_copies(anchors, target).tolist() == [1, 2, 3, 4]
     assert memorized_variations("a photo of Ann Graham Lotz", "a woman")[0] == "a woman"
+
+
+def test_the_held_out_check_of_a_joint_run_never_uses_prompts_naming_another_target():
+    from ablation_core.methods.ablation.check import held_out_pairs
+    from ablation_core.methods.ablation.loop import _prompt_pairs
+
+    # the toy world's held-out captions for a style include "a van gogh painting of a cat", and those for cat
+    # "an oil painting of grumpy cat": each would measure the other target's erasure as a loss of the anchor
+    config = resolve_config(make_config(["grumpy cat", "van gogh"], ["cat", "painting"]), "toy")
+    anchors, _ = _prompt_pairs(config)
+    checked = held_out_pairs(config, anchors)
+    assert [target for target, _, _ in checked] == ["grumpy cat", "van gogh"]
+    for target, check_anchors, check_targets in checked:
+        assert check_anchors and not any(t in p for p in check_anchors for t in ("grumpy cat", "van gogh"))
+        assert all(target in p for p in check_targets)

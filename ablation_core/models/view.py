@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import AblationError
 from .families import Family
 from .layers import Layer
+
+NON_FINITE_TEXT = (
+    "the text encoder returned NaN or infinite values for {count} of {total} prompt(s) (e.g. '{example}'); nothing "
+    "was changed. The checkpoint's text encoder may be damaged or in a precision it overflows in (try float32), or "
+    "the program's prompt processing divided by zero (in A1111: Settings -> Stable Diffusion -> Emphasis mode "
+    "'No norm' skips its mean rescaling)")
 
 
 @dataclass
@@ -44,6 +51,44 @@ class Conditioning:
 
     def to(self, device: torch.device | str) -> Conditioning:
         return Conditioning(self.context.to(device), {k: v.to(device) for k, v in self.extra.items()})
+
+
+def require_finite(encoded: Conditioning, prompts: list[str]) -> Conditioning:
+    """``encoded`` as it is, or a clear error naming a prompt whose encoding is not finite (a NaN here would
+    otherwise surface much later as a NaN loss or a failed solve)."""
+    bad = ~torch.isfinite(encoded.context.reshape(len(encoded), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise AblationError(NON_FINITE_TEXT.format(count=int(bad.sum()), total=len(prompts), example=prompts[first]))
+    return encoded
+
+
+class PromptCache:
+    """Encodings kept per prompt, so anchor sampling and training never encode a prompt twice (views of programs
+    whose text encoders are slow to run or to load use it); ``disabled()`` encodes afresh inside a block."""
+
+    def __init__(self, encode_many: Callable[[list[str]], Conditioning]):
+        self.encode_many = encode_many
+        self.encoded: dict[str, Conditioning] = {}
+        self.enabled = True
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        if not self.enabled or torch.is_grad_enabled():
+            return self.encode_many(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.encoded]
+        if missing:
+            encoded = require_finite(self.encode_many(missing), missing)
+            for index, prompt in enumerate(missing):
+                self.encoded[prompt] = encoded.select([index])
+        return Conditioning.cat([self.encoded[p] for p in prompts])
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
 
 class ModelView(ABC):
@@ -79,6 +124,11 @@ class ModelView(ABC):
 
     def layers(self, group: str) -> list[Layer]:
         return self.unet_layers(group) + self.text_layers(group)
+
+    def token_embedding_modules(self) -> list[nn.Module]:
+        """Each text encoder's token-embedding module (one for SD1/SD2, two for SDXL), read by the attacks and the
+        robust rounds; by default the modules the ``embedding`` group trains."""
+        return [layer.module for layer in self.text_layers("embedding")]
 
     def all_layers(self) -> dict[str, Layer]:
         """Every weight a patch may touch, by patch key (used to resolve keys of loaded patches)."""

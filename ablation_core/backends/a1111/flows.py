@@ -25,12 +25,11 @@ from ...errors import AblationCancelled, AblationError
 from ...evaluation.images import grid, save_image
 from ...files import check_output_file, write_text_atomic
 from ...methods.ablation.adapters import AdapterSet
-from ...methods.ablation.loop import ablate
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
 from ...methods.closed_form.settings import make_closed_form_config
-from ...methods.closed_form.solve import erase_closed_form
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.prompts import check_pair, target_prompts
+from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ...models.sampling import sample_latents
 from ...patches.apply import resolve
 from ...patches.patch import META, AblationPatch
@@ -40,6 +39,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("trained", "closed form")
 STORAGE = ("low rank", "exact (.diff)")
+ROBUST_HELP = ("rounds of attack-and-erase against soft-prompt and token-search attacks (AdvUnlearn/RECE style); "
+               "each round costs about one more run, and holds the erasure against recovery attacks")
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the Lora tab's names (its network.SdVersion)
 KIND_OF_CONCEPT_TYPE = {"style": "style", "memorized": "memorization"}  # the rest are objects
 PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor images", "train": "Training",
@@ -87,6 +88,7 @@ class TabRequest:
     preview: bool = True
     preview_size: int = 512
     preview_steps: int = 20
+    robust_rounds: int = 0
 
 
 @dataclass
@@ -158,7 +160,8 @@ def trained_config(request: TabRequest, view: A1111ModelView) -> AblationConfig:
               "latent_size": _latent_size(request.resolution, view)}
     config = make_config(request.target, request.anchor, request.preset, concept_type=request.concept_type,
                          seed=int(request.seed), **{k: int(v) for k, v in chosen.items() if v})
-    config = resolve_config(config, view.family.name)
+    config = resolve_config(replace(config, robust_rounds=max(int(request.robust_rounds), 0) or None),
+                            view.family.name)
     if config.group == "embedding":
         raise AblationError("A1111's Lora extension cannot apply token-embedding changes; this tab trains UNet "
                             "weights only")
@@ -232,7 +235,7 @@ def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tupl
     progress.plan("anchors", int(config.anchor_images))
     progress.plan("train", int(config.steps))
     progress.plan("check", 1)
-    result = ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
+    result = robust_ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
     check = result.check.get("erased_fraction")
     summary = (f"'{config.target}' -> '{config.anchor}': {config.steps} steps, loss {result.losses[0]:.4g} -> "
                f"{result.losses[-1]:.4g}" + (f"; target moved {check:.0%} toward the anchor on held-out prompts"
@@ -244,10 +247,12 @@ def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tupl
 
 def _closed_form(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tuple[AblationPatch, str]:
     config = make_closed_form_config([request.target], [request.anchor], kind=_kind(request.concept_type),
-                                     seed=int(request.seed), extra_metadata={META + "made_in": "A1111 tab"})
+                                     seed=int(request.seed), robust_rounds=max(int(request.robust_rounds), 0),
+                                     extra_metadata={META + "made_in": "A1111 tab"})
+    view.default_latent_size = _latent_size(request.resolution, view) or view.default_latent_size  # robust rounds
     progress = StateProgress(host.state, {"prompts": 1.0, "solve": 1.0})
-    result = erase_closed_form(view, config, on_progress=_closed_form_progress(progress),
-                               should_cancel=host.cancelled)
+    result = robust_erase_closed_form(view, config, on_progress=_closed_form_progress(progress),
+                                      should_cancel=host.cancelled)
     stats = result.stats
     summary = (f"'{request.target}' -> '{request.anchor}' in closed form ({result.config.mode}) in "
                f"{result.seconds:.2f}s: the target moved {stats['target_moved_fraction']:.0%} onto the anchor, "

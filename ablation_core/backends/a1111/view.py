@@ -26,12 +26,13 @@ from ...errors import UnsupportedModelError
 from ...models.families import FAMILIES, MMDIT_TEXT, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_unet_modules
 from ...models.sampling import sd_alphas_cumprod
-from ...models.view import Conditioning, ModelView
+from ...models.view import Conditioning, ModelView, PromptCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LATENT_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128}
 UNET_PREFIX = "lora_unet_"
+VOCABULARY = 49408  # CLIP's BPE vocabulary, every SD text encoder's
 
 
 class SizedPrompts(list):
@@ -112,8 +113,7 @@ class A1111ModelView(ModelView):
         self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE[self.family.name]
         self.latent_multiple = 2 ** (len(getattr(self.diffusion_model, "channel_mult", (1, 2, 4, 4))) - 1)
         self._encoders = _text_encoders(sd_model, self.family)
-        self._encoded: dict[str, Conditioning] = {}
-        self._cache_encodings = True
+        self._prompt_cache = PromptCache(self._encode_batch)
 
     # Text ------------------------------------------------------------------------------------------------------
     def _encode_batch(self, prompts: list[str]) -> Conditioning:
@@ -128,23 +128,10 @@ class A1111ModelView(ModelView):
         return Conditioning(context.to(self.device, self.dtype), extra)
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Encoded once per prompt and kept, so anchor sampling and training never encode a prompt twice."""
-        if torch.is_grad_enabled() or not self._cache_encodings:
-            return self._encode_batch(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._encoded]
-        if missing:
-            encoded = self._encode_batch(missing)
-            for index, prompt in enumerate(missing):
-                self._encoded[prompt] = encoded.select([index])
-        return Conditioning.cat([self._encoded[p] for p in prompts])
+        return self._prompt_cache.encode(prompts)
 
-    @contextlib.contextmanager
-    def uncached_text(self) -> Iterator[None]:
-        self._cache_encodings = False
-        try:
-            yield
-        finally:
-            self._cache_encodings = True
+    def uncached_text(self) -> contextlib.AbstractContextManager:
+        return self._prompt_cache.disabled()
 
     def token_ids(self, text: str) -> list[list[int]]:
         return [[int(t) for t in encoder.tokenize([text])[0]] for encoder in self._encoders]
@@ -167,6 +154,17 @@ class A1111ModelView(ModelView):
     def text_layers(self, group: str) -> list[Layer]:
         """None: A1111's Lora extension applies no token-embedding change, so the embedding group is not offered."""
         return []
+
+    def token_embedding_modules(self) -> list[nn.Module]:
+        """The vocabulary embedding of each text encoder (A1111 wraps it in ``EmbeddingsWithFixes`` for textual
+        inversion; the plain ``nn.Embedding`` inside is what reads the token ids). The robust rounds hook it; it is
+        never trained here."""
+        found = []
+        for encoder in self._encoders:
+            tables = [m for m in encoder.modules() if isinstance(m, nn.Embedding) and m.num_embeddings >= VOCABULARY]
+            if tables:
+                found.append(tables[0])
+        return found if len(found) == len(self._encoders) else []
 
     def cancel_check_modules(self) -> list[nn.Module]:
         """UNet and text-encoder layers: encoding hundreds of prompts takes minutes on a CPU, so Interrupt is

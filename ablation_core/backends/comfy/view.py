@@ -23,7 +23,7 @@ from ...errors import AblationError, UnsupportedModelError
 from ...models.families import MMDIT_TEXT, SD1, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
 from ...models.ldm_keys import canonical_clip_name
-from ...models.view import Conditioning, ModelView
+from ...models.view import Conditioning, ModelView, PromptCache
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,9 @@ class ComfyModelView(ModelView):
         self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE[self.family.name]
         unet_config = getattr(getattr(self.model, "model_config", None), "unet_config", {}) or {}
         self.latent_multiple = 2 ** (len(unet_config.get("channel_mult") or (1, 2, 4, 4)) - 1)
-        self._cache_encodings = True
         self._original_weights = original_weights
         self._state_keys: dict[str, tuple[str, str]] = {}
-        self._encoded: dict[str, Conditioning] = {}
+        self._prompt_cache = PromptCache(self._encode_many)
 
     # Text ------------------------------------------------------------------------------------------------------
     def _require_clip(self):
@@ -175,22 +174,10 @@ class ComfyModelView(ModelView):
         if torch.is_grad_enabled():  # the embedding group trains through the text encoder
             with _out_of_place_residuals(self._require_clip().cond_stage_model):
                 return self._encode_many(prompts)
-        if not self._cache_encodings:
-            return self._encode_many(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._encoded]
-        if missing:
-            encoded = self._encode_many(missing)
-            for index, prompt in enumerate(missing):
-                self._encoded[prompt] = encoded.select([index])
-        return Conditioning.cat([self._encoded[p] for p in prompts])
+        return self._prompt_cache.encode(prompts)
 
-    @contextlib.contextmanager
-    def uncached_text(self) -> Iterator[None]:
-        self._cache_encodings = False
-        try:
-            yield
-        finally:
-            self._cache_encodings = True
+    def uncached_text(self) -> contextlib.AbstractContextManager:
+        return self._prompt_cache.disabled()
 
     def token_ids(self, text: str) -> list[list[int]]:
         tokenized = self._require_clip().tokenize(text)

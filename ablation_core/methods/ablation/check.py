@@ -29,6 +29,7 @@ def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[
     """For each target: anchor prompts of the same kind the run did not train on (the config's own list when it has
     one), and their target twins."""
     seen = set(trained_on)
+    targets = [t for t, _ in config.pairs()]
     found = []
     for (target, anchor), kind in zip(config.pairs(), config.kinds()):
         if config.held_out_prompts:
@@ -36,6 +37,8 @@ def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[
         else:
             candidates = [p for p in prompt_lib.anchor_prompt_bank(anchor, kind) if p not in seen]
         candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, kind)
+        # as in training: an anchor prompt naming another target of the run would measure that one's erasure too
+        candidates = prompt_lib.without_targets(candidates, targets)
         anchors = random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
         found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, kind)))
     return found

@@ -8,11 +8,15 @@ suffix, the end token and the padding one to one. These are the tokens whose key
 SD the padding after the end token too (MACE's "the target and the words that follow it").
 
 Only second moments are kept (``C^T C``, ``A^T C`` and the preserved set's ``P^T P``, each d x d), so thousands of
-prompts cost no memory.
+prompts cost no memory. Encoding the prompts is nearly all of a solve's time (the built-in preserved bank alone is
+about 200 prompts), so the moments of each chunk of prompts are kept for the rest of the process (``MomentCache``):
+a re-run with other settings, another target or another anchor encodes only the prompts it has not seen.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,8 @@ from ...models.view import ModelView
 from ..progress import Canceller, Progress, ProgressFn
 
 CHUNK = 32
+CACHE_BYTES = 512 * 2**20
+PROBE_TOKENS = 60
 
 
 @dataclass
@@ -46,6 +52,67 @@ class Moments:
         self.ac += a.T @ c
         self.aa += a.T @ a
         self.count += len(c)
+
+
+class MomentCache:
+    """Moments of chunks of prompts this process has encoded, for as long as the text encoder is unchanged.
+
+    A chunk's entry is found by its prompts and a probe: the encoding of one short text made of every word of the
+    chunk. Any change to the text encoder that would change the chunk's encodings (another model, a LoRA on the text
+    encoder, an edited token embedding of one of its words) changes the probe, so a stale entry is never used; the
+    probe costs one prompt per chunk of ``CHUNK``. Least recently used entries go beyond ``CACHE_BYTES``
+    (half of it for each kind).
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def key(self, view: ModelView, kind: str, *prompt_lists: list[str]) -> tuple:
+        words = list(dict.fromkeys(w for prompts in prompt_lists for p in prompts for w in p.split()))
+        probes, current = [], []
+        for word in words:
+            if current and len(_ids(view, " ".join([*current, word]))) > PROBE_TOKENS:
+                probes.append(" ".join(current))
+                current = []
+            current.append(word)
+        probes.append(" ".join(current))
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for probe in probes:
+                digest.update(view.encode([probe]).context.float().cpu().contiguous().numpy().tobytes())
+        return (kind, tuple(tuple(p) for p in prompt_lists), view.device.type, str(view.dtype), digest.hexdigest())
+
+    def get(self, key: tuple) -> tuple[Tensor, ...] | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: tuple[Tensor, ...]) -> None:
+        """Keep ``value``; each kind ("pairs", "preserved") gets half the budget, so a mass erasure's many target
+        chunks never push out the preserved bank every erasure reuses."""
+        self.entries[key] = value
+        kind = key[0]
+        while self._bytes(kind) > self.max_bytes // 2:
+            oldest = next(k for k in self.entries if k[0] == kind)
+            if oldest == key:
+                break
+            del self.entries[oldest]
+
+    def _bytes(self, kind: str) -> int:
+        return sum(t.numel() * t.element_size() for k, value in self.entries.items() if k[0] == kind for t in value)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.hits = self.misses = 0
+
+
+MOMENT_CACHE = MomentCache()
 
 
 def _ids(view: ModelView, prompt: str) -> list[int]:
@@ -91,18 +158,29 @@ def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: lis
     for start in range(0, len(target_prompts), CHUNK):
         canceller.check()
         targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
-        with torch.no_grad():
-            target_context = view.encode(targets).context
-            anchor_context = view.encode(anchors).context
-        length = target_context.shape[1]
-        moments = moments or Moments.zeros(target_context.shape[-1])
-        for row, (target, anchor) in enumerate(zip(targets, anchors)):
-            pairs = aligned_positions(_ids(view, target), _ids(view, anchor), length)
-            if pairs:
-                t_pos, a_pos = zip(*pairs)
-                moments.add(target_context[row, list(t_pos)], anchor_context[row, list(a_pos)])
+        key = MOMENT_CACHE.key(view, "pairs", targets, anchors)
+        cached = MOMENT_CACHE.get(key)
+        chunk = Moments(*cached[:3], int(cached[3])) if cached is not None else _chunk_pair_moments(view, targets,
+                                                                                                      anchors)
+        if cached is None:
+            MOMENT_CACHE.put(key, (chunk.cc, chunk.ac, chunk.aa, torch.tensor(chunk.count)))
+        moments = (moments or Moments.zeros(chunk.cc.shape[0])).plus(chunk)  # never the cached tensors
         report(Progress("prompts", done + start + len(targets), total or len(target_prompts)))
     assert moments is not None
+    return moments
+
+
+def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str]) -> Moments:
+    with torch.no_grad():
+        target_context = view.encode(targets).context
+        anchor_context = view.encode(anchors).context
+    length = target_context.shape[1]
+    moments = Moments.zeros(target_context.shape[-1])
+    for row, (target, anchor) in enumerate(zip(targets, anchors)):
+        pairs = aligned_positions(_ids(view, target), _ids(view, anchor), length)
+        if pairs:
+            t_pos, a_pos = zip(*pairs)
+            moments.add(target_context[row, list(t_pos)], anchor_context[row, list(a_pos)])
     return moments
 
 
@@ -114,13 +192,16 @@ def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, c
     for start in range(0, len(prompts), CHUNK):
         canceller.check()
         chunk = prompts[start:start + CHUNK]
-        with torch.no_grad():
-            context = view.encode(chunk).context
-        covariance = covariance if covariance is not None else torch.zeros(context.shape[-1], context.shape[-1],
-                                                                            dtype=torch.float64)
-        vectors = context.double().cpu().reshape(-1, context.shape[-1])
-        covariance += vectors.T @ vectors
-        count += len(vectors)
+        key = MOMENT_CACHE.key(view, "preserved", chunk)
+        cached = MOMENT_CACHE.get(key)
+        if cached is None:
+            with torch.no_grad():
+                context = view.encode(chunk).context
+            vectors = context.double().cpu().reshape(-1, context.shape[-1])
+            cached = (vectors.T @ vectors, torch.tensor(len(vectors)))
+            MOMENT_CACHE.put(key, cached)
+        covariance = cached[0].clone() if covariance is None else covariance + cached[0]
+        count += int(cached[1])
         report(Progress("prompts", done + start + len(chunk), total or len(prompts)))
     if covariance is None:
         raise ValueError("no preserved prompts")

@@ -130,9 +130,8 @@ def resolve_closed_form(config: ClosedFormConfig, family: str) -> ClosedFormConf
 
 def _preserved_prompts(config: ClosedFormConfig) -> list[str]:
     targets = {t.lower() for t in config.targets}
-    words = [*config.preserve, *dict.fromkeys(config.anchors)]
-    if config.builtin_preserve:
-        words += list(PRESERVED_WORDS)
+    # the built-in bank first, so its prompts fall into the same chunks whatever the anchors (``MomentCache``)
+    words = [*(PRESERVED_WORDS if config.builtin_preserve else ()), *config.preserve, *dict.fromkeys(config.anchors)]
     words = [w for w in dict.fromkeys(words) if w.lower() not in targets]
     return [template.format(word) for word in words for template in PRESERVED_TEMPLATES]
 

@@ -2,7 +2,7 @@
 
 Textual inversion and token search both need the text encoder to read something no prompt string says: a vector
 that is no row of the vocabulary, or token ids chosen one by one (which a decode/encode round trip through BPE would
-not keep). A forward hook on each text encoder's token-embedding module (``view.text_layers("embedding")``) rewrites
+not keep). A forward hook on each text encoder's token-embedding module (``view.token_embedding_modules()``) rewrites
 its output for the duration of a ``with`` block; the model's weights are never touched, and removing the hook gives
 the model back exactly. The placeholder is a word the prompt can carry ("sks", one token in the CLIP vocabulary).
 """
@@ -25,7 +25,7 @@ START_TOKEN, END_TOKEN = 49406, 49407
 
 def embedding_modules(view: ModelView) -> list[nn.Module]:
     """Each text encoder's token-embedding module (one for SD1/SD2, two for SDXL)."""
-    modules = [layer.module for layer in view.text_layers("embedding")]
+    modules = view.token_embedding_modules()
     if not modules:
         raise AblationError("this model view exposes no token embedding, so adversarial embeddings cannot be injected")
     return modules
