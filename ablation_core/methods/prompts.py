@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from ..errors import PromptError
+from ..errors import AblationError, PromptError
 
 Kind = Literal["object", "style", "memorization"]
 KINDS = ("object", "style", "memorization")
@@ -43,6 +43,15 @@ STYLE_TEMPLATES = [
     "a colorful {anchor} of {subject}", "a small {anchor} of {subject}", "a large {anchor} of {subject}",
     "a museum {anchor} of {subject}",
 ]
+
+
+def check_kinds(kind: object, pair_kinds: tuple | None, targets: int) -> None:
+    """The run's kind and the per-target kinds (when given) are known kinds, one per target."""
+    for found in [kind, *(pair_kinds or ())]:
+        if found not in KINDS:
+            raise AblationError(f"unknown concept kind {found!r}; choose one of {', '.join(KINDS)}")
+    if pair_kinds and len(pair_kinds) != targets:
+        raise AblationError(f"{len(pair_kinds)} kinds for {targets} targets: give one per target")
 
 
 def check_pair(target: str, anchor: str) -> tuple[str, str]:

@@ -157,11 +157,11 @@ def patch_name(request: TabRequest) -> str:
 
 def trained_config(request: TabRequest, view: A1111ModelView) -> AblationConfig:
     chosen = {"steps": request.steps, "anchor_images": request.anchor_images, "batch_size": request.batch_size,
-              "latent_size": _latent_size(request.resolution, view)}
+              "latent_size": _latent_size(request.resolution, view),
+              "robust_rounds": max(int(request.robust_rounds), 0)}
     config = make_config(request.target, request.anchor, request.preset, concept_type=request.concept_type,
                          seed=int(request.seed), **{k: int(v) for k, v in chosen.items() if v})
-    config = resolve_config(replace(config, robust_rounds=max(int(request.robust_rounds), 0) or None),
-                            view.family.name)
+    config = resolve_config(config, view.family.name)
     if config.group == "embedding":
         raise AblationError("A1111's Lora extension cannot apply token-embedding changes; this tab trains UNet "
                             "weights only")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ...errors import AblationError, PromptError
-from ..prompts import KINDS, Kind, check_pair
+from ..prompts import Kind, check_kinds, check_pair
 from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 
 BASE_LR = 2e-6
@@ -189,11 +189,7 @@ def check_config(config: AblationConfig) -> None:
         raise AblationError(f"unknown parameter group {config.group!r}; choose one of {', '.join(GROUPS)}")
     if config.objective not in OBJECTIVES:
         raise AblationError(f"unknown objective {config.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    for kind in [config.kind, *(config.pair_kinds or ())]:
-        if kind not in KINDS:
-            raise AblationError(f"unknown concept kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if config.pair_kinds and len(config.pair_kinds) != len(config.pairs()):
-        raise AblationError(f"{len(config.pair_kinds)} kinds for {len(config.pairs())} targets: give one per target")
+    check_kinds(config.kind, config.pair_kinds, len(config.pairs()))
     for name in ("steps", "batch_size", "anchor_images", "sampler_steps", "sample_batch_size", "anchor_prompt_count"):
         if int(getattr(config, name)) < 1:
             raise AblationError(f"{name.replace('_', ' ')} must be at least 1 (got {getattr(config, name)})")

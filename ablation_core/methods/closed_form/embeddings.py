@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,15 @@ class MomentCache:
             for probe in probes:
                 digest.update(view.encode([probe]).context.float().cpu().contiguous().numpy().tobytes())
         return (kind, tuple(tuple(p) for p in prompt_lists), view.device.type, str(view.dtype), digest.hexdigest())
+
+    def get_or_compute(self, key: tuple, compute: Callable[..., tuple[Tensor, ...]], *args: object
+                       ) -> tuple[Tensor, ...]:
+        """The entry for ``key``, ``compute(*args)`` kept when missing. Callers must not change the tensors."""
+        value = self.get(key)
+        if value is None:
+            value = compute(*args)
+            self.put(key, value)
+        return value
 
     def get(self, key: tuple) -> tuple[Tensor, ...] | None:
         value = self.entries.get(key)
@@ -158,19 +168,16 @@ def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: lis
     for start in range(0, len(target_prompts), CHUNK):
         canceller.check()
         targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
-        key = MOMENT_CACHE.key(view, "pairs", targets, anchors)
-        cached = MOMENT_CACHE.get(key)
-        chunk = Moments(*cached[:3], int(cached[3])) if cached is not None else _chunk_pair_moments(view, targets,
-                                                                                                      anchors)
-        if cached is None:
-            MOMENT_CACHE.put(key, (chunk.cc, chunk.ac, chunk.aa, torch.tensor(chunk.count)))
-        moments = (moments or Moments.zeros(chunk.cc.shape[0])).plus(chunk)  # never the cached tensors
+        cc, ac, aa, count = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "pairs", targets, anchors),
+                                                        _chunk_pair_moments, view, targets, anchors)
+        chunk = Moments(cc, ac, aa, int(count))
+        moments = (moments or Moments.zeros(cc.shape[0])).plus(chunk)  # never the cached tensors
         report(Progress("prompts", done + start + len(targets), total or len(target_prompts)))
     assert moments is not None
     return moments
 
 
-def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str]) -> Moments:
+def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str]) -> tuple[Tensor, ...]:
     with torch.no_grad():
         target_context = view.encode(targets).context
         anchor_context = view.encode(anchors).context
@@ -181,7 +188,7 @@ def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str])
         if pairs:
             t_pos, a_pos = zip(*pairs)
             moments.add(target_context[row, list(t_pos)], anchor_context[row, list(a_pos)])
-    return moments
+    return moments.cc, moments.ac, moments.aa, torch.tensor(moments.count)
 
 
 def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
@@ -192,17 +199,18 @@ def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, c
     for start in range(0, len(prompts), CHUNK):
         canceller.check()
         chunk = prompts[start:start + CHUNK]
-        key = MOMENT_CACHE.key(view, "preserved", chunk)
-        cached = MOMENT_CACHE.get(key)
-        if cached is None:
-            with torch.no_grad():
-                context = view.encode(chunk).context
-            vectors = context.double().cpu().reshape(-1, context.shape[-1])
-            cached = (vectors.T @ vectors, torch.tensor(len(vectors)))
-            MOMENT_CACHE.put(key, cached)
-        covariance = cached[0].clone() if covariance is None else covariance + cached[0]
-        count += int(cached[1])
+        chunk_covariance, chunk_count = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "preserved", chunk),
+                                                                    _chunk_covariance, view, chunk)
+        covariance = chunk_covariance.clone() if covariance is None else covariance + chunk_covariance
+        count += int(chunk_count)
         report(Progress("prompts", done + start + len(chunk), total or len(prompts)))
     if covariance is None:
         raise ValueError("no preserved prompts")
     return covariance, count
+
+
+def _chunk_covariance(view: ModelView, prompts: list[str]) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        context = view.encode(prompts).context
+    vectors = context.double().cpu().reshape(-1, context.shape[-1])
+    return vectors.T @ vectors, torch.tensor(len(vectors))

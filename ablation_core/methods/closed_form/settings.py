@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ...errors import AblationError, PromptError
-from ..prompts import KINDS, Kind, check_pair
+from ..prompts import Kind, check_kinds, check_pair
 
 MODES = ("least-squares", "null-space")
 MODE_HELP = {
@@ -162,11 +162,7 @@ def _toy_choices(config: ClosedFormConfig) -> ClosedFormConfig:
 def check_closed_form(config: ClosedFormConfig) -> None:
     if config.mode not in MODES:
         raise AblationError(f"unknown closed-form mode {config.mode!r}; choose one of {', '.join(MODES)}")
-    for kind in [config.kind, *(config.pair_kinds or ())]:
-        if kind not in KINDS:
-            raise AblationError(f"unknown concept kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if config.pair_kinds and len(config.pair_kinds) != len(config.targets):
-        raise AblationError(f"{len(config.pair_kinds)} kinds for {len(config.targets)} targets: give one per target")
+    check_kinds(config.kind, config.pair_kinds, len(config.targets))
     if not 0 <= float(config.preserve_weight) < 1e6:
         raise AblationError(f"the preserve weight must be 0 or more (got {config.preserve_weight})")
     if not 0 < float(config.ridge) < 1e3:
