@@ -141,20 +141,26 @@ class AblateConcept:
                                                        "it applied and the output patch holds both changes. A MODEL "
                                                        "from our nodes already brings its patches."}),
                 "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": ROBUST_TOOLTIP}),
+                "gradient_checkpointing": ("BOOLEAN", {
+                    "default": False, "tooltip": "for small GPUs: recompute the UNet's transformer blocks in the "
+                                                 "backward pass instead of keeping their activations (about a third "
+                                                 "of the training activations, an eighth on SDXL, for one more "
+                                                 "forward pass of each block per step)"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def ablate(self, model, clip, target, anchor, kind, group, preset, steps, seed, anchor_prompts="",
                image_size=0, use_cache=True, concept_type=AUTO, negative_prompt="", base_patch=None,
-               robust_rounds=0, unique_id=None):
+               robust_rounds=0, gradient_checkpointing=False, unique_id=None):
         user_prompts = tuple(line.strip() for line in anchor_prompts.splitlines() if line.strip()) or None
         targets, anchors = parse_concept_lines(target, anchor, separators=("->",))
         typed = concept_type != AUTO  # the type's recipe chooses kind and group
         config = make_config(targets, anchors, preset, kind=None if typed else kind, group=None if typed else group,
                              concept_type=concept_type if typed else None, steps=steps or None, seed=seed,
                              anchor_prompts=user_prompts, latent_size=(image_size // 8) or None,
-                             negative_prompt=negative_prompt.strip() or None, robust_rounds=robust_rounds or None)
+                             negative_prompt=negative_prompt.strip() or None, robust_rounds=robust_rounds or None,
+                             gradient_checkpointing=gradient_checkpointing or None)
         model_out, clip_out, patch, summary = backend.ablate_concept(
             model, clip, config, node_id=unique_id, cache_dir=_cache_dir() if use_cache else None,
             base_patch=base_patch)

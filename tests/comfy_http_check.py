@@ -98,11 +98,11 @@ def erase(model, concepts, kind="style", base=None):
     return node
 
 
-def ablate(model, target, anchor="painting", steps=5, concept_type="auto", clip=("1", 1)):
+def ablate(model, target, anchor="painting", steps=5, concept_type="auto", clip=("1", 1), checkpointing=False):
     return {"class_type": "AblateConcept", "inputs": {
         "model": model, "clip": list(clip), "target": target, "anchor": anchor, "kind": "style", "group": "kv",
         "preset": "fast", "steps": steps, "seed": 0, "anchor_prompts": "", "image_size": 64, "use_cache": False,
-        "concept_type": concept_type, "negative_prompt": ""}}
+        "concept_type": concept_type, "negative_prompt": "", "gradient_checkpointing": checkpointing}}
 
 
 def save(patch, prefix):
@@ -145,7 +145,8 @@ def trained_chain():
     g = base_graph("a painting in the style of Van Gogh")
     g["5"] = ablate(["1", 0], "Van Gogh")
     g["6"] = erase(["5", 0], "Claude Monet -> painting")  # closed form on the trained model
-    g["7"] = ablate(["6", 0], "Picasso\nSalvador Dali -> painting", concept_type="style", clip=("5", 1))
+    g["7"] = ablate(["6", 0], "Picasso\nSalvador Dali -> painting", concept_type="style", clip=("5", 1),
+                    checkpointing=True)
     g["8"] = {"class_type": "ApplyAblationPatch", "inputs": {"model": ["1", 0], "patch": ["7", 2], "strength": 1.0,
                                                              "clip": ["1", 1]}}
     for name, model in (("t_orig", ["1", 0]), ("t_first", ["5", 0]), ("t_second", ["6", 0]), ("t_third", ["7", 0]),

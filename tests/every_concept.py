@@ -1,7 +1,7 @@
 """Every entry point on every concept of the toy world: the held-out check on quality settings.
 
 ``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]
-[--settings KEY=VALUE ...] [--quarter-cost] [--compare-quarter-cost]``
+[--settings KEY=VALUE ...] [--compare-presets default thorough ...]``
 
 For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
   - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))`` (closed form:
@@ -11,9 +11,8 @@ For each toy concept (with its suggested anchor) and each entry point, makes a p
   - ``node``: the Ablate Concept (closed form: Erase Concepts) node's own function on the toy model held as a
     ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's
     default widgets except target, anchor and kind;
-(``--settings`` adds config settings to the api entry's call, ``--quarter-cost`` the settings of the candidate
-default at a quarter of the UNet evaluations, ``settings.QUARTER_COST``; the api rows count the run's UNet
-evaluations with a hook),
+(``--settings`` adds config settings to the api entry's call, ``--compare-presets`` makes and measures each concept
+once per named preset; the api rows count the run's UNet evaluations with a hook),
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
 given beyond what each entry point's user types, so the figures show what users get.
 """
@@ -163,15 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
                         help="trained api entry: config settings (values read as JSON, else as text)")
-    parser.add_argument("--quarter-cost", action="store_true",
-                        help="trained api entry: the quarter-cost candidate (settings.QUARTER_COST)")
-    parser.add_argument("--compare-quarter-cost", action="store_true",
-                        help="trained api entry: each concept with the default preset and the quarter-cost candidate")
+    parser.add_argument("--compare-presets", nargs="+", default=None, metavar="PRESET",
+                        help="trained api entry: each concept once per preset (e.g. default thorough fast)")
     args = parser.parse_args(argv)
-    if args.quarter_cost:
-        from ablation_core.methods.ablation.settings import QUARTER_COST
-
-        API_SETTINGS.update(QUARTER_COST)
     for item in args.settings:
         key, _, value = item.partition("=")
         try:
@@ -179,10 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             API_SETTINGS[key] = value
     variants = None
-    if args.compare_quarter_cost:
-        from ablation_core.methods.ablation.settings import QUARTER_COST
-
-        variants = {"default": dict(API_SETTINGS), "quarter cost": {**API_SETTINGS, **QUARTER_COST}}
+    if args.compare_presets:
+        variants = {preset: {**API_SETTINGS, "preset": preset} for preset in args.compare_presets}
     rows = run(args.method, args.entries, args.per_set, args.concepts, variants)
     table = markdown(rows)
     print(table)

@@ -16,7 +16,7 @@ from ablation_core.methods.ablation.recipes import drop_near_copies, memorized_v
 
 def test_each_concept_type_sets_its_recipe_and_explicit_choices_win():
     instance = resolve_config(make_config("Grumpy Cat", "cat", concept_type="instance"), "sd1")
-    assert (instance.group, instance.objective, instance.kind, instance.regularization) == ("kv", "model", "object",
+    assert (instance.group, instance.objective, instance.kind, instance.regularization) == ("kv", "mixed", "object",
                                                                                            True)
     assert resolve_config(make_config("R2D2", "robot", concept_type="object"), "sd1").regularization is False
     assert resolve_config(make_config("Van Gogh", "painting", concept_type="style"), "sd1").kind == "style"
@@ -26,7 +26,9 @@ def test_each_concept_type_sets_its_recipe_and_explicit_choices_win():
     assert "a woman" in memorized.anchor_prompts and len(memorized.anchor_prompts) > 5
     assert all(p != "a photo of Ann Graham Lotz smiling" for p in memorized.anchor_prompts)
     unsafe = resolve_config(make_config("nudity", "a person, fully clothed", concept_type="inappropriate"), "sd1")
-    assert (unsafe.group, unsafe.negative_prompt) == ("attn", "nudity")
+    assert (unsafe.group, unsafe.negative_prompt, unsafe.objective) == ("attn", "nudity", "model")
+    assert unsafe.guidance > 1  # the negative prompt acts through guidance, which the default's anchors leave out
+    assert memorized.objective == "model"
     chosen = resolve_config(make_config("Grumpy Cat", "cat", concept_type="instance", group="attn",
                                         regularization=False), "sd1")
     assert (chosen.group, chosen.regularization) == ("attn", False)

@@ -8,6 +8,7 @@ import pytest
 
 from ablation_core import PromptError, evaluate_toy, load_model, load_patch, make_config, resolve_config
 from ablation_core.cli import main
+from ablation_core.methods.ablation.budget import unet_evaluations
 from ablation_core.methods.ablation.settings import preset_values
 from ablation_core.toy.prompts import anchor_prompts as toy_anchor_prompts
 
@@ -27,6 +28,16 @@ def test_the_toy_model_gets_its_own_settings_and_real_models_the_reference_ones(
     chosen = resolve_config(make_config("snoopy", "dog", steps=7, learning_rate=0.5), "toy")
     assert (chosen.steps, chosen.learning_rate) == (7, 0.5)
     assert resolve_config(toy, "toy") == toy
+
+
+@pytest.mark.parametrize("family", ["toy", "sd1", "sdxl"])
+def test_the_default_costs_at_most_a_quarter_of_the_earlier_default_and_fast_half_of_it(family):
+    def evaluations(preset: str) -> int:
+        return sum(unet_evaluations(resolve_config(make_config("Snoopy", "dog", preset), family)).values())
+
+    assert evaluations("thorough") == 4240
+    assert evaluations("default") <= evaluations("thorough") / 4
+    assert evaluations("fast") <= evaluations("default") * 0.6
 
 
 def test_unknown_concepts_on_the_toy_model_are_refused_by_name():

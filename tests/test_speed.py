@@ -28,11 +28,16 @@ def _counted(view, config) -> tuple[dict[str, int], object]:
     return {name: phase.unet_evaluations for name, phase in meter.phases.items() if phase.unet_evaluations}, result
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_counted_evaluations_match_the_settings(sd1_view, reuse):
-    counted, result = _counted(sd1_view, tiny_config(**SMALL, reuse_sampler_states=reuse))
-    # 2 images x 2 solver steps x 2 (guidance); 3 steps x 2 rows x (grad pass [+ frozen pass]); 1 prompt x 2 samples x 5
-    expected = {"anchor_sampling": 8, "training": 6 if reuse else 12, "check": 10}
+@pytest.mark.parametrize("objective, reuse, guidance", [("model", False, 6.0), ("model", True, 6.0),
+                                                       ("noise", False, 1.0), ("mixed", False, 1.0)])
+def test_counted_evaluations_match_the_settings(sd1_view, objective, reuse, guidance):
+    counted, result = _counted(sd1_view, tiny_config(**SMALL, objective=objective, reuse_sampler_states=reuse,
+                                                     guidance=guidance))
+    # 2 images x 2 solver steps x 2 (guidance; 1 without); 3 steps x 2 rows x (grad pass [+ frozen pass of the
+    # model-based loss, unless the sampler's states give it]); 1 prompt x 2 samples x 5
+    # (mixed: 1 of the 2 rows of each step has the frozen target)
+    frozen = {"model": 0 if reuse else 2, "noise": 0, "mixed": 1}[objective]
+    expected = {"anchor_sampling": 8 if guidance != 1.0 else 4, "training": 3 * (2 + frozen), "check": 10}
     assert counted == expected
     assert unet_evaluations(result.config, held_out_prompts=1) == expected
 
@@ -131,7 +136,7 @@ def test_reused_states_feed_the_loss(sd1_view, monkeypatch):
                          target_cond, target_prompts, frozen)
 
     monkeypatch.setattr(loop, "_step_loss", loss_spy)
-    counted, _ = _counted(sd1_view, tiny_config(**SMALL, reuse_sampler_states=True))
+    counted, _ = _counted(sd1_view, tiny_config(**SMALL, objective="model", guidance=6.0, reuse_sampler_states=True))
     assert len(drawn) == 3 and counted["training"] == 3 * 2
     for (states, batch), (x_t, frozen) in zip(drawn, losses):
         assert len(states) == 2 * 2  # 2 images x 2 solver steps
@@ -140,3 +145,60 @@ def test_reused_states_feed_the_loss(sd1_view, monkeypatch):
             match = [i for i in range(len(states)) if torch.equal(states.x_t[i], x_t[row])]
             assert match, "a training input is not a state the sampler visited"
             assert torch.equal(states.frozen[match[0]], frozen[row])
+
+
+def test_guidance_one_samples_the_same_images_from_one_pass(sd1_view):
+    calls = []
+    handle = sd1_view.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        one_pass = sample_latents(sd1_view, ["a photo of a cat"], torch.tensor([0, 0]), 3, 1.0, 2, 0)
+        rows_one_pass = sum(calls)
+        calls.clear()
+        guided = sample_latents(sd1_view, ["a photo of a cat"], torch.tensor([0, 0]), 3, 1.0 + 1e-6, 2, 0)
+    finally:
+        handle.remove()
+    assert rows_one_pass * 2 == sum(calls)  # no unconditional half
+    torch.testing.assert_close(one_pass, guided, atol=1e-3, rtol=1e-3)
+
+
+def test_the_mixed_objective_gives_its_low_noise_rows_the_frozen_target(sd1_view, monkeypatch):
+    seen = []
+    real_loss = loop.ablation_loss
+
+    def spy(objective, target_pred, noise, frozen):
+        seen.append((noise.clone(), frozen.clone()))
+        return real_loss(objective, target_pred, noise, frozen)
+
+    steps = []
+    real_batch = loop.training_batch
+
+    def batch_spy(*args):
+        out = real_batch(*args)
+        steps.append(out[1].clone())
+        return out
+
+    monkeypatch.setattr(loop, "ablation_loss", spy)
+    monkeypatch.setattr(loop, "training_batch", batch_spy)
+    ablate(sd1_view, tiny_config(**{**SMALL, "batch_size": 5}, objective="mixed"))
+    assert len(steps) == 3
+    for t, (noise, target) in zip(steps, seen):  # 2 of 5 rows (40 %) from the 40 % least noisy timesteps
+        assert (t[:2] < 400).all() and (t[2:] >= 400).all()
+        assert not torch.equal(target[:2], noise[:2]) and torch.equal(target[2:], noise[2:])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_mixed_batches_still_cover_the_timesteps(batch):
+    from ablation_core.methods.ablation.objectives import model_rows
+    from ablation_core.methods.ablation.reuse import training_batch
+
+    acp = torch.linspace(0.99, 0.01, 1000)
+    rows = model_rows("mixed", batch)
+    _, t, *_ = training_batch(None, torch.zeros(4, 4, 8, 8), torch.zeros(4, dtype=torch.long), 1, batch, acp,
+                              torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32, rows)
+    assert len(t) == batch and ((0 <= t) & (t < 1000)).all()
+
+
+def test_a_regularized_mixed_run_counts_a_frozen_pass_for_every_row(sd1_view):
+    counted, result = _counted(sd1_view, tiny_config(**SMALL, objective="mixed", regularization=True))
+    assert counted["training"] == 3 * (2 * 2 + 2)  # 2 rows x (target and anchor passes) + 2 frozen passes
+    assert unet_evaluations(result.config, held_out_prompts=1)["training"] == counted["training"]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import UnsupportedModelError
+from ..models.checkpointing import transformer_blocks
 from ..models.families import FAMILIES, MMDIT_TEXT, SUPPORTED_TEXT, Family, is_toy_shape
 from ..models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
 from ..models.ldm_keys import UNetLayout, canonical_clip_name, unet_module_to_ldm
@@ -99,6 +100,12 @@ class DiffusersModelView(ModelView):
             for name, module in select_text_modules(encoder.named_modules(), group):
                 layers.append(Layer(kohya_key(prefix, canonical_clip_name(name)), module, "embedding"))
         return layers
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return transformer_blocks(self.unet)
+
+    def text_encoders_to_set_aside(self) -> list[nn.Module]:
+        return list(self.text_encoders)
 
     def all_layers(self) -> dict[str, Layer]:
         """Patch keys in LDM naming, plus the diffusers-style kohya names other tools write (SD1 LoRAs)."""

@@ -5,10 +5,10 @@ Every run reports, per phase (setup, prompt encoding, anchor sampling, training,
 compression): seconds, UNet evaluations (counted by a hook), FLOPs (counted, ``evaluation.cost``) and peak memory;
 plus the evaluations and FLOPs of the full default preset, computed from the cost model (``budget``, checked against
 the counted evaluations of the run) and FLOPs measured per evaluation at the default latent size. ``--quick`` runs
-the same phases with a few steps on small latents; ``--compare-default`` runs the previous default and today's in one
-invocation (same machine, same load) with the quarter-cost candidate (``settings.QUARTER_COST``) and reports the
-ratio. Before building anything it checks that the model and
-the run fit the device's memory and says what to change if not.
+the same phases with a few steps on small latents; ``--compare-default`` also runs the ``thorough`` preset (the
+earlier default, about 4x the evaluations) in the same invocation (same machine, same load) and reports the default's
+speed-up over it. Before building anything it checks that the model and the run fit the device's memory and says
+what to change if not.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ..backends.diffusers import DiffusersModelView, load_model
 from ..evaluation.cost import RunMeter
 from ..methods.ablation.loop import ablate
-from ..methods.ablation.settings import QUARTER_COST, make_config, resolve_config
+from ..methods.ablation.settings import make_config, resolve_config
 from ..models.layers import select_unet_modules
 from ..models.memory import check_fits, estimate
 from ..models.random_models import build_components
@@ -53,7 +53,7 @@ def _one_held_out_prompt(family: str, anchor: str) -> tuple[str]:
 
 
 def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, batch: int, group: str,
-                lora_rank: int) -> tuple[DiffusersModelView, dict[str, object]]:
+                lora_rank: int, checkpointing: bool = False) -> tuple[DiffusersModelView, dict[str, object]]:
     """The model to measure; a full-size one only after checking that it and the run fit the device's memory."""
     started = time.perf_counter()
     if arch == "toy":
@@ -66,8 +66,8 @@ def _build_view(arch: str, device: str, dtype: torch.dtype, latent: int | None, 
     modules = [m for _, m in select_unet_modules(twin.unet.named_modules(), group)]
     trained = sum(lora_rank * sum(m.weight.shape[:2]) if lora_rank else m.weight.numel() for m in modules)
     size = latent or int(twin.unet.config.sample_size)
-    needed = estimate(family, size, batch, dtype, trained, weights)
-    check_fits(needed, device, batch, size, dtype)
+    needed = estimate(family, size, batch, dtype, trained, weights, checkpointing)
+    check_fits(needed, device, batch, size, dtype, checkpointing)
     components = build_components(family, tiny=False, prompt_sensitive=False, dtype=dtype)
     view = DiffusersModelView(components, device=device, dtype=dtype)
     return view, {"model_build_s": round(time.perf_counter() - started, 2),
@@ -91,7 +91,8 @@ def _measure(view: DiffusersModelView, config, family: str) -> tuple[dict[str, o
 
 def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = None, anchor_images: int | None = None,
               sampler_steps: int | None = None, batch_size: int | None = None, quick: bool = False,
-              compare_default: bool = False, latent_size: int | None = None) -> dict[str, object]:
+              compare_default: bool = False, latent_size: int | None = None, gradient_checkpointing: bool = False,
+              offload_text_encoder: bool = False) -> dict[str, object]:
     family = ARCH_FAMILY[arch]
     target, anchor = TARGETS.get(family, DEFAULT_TARGET)
     scale: dict[str, object] = dict(QUICK) if quick and not compare_default else {}
@@ -106,9 +107,11 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
             scale["lora_rank"] = QUICK_LORA_RANK
     if latent_size is not None:
         scale["latent_size"] = latent_size
+    scale.update(gradient_checkpointing=gradient_checkpointing or None,
+                 offload_text_encoder=offload_text_encoder or None)
     config = resolve_config(make_config(target, anchor, **scale), family)
     view, built = _build_view(arch, device, dtype, latent_size, int(config.batch_size), str(config.group),
-                              int(config.lora_rank))
+                              int(config.lora_rank), gradient_checkpointing)
     report: dict[str, object] = {
         "arch": arch, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "latent_size": latent_size or view.default_latent_size, "default_latent_size": view.default_latent_size,
@@ -117,15 +120,17 @@ def run_bench(arch: str, device: str, dtype: torch.dtype, steps: int | None = No
     report.update(measured)
     default = resolve_config(make_config(target, anchor), family)
     report.update(default_preset_costs(view, meter, default, "default_preset"))
+    thorough_preset = resolve_config(make_config(target, anchor, preset="thorough"), family)
+    report.update(default_preset_costs(view, meter, thorough_preset, "thorough_preset"))
+    report["default_preset_flops_ratio_to_thorough"] = round(report["default_preset_flops"]
+                                                             / max(1, report["thorough_preset_flops"]), 3)
     if compare_default:
-        cheap = resolve_config(make_config(target, anchor, **{**scale, **QUARTER_COST}), family)
-        candidate, _, _ = _measure(view, cheap, family)
-        cheap_default = resolve_config(make_config(target, anchor, **QUARTER_COST), family)
-        report.update(default_preset_costs(view, meter, cheap_default, "quarter_cost_preset"))
+        thorough = resolve_config(make_config(target, anchor, preset="thorough", **scale), family)
+        earlier, _, _ = _measure(view, thorough, family)
         report["compare"] = {
-            "default": measured, "quarter_cost": candidate,
-            "speedup_end_to_end": round(measured["end_to_end_s"] / candidate["end_to_end_s"], 2),
-            "unet_evaluation_ratio": round(measured["unet_evaluations"] / max(1, candidate["unet_evaluations"]), 2)}
+            "default": measured, "thorough": earlier,
+            "speedup_end_to_end": round(earlier["end_to_end_s"] / measured["end_to_end_s"], 2),
+            "unet_evaluation_ratio": round(earlier["unet_evaluations"] / max(1, measured["unet_evaluations"]), 2)}
     return report
 
 

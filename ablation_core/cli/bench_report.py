@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation.cost import RunMeter, Signature
-from ..methods.ablation.budget import CHECK_PASSES, training_passes_per_row, unet_evaluations
+from ..methods.ablation.budget import CHECK_PASSES, training_passes_per_step, unet_evaluations
 from ..methods.ablation.check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
 from ..methods.ablation.reuse import uses_sampler_states
 from ..models.meta import call_cost, parameter_names
@@ -95,7 +95,7 @@ def default_preset_costs(view, meter: RunMeter, config, prefix: str) -> dict[str
         f"{prefix}_unet_evaluations": sum(evaluations.values()),
         f"{prefix}_flops": frozen_rows * frozen + grad_rows * training + prompts * per_prompt,
         prefix: {"settings": settings_of(config), "latent_size": latent, "unet_evaluations_by_phase": evaluations,
-                 "training_passes_per_row": training_passes_per_row(config),
+                 "training_passes_per_step": training_passes_per_step(config),
                  "flops_per_frozen_unet_evaluation": frozen, "flops_per_training_unet_evaluation": training,
                  "text_encoder_prompts": prompts, "flops_per_prompt": per_prompt},
     }

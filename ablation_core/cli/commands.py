@@ -208,7 +208,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         report = run_bench(args.arch, device, dtype, steps=args.steps, anchor_images=args.anchor_images,
                            sampler_steps=args.sampler_steps, batch_size=args.batch_size, quick=args.quick,
-                           compare_default=args.compare_default, latent_size=args.latent_size)
+                           compare_default=args.compare_default, latent_size=args.latent_size,
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           offload_text_encoder=args.offload_text_encoder)
     print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
     return 0
 

@@ -140,8 +140,19 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                         "the run's own prompts) and erase what the attack found too, keeping every other concept; "
                         "trained: adversarial training of all attention projections unless --group is given; "
                         "closed form: RECE-style re-solves. Each round costs about one more run (default: 0 = off)")
+    _add_memory_options(p)
     _add_closed_form_options(p)
     _patch_output_args(p)
+
+
+def _add_memory_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("memory (trained method; for small GPUs)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute the UNet's transformer blocks in the backward pass instead of keeping their "
+                            "activations: about a third of the training activations (an eighth on SDXL) for about "
+                            "one more forward pass per step (default: off)")
+    group.add_argument("--offload-text-encoder", action="store_true",
+                       help="keep the text encoder(s) on the CPU while the UNet trains (default: off)")
 
 
 def _add_closed_form_options(p: argparse.ArgumentParser) -> None:
@@ -236,8 +247,9 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
                    help="folder for the patch, the table and the grid (default: demo_output)")
     _concept_args(p, "grumpy cat", "cat")
     p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
-    p.add_argument("--objective", choices=["model", "noise"], default="model",
-                   help="model: target -> frozen anchor prediction; noise: target -> true noise (default: model)")
+    p.add_argument("--objective", choices=["model", "noise"], default=None,
+                   help="model: target -> frozen anchor prediction; noise: target -> true noise (default: the "
+                        "default preset's, noise)")
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the run (default: 0)")
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
@@ -263,10 +275,11 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
                    help="every phase with a few steps on small latents (minutes on a CPU); the default preset's "
                         "evaluations and FLOPs are still reported, computed from the measured ones")
     p.add_argument("--compare-default", action="store_true",
-                   help="run the default preset and the quarter-cost candidate (32 anchor images x 8 solver steps, "
-                        "batch 2) in one invocation and report the speed-up")
+                   help="also run the thorough preset (the earlier default, about 4x the UNet evaluations) in the "
+                        "same invocation and report the default's speed-up over it")
     p.add_argument("--latent-size", type=checks.positive_int, default=None,
                    help="latent size of the run (default: the model's; 16 with --quick)")
+    _add_memory_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The README's robustness table: toy-world concepts x erasure methods x attacks, before and after, with the cost.
 
 ``python -m ablation_core.cli.robustness [--concepts nemo "van gogh" ...] [--methods trained trained-robust
-closed-form closed-form-robust] [--rounds 2] [--attack-budget small|full] [--per-set 16] [--out F]``
+closed-form closed-form-robust] [--rounds 2] [--attack-budget small|full] [--per-set 16] [--preset P] [--out F]``
 
 For each concept (default: every concept of the toy world, with its anchor) and each method, erases it from the
 embedded toy model, measures the patch with ``evaluate_toy`` (target, anchor and every neighbour, on the evaluation
@@ -25,7 +25,7 @@ from ..backends.diffusers import load_model
 from ..evaluation.attacks import ATTACK_NAMES, ATTACKS, budget_of, run_attack
 from ..evaluation.toy_eval import evaluate_toy
 from ..files import write_text_atomic
-from ..methods.ablation.settings import make_config
+from ..methods.ablation.settings import PRESET_NAMES, make_config
 from ..methods.closed_form.settings import make_closed_form_config
 from ..methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ..patches.apply import apply_patch
@@ -33,18 +33,18 @@ from ..patches.apply import apply_patch
 METHODS = ("trained", "trained-robust", "closed-form", "closed-form-robust")
 
 
-def erase(view, method: str, target: str, anchor: str, rounds: int, seed: int):
-    """The patch of one method (robust methods with ``rounds`` adversarial rounds)."""
+def erase(view, method: str, target: str, anchor: str, rounds: int, seed: int, preset: str = "default"):
+    """The patch of one method (robust methods with ``rounds`` adversarial rounds; trained ones with ``preset``)."""
     robust = rounds if method.endswith("-robust") else 0
     if method.startswith("closed-form"):
         config = make_closed_form_config(target, anchor, seed=seed)
         return robust_erase_closed_form(view, replace(config, robust_rounds=robust)).patch
-    return robust_ablate(view, make_config(target, anchor, seed=seed, robust_rounds=robust or None)).patch
+    return robust_ablate(view, make_config(target, anchor, preset, seed=seed, robust_rounds=robust or None)).patch
 
 
 def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: int, budget: str, per_set: int,
                     seed: int, on_row, patch_dir: Path | None = None,
-                    attacks: tuple[str, ...] = ATTACK_NAMES) -> list[dict]:
+                    attacks: tuple[str, ...] = ATTACK_NAMES, preset: str = "default") -> list[dict]:
     if not methods:
         return []
     prepared, before = {}, {}
@@ -55,7 +55,7 @@ def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: 
     rows = []
     for method in methods:
         started = time.perf_counter()
-        patch = erase(view, method, target, anchor, rounds, seed)
+        patch = erase(view, method, target, anchor, rounds, seed, preset)
         seconds = time.perf_counter() - started
         if patch_dir is not None:
             patch.save(patch_dir / f"{target.replace(' ', '_')}_{method}.safetensors")
@@ -128,8 +128,10 @@ def _earlier_rows(args: argparse.Namespace, budget: dict) -> list[dict]:
     if not path.exists():
         return []
     report = json.loads(path.read_text())
+    # reports from before the presets were renamed were made with today's "thorough" (then the default)
     same = (report.get("budgets") == budget and report.get("rounds") == args.rounds
-            and report.get("per_set") == args.per_set and report.get("seed") == args.seed)
+            and report.get("per_set") == args.per_set and report.get("seed") == args.seed
+            and report.get("preset", "thorough") == args.preset)
     if not same:
         raise SystemExit(f"{path} was measured with other settings; remove it or leave out --resume")
     return list(report["rows"])
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the attacks' budgets (default: full)")
     parser.add_argument("--per-set", type=int, default=16, help="evaluation samples per prompt set (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="default",
+                        help="preset of the trained methods (default: default)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None,
                         help="write the rows (.json), the table (.md) and the patches (folder F_patches) here")
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            report = {"attack_budget": args.attack_budget, "budgets": budget, "rounds": args.rounds,
+            report = {"attack_budget": args.attack_budget, "budgets": budget, "preset": args.preset,
+                      "rounds": args.rounds,
                       "per_set": args.per_set, "seed": args.seed, "rows": rows}
             write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(report, indent=2) + "\n")
             write_text_atomic(Path(args.out).with_suffix(".md"), markdown(rows, budget))
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         concept = CONCEPTS_BY_NAME[name]
         done = {r["method"] for r in rows if r["target"] == concept.name}
         measure_concept(view, concept.name, concept.anchor, [m for m in args.methods if m not in done], args.rounds,
-                        args.attack_budget, args.per_set, args.seed, on_row, patch_dir, tuple(args.attacks))
+                        args.attack_budget, args.per_set, args.seed, on_row, patch_dir, tuple(args.attacks),
+                        args.preset)
     print(markdown(rows, budget))
     return 0
 

@@ -6,7 +6,9 @@ a CUDA error half-way). The estimate is deliberately simple and a little generou
 - weights: parameters x bytes per parameter (only when the model is still to be loaded: the benchmark),
 - training activations: what autograd saves for one training pass, per latent pixel and batch row, measured per
   family with ``models.meta.call_cost`` on the full-size UNet (kv group, bf16, 32x32 latents, weights excluded),
-  scaled by the latent area, the batch and the bytes per value,
+  scaled by the latent area, the batch and the bytes per value; with gradient checkpointing
+  (``models.checkpointing``) the same count without the transformer blocks' inner activations (``call_cost``'s
+  ``saved_bytes_checkpointed``),
 - the trained deltas with their gradients and Adam's two moments (4 x float32 each),
 - a fixed allowance for the framework itself and transient buffers.
 """
@@ -24,6 +26,8 @@ from ..errors import OutOfMemoryError
 # Bytes autograd saves per latent pixel for one bf16 training row (see the module docstring).
 SAVED_BYTES_PER_PIXEL = {"sd1": 524_000, "sd2": 418_000, "sdxl": 583_000}
 DEFAULT_SAVED_BYTES_PER_PIXEL = 583_000
+SAVED_BYTES_PER_PIXEL_CHECKPOINTED = {"sd1": 163_000, "sd2": 126_000, "sdxl": 80_000}
+DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED = 163_000
 FRAMEWORK_BYTES = 1 << 30
 GIB = 1 << 30
 
@@ -45,18 +49,22 @@ class MemoryEstimate:
                 f"{self.framework / GIB:.1f})")
 
 
-def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dtype) -> int:
-    per_pixel = SAVED_BYTES_PER_PIXEL.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL)
+def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dtype,
+                     checkpointing: bool = False) -> int:
+    if checkpointing:
+        per_pixel = SAVED_BYTES_PER_PIXEL_CHECKPOINTED.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED)
+    else:
+        per_pixel = SAVED_BYTES_PER_PIXEL.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL)
     scale = torch.empty((), dtype=dtype).element_size() / 2
     return int(per_pixel * latent_size * latent_size * batch * scale)
 
 
 def estimate(family: str, latent_size: int, batch: int, dtype: torch.dtype, trained_parameters: int,
-             weight_parameters: int = 0) -> MemoryEstimate:
+             weight_parameters: int = 0, checkpointing: bool = False) -> MemoryEstimate:
     """What a run needs beyond what is already loaded (``weight_parameters`` = 0 when the model is in memory)."""
     bytes_per = torch.empty((), dtype=dtype).element_size()
     return MemoryEstimate(weights=weight_parameters * bytes_per,
-                          activations=activation_bytes(family, latent_size, batch, dtype),
+                          activations=activation_bytes(family, latent_size, batch, dtype, checkpointing),
                           trained=trained_parameters * 4 * 4)
 
 
@@ -77,7 +85,7 @@ def available_bytes(device: torch.device | str) -> int:
 
 
 def check_fits(needed: MemoryEstimate, device: torch.device | str, batch: int, latent_size: int,
-               dtype: torch.dtype) -> None:
+               dtype: torch.dtype, checkpointing: bool | None = None) -> None:
     """Raise ``OutOfMemoryError`` naming what to change when ``needed`` exceeds the free memory of ``device``."""
     free = available_bytes(device)
     if needed.total <= free:
@@ -86,6 +94,9 @@ def check_fits(needed: MemoryEstimate, device: torch.device | str, batch: int, l
     if needed.trained > GIB:
         hints.append(f"low-rank deltas (--lora-rank 8; full-rank deltas with their optimizer state take "
                      f"{needed.trained / GIB:.1f} GiB)")
+    if checkpointing is False and needed.activations > GIB:
+        hints.append(f"gradient checkpointing (--gradient-checkpointing; training activations take "
+                     f"{needed.activations / GIB:.1f} GiB, about a third or less with it)")
     if batch > 1:
         hints.append(f"a smaller training batch (--batch-size, now {batch})")
     if latent_size > 16:

@@ -57,18 +57,43 @@ def call_cost(twin: nn.Module, args: tuple, kwargs: dict, trained: Iterable[str]
     """FLOPs of one call of ``twin`` with these (meta) arguments, and the bytes autograd saves for its backward.
 
     With ``grad`` the call is a training pass: the weights named in ``trained`` require gradients, the output is
-    back-propagated (FLOPs of forward + backward), and ``saved_bytes`` is what the forward kept for it."""
+    back-propagated (FLOPs of forward + backward), and ``saved_bytes`` is what the forward kept for it.
+    ``saved_bytes_checkpointed`` is what it would keep with the transformer blocks checkpointed
+    (``models.checkpointing``): everything saved outside the blocks, each block's inputs, and the inner activations of
+    the largest block, which are alive while that block is recomputed in the backward pass."""
+    from .checkpointing import transformer_blocks
+
     names = set(trained)
     params = [p for n, p in twin.named_parameters() if n in names]
     weights = {id(p) for p in twin.parameters()}
     saved = 0
+    per_block: list[int] = []
+    block_inputs = 0
+    inside: list[int] = []
 
     def pack(tensor: Tensor) -> Tensor:
         nonlocal saved
         if id(tensor) not in weights and id(tensor._base) not in weights:  # weights are kept anyway, not extra
-            saved += tensor.numel() * tensor.element_size()
+            size = tensor.numel() * tensor.element_size()
+            saved += size
+            if inside:
+                per_block[inside[-1]] += size
         return tensor
 
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal block_inputs
+        inside.append(len(per_block))
+        per_block.append(0)
+        block_inputs += sum(a.numel() * a.element_size() for a in args if isinstance(a, Tensor))
+
+    def leave(module: nn.Module, args: tuple, out: object) -> None:
+        inside.pop()
+
+    handles = []
+    if grad:
+        for block in transformer_blocks(twin):
+            handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(block.register_forward_hook(leave))
     counter = FlopCounterMode(display=False)
     try:
         for p in params:
@@ -80,10 +105,14 @@ def call_cost(twin: nn.Module, args: tuple, kwargs: dict, trained: Iterable[str]
             if grad and out.requires_grad:
                 out.float().sum().backward()
     finally:
+        for handle in handles:
+            handle.remove()
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-    return {"flops": int(counter.get_total_flops()), "saved_bytes": int(saved)}
+    checkpointed = saved - sum(per_block) + block_inputs + max(per_block, default=0)
+    return {"flops": int(counter.get_total_flops()), "saved_bytes": int(saved),
+            "saved_bytes_checkpointed": int(checkpointed)}
 
 
 def parameter_names(unet: nn.Module, modules: Iterable[nn.Module]) -> list[str]:

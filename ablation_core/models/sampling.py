@@ -78,10 +78,16 @@ def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning, guidan
     """An eps function with classifier-free guidance: one batched pass over [uncond, cond].
 
     ``record(x_t, t, cond_eps)`` receives every state the solver visits with the prompt's own (unguided) prediction:
-    the frozen model's answer at that noisy latent, which training can reuse instead of computing it again."""
+    the frozen model's answer at that noisy latent, which training can reuse instead of computing it again.
+    Guidance 1 is the prompt's own prediction: one pass, the unconditional half is never computed."""
     both = Conditioning.cat([uncond, cond])
 
     def eps(x_t: Tensor, t: Tensor) -> Tensor:
+        if guidance == 1.0:
+            cond_eps = view.eps(x_t, t, cond)
+            if record is not None:
+                record(x_t, t, cond_eps)
+            return cond_eps
         out = view.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         uncond_eps, cond_eps = out.chunk(2)
         if record is not None:

@@ -130,6 +130,15 @@ class ModelView(ABC):
         robust rounds; by default the modules the ``embedding`` group trains."""
         return [layer.module for layer in self.text_layers("embedding")]
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The UNet's transformer blocks, which gradient checkpointing recomputes (``models.checkpointing``)."""
+        return []
+
+    def text_encoders_to_set_aside(self) -> list[nn.Module]:
+        """Text encoders this view may move to the CPU while the UNet trains; none where the host program manages
+        its own memory (ComfyUI and A1111 load and unload their models themselves)."""
+        return []
+
     def all_layers(self) -> dict[str, Layer]:
         """Every weight a patch may touch, by patch key (used to resolve keys of loaded patches)."""
         found: dict[str, Layer] = {}

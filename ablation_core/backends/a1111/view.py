@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
+from ...models.checkpointing import transformer_blocks
 from ...models.families import FAMILIES, MMDIT_TEXT, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_unet_modules
 from ...models.sampling import sd_alphas_cumprod
@@ -146,6 +147,9 @@ class A1111ModelView(ModelView):
             acp = self.alphas_cumprod.to(out.device, torch.float32)[t.to(out.device)].view(-1, 1, 1, 1)
             out = acp.sqrt() * out.float() + (1 - acp).sqrt() * x_t.to(out.device).float()
         return out.to(self.dtype)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return transformer_blocks(self.diffusion_model)
 
     def unet_layers(self, group: str) -> list[Layer]:
         return [LoadedWeightLayer(kohya_key(UNET_PREFIX, name), module, layer_kind(module))  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...errors import AblationError
 from ...evaluation.images import grid, save_image, to_pil
-from ...methods.ablation.settings import AblationConfig, resolve_config
+from ...methods.ablation.settings import MEMORY_OPTIONS, AblationConfig, resolve_config
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_ablate
 from ...models.sampling import sample_latents
@@ -113,7 +113,8 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
         view = ComfyModelView(trainer, clip, latent_size=config.latent_size)
         config = resolve_config(config, view.family.name)
         cache = PatchCache(cache_dir) if cache_dir else None
-        settings = {**config.describe(), **({"base_patch": chain.digest(base)} if base is not None else {})}
+        settings = {k: v for k, v in config.describe().items() if k not in MEMORY_OPTIONS}  # same patch either way
+        settings.update({"base_patch": chain.digest(base)} if base is not None else {})
         key = cache_key(view, str(config.group), settings) if cache else None
         patch = cache.get(key) if cache else None
         progress = NodeProgress(node_id, int(config.anchor_images), int(config.steps))

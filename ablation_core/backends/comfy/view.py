@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import AblationError, UnsupportedModelError
+from ...models.checkpointing import transformer_blocks
 from ...models.families import MMDIT_TEXT, SD1, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
 from ...models.ldm_keys import canonical_clip_name
@@ -220,6 +221,9 @@ class ComfyModelView(ModelView):
             return Layer(key, module, kind)
         owner = self.patcher if state_key[0] == "model" else self.clip.patcher
         return _OriginalWeightLayer(key, module, kind, lambda: _original_weight(owner, state_key[1], module))
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return transformer_blocks(self.diffusion_model)
 
     def unet_layers(self, group: str) -> list[Layer]:
         return [self._layer(kohya_key("lora_unet_", name), module, ("model", f"{UNET_STATE_PREFIX}{name}.weight"))

@@ -1,24 +1,33 @@
 """How many UNet evaluations a trained ablation makes, from its settings: the cost model behind the presets.
 
 One evaluation = the UNet applied to one latent. Anchor sampling with classifier-free guidance costs two per image
-and solver step; training costs, per batch row, one pass with gradients plus one frozen pass for the model-based
-target (none when the target comes from the sampler's states, ``reuse``) plus one per regularized row; the
-held-out check five per sample (unconditional, anchor and target before, anchor and target after). The benchmark
-checks this against counted evaluations on every run.
+and solver step (one at guidance 1, which has no unconditional pass); training costs, per batch row, one pass with
+gradients plus one frozen pass for the model-based target (none when the target comes from the sampler's states,
+``reuse``) plus one per regularized row; the held-out check five per sample (unconditional, anchor and target
+before, anchor and target after). The benchmark checks this against counted evaluations on every run.
 """
 
 from __future__ import annotations
 
 from .check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
+from .objectives import model_rows
 from .reuse import uses_sampler_states
 from .settings import AblationConfig
 
 CHECK_PASSES = 5
 
 
-def training_passes_per_row(config: AblationConfig) -> int:
-    frozen = 1 if config.objective == "model" and not uses_sampler_states(config) else 0
-    return 1 + frozen + (1 if config.regularization else 0)
+def training_passes_per_step(config: AblationConfig) -> int:
+    """A step's passes: one with gradients per row (two when regularized), and the frozen passes of the rows whose
+    target is the frozen prediction (none when the sampler's states give it)."""
+    frozen = 0 if uses_sampler_states(config) else model_rows(str(config.objective), int(config.batch_size),
+                                                              bool(config.regularization))
+    return int(config.batch_size) * (2 if config.regularization else 1) + frozen
+
+
+def sampling_passes(config: AblationConfig) -> int:
+    """UNet evaluations per anchor image and solver step: two with classifier-free guidance, one without."""
+    return 1 if float(config.guidance) == 1.0 else 2
 
 
 def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None) -> dict[str, int]:
@@ -26,6 +35,6 @@ def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None
 
     ``held_out_prompts``: prompts of the check over all targets (default: ``CHECK_PROMPTS`` per target)."""
     held_out = held_out_prompts if held_out_prompts is not None else CHECK_PROMPTS * len(config.pairs())
-    return {"anchor_sampling": 2 * int(config.anchor_images) * int(config.sampler_steps),
-            "training": int(config.steps) * int(config.batch_size) * training_passes_per_row(config),
+    return {"anchor_sampling": sampling_passes(config) * int(config.anchor_images) * int(config.sampler_steps),
+            "training": int(config.steps) * training_passes_per_step(config),
             "check": CHECK_PASSES * SAMPLES_PER_PROMPT * held_out}

@@ -25,7 +25,8 @@ def run_estimate(view: ModelView, config: AblationConfig, layers: list[Layer],
     rank = int(config.lora_rank or 0)
     trained = sum(rank * sum(layer.module.weight.shape[:2]) if rank else layer.module.weight.numel()
                   for layer in layers)
-    needed = estimate(view.family.name, latent, rows, view.dtype, trained, weight_parameters)
+    needed = estimate(view.family.name, latent, rows, view.dtype, trained, weight_parameters,
+                      bool(config.gradient_checkpointing))
     if uses_sampler_states(config):  # x_t and the frozen prediction of every solver step, in the model's dtype
         value_bytes = 2 if view.dtype.itemsize <= 2 else 4
         needed.framework += (2 * int(config.anchor_images) * int(config.sampler_steps) * view.latent_channels
@@ -38,4 +39,4 @@ def check_run_fits(view: ModelView, config: AblationConfig, layers: list[Layer])
     if os.environ.get(SKIP_VARIABLE) == "1":
         return
     check_fits(run_estimate(view, config, layers), view.device, int(config.batch_size),
-               config.latent_size or view.default_latent_size, view.dtype)
+               config.latent_size or view.default_latent_size, view.dtype, bool(config.gradient_checkpointing))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ...errors import AblationError, OutOfMemoryError, PromptError, TrainingDivergedError
+from ...models.checkpointing import checkpointed, set_aside
 from ...models.layers import Layer
 from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
@@ -30,7 +31,7 @@ from .adapters import AdapterSet
 from .check import combine, held_out_pairs, measure_effect, weak_effect_warning
 from .fits import check_run_fits
 from .metadata import build_metadata
-from .objectives import ablation_loss, regularization_loss
+from .objectives import ablation_loss, model_rows, regularization_loss
 from .recipes import drop_near_copies
 from .reuse import SamplerStates, training_batch, uses_sampler_states
 from .settings import AblationConfig, check_config, resolve_config
@@ -173,15 +174,16 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         adapters = AdapterSet(layers, config.lora_rank, row_masks)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, weight_decay=0.0)
         acp = view.alphas_cumprod.to(view.device)
+        low_noise_rows = model_rows(str(config.objective), int(config.batch_size))
         losses: list[float] = []
         started = time.perf_counter()
         with adapters.attached():
-            with torch.enable_grad():
+            with torch.enable_grad(), _memory_options(view, config):
                 for step in range(config.steps):
                     canceller.check()
                     x_t, t, noise, prompt, variant, frozen = training_batch(
                         states, latents, image_prompt, variants, config.batch_size, acp, generator, view.device,
-                        view.dtype)
+                        view.dtype, low_noise_rows if config.objective == "mixed" else 0)
                     with _oom_guard():
                         loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
@@ -302,6 +304,11 @@ def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_
     if frozen is None and config.objective == "model":
         with torch.no_grad(), adapters.disabled():
             frozen = view.eps(x_t, t, anchor_batch)
+    if frozen is None and config.objective == "mixed":  # the frozen prediction on the low-noise rows only
+        rows = model_rows("mixed", len(x_t), bool(config.regularization))
+        with torch.no_grad(), adapters.disabled():
+            low = view.eps(x_t[:rows], t[:rows], anchor_cond.select(anchor_index[:rows]))
+        frozen = torch.cat([low.to(noise.dtype), noise[rows:]])
     if target_cond is None:  # embedding group: the text encoder is what trains
         target_batch = view.encode([target_prompts[i] for i in target_index.tolist()])
     else:
@@ -316,6 +323,17 @@ def _kept_loss(view: ModelView, adapters: AdapterSet, x_t: Tensor, t: Tensor, ke
     with torch.no_grad(), adapters.disabled():
         frozen = view.eps(x_t, t, kept)
     return regularization_loss("model", view.eps(x_t, t, kept), frozen, frozen)
+
+
+@contextlib.contextmanager
+def _memory_options(view: ModelView, config: AblationConfig) -> Iterator[None]:
+    """Gradient checkpointing and the text encoders set aside, while training, where the config asks for them."""
+    with contextlib.ExitStack() as stack:
+        if config.gradient_checkpointing:
+            stack.enter_context(checkpointed(view.transformer_blocks()))
+        if config.offload_text_encoder:
+            stack.enter_context(set_aside(view.text_encoders_to_set_aside(), view.device))
+        yield
 
 
 @contextlib.contextmanager

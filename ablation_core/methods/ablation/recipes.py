@@ -1,6 +1,6 @@
 """Recipes by concept type: the settings the paper and its peers use for each kind of thing people erase.
 
-- object / instance ("Grumpy Cat" -> "cat"): cross-attention K/V, model-based loss; the anchor's own prompts are
+- object / instance ("Grumpy Cat" -> "cat"): cross-attention K/V, the preset's loss; the anchor's own prompts are
   kept (regularization, the paper's prior preservation) when the target contains the anchor word;
 - style ("Van Gogh" -> "painting"): K/V, style prompts ("..., in the style of X");
 - memorized image: the target is a whole prompt; every UNet weight trains (the paper's best for memorization); the
@@ -21,7 +21,7 @@ from torch import Tensor
 
 CONCEPT_TYPES = ("object", "instance", "style", "memorized", "inappropriate")
 CONCEPT_TYPE_HELP = {
-    "object": "an object class, e.g. 'R2D2' -> 'robot' (K/V, model loss)",
+    "object": "an object class, e.g. 'R2D2' -> 'robot' (K/V)",
     "instance": "one instance of a class, e.g. 'Grumpy Cat' -> 'cat' (K/V; keeps the class when the names overlap)",
     "style": "an artist's style, e.g. 'Van Gogh' -> 'painting' (K/V, '..., in the style of X')",
     "memorized": "a memorized training image: the target is its whole prompt (all UNet weights; near-copies are "
@@ -29,10 +29,12 @@ CONCEPT_TYPE_HELP = {
     "inappropriate": "e.g. 'nudity' -> 'a person, fully clothed' (all attention; the target is the negative prompt "
                      "of anchor sampling; not measurable here)",
 }
+# Objects, instances and styles take the preset's loss (the default's noise-based one on unguided anchors);
+# memorized images and inappropriate content keep the model-based loss of the papers they follow.
 RECIPES: dict[str, dict[str, object]] = {
-    "object": {"kind": "object", "group": "kv", "objective": "model"},
-    "instance": {"kind": "object", "group": "kv", "objective": "model"},
-    "style": {"kind": "style", "group": "kv", "objective": "model"},
+    "object": {"kind": "object", "group": "kv"},
+    "instance": {"kind": "object", "group": "kv"},
+    "style": {"kind": "style", "group": "kv"},
     "memorized": {"kind": "memorization", "group": "full", "objective": "model"},
     "inappropriate": {"kind": "object", "group": "attn", "objective": "model"},
 }

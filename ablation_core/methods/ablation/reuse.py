@@ -41,13 +41,14 @@ def uses_sampler_states(config) -> bool:
 
 
 def training_batch(states: SamplerStates | None, latents: Tensor, image_prompt: Tensor, variants: int, batch: int,
-                   acp: Tensor, generator: torch.Generator, device: torch.device, dtype: torch.dtype
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+                   acp: Tensor, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                   low_noise_rows: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """One step's batch: ``(x_t, t, noise, anchor prompt index, variant, frozen anchor prediction or None)``.
 
     From sampler states: states drawn uniformly (``noise`` is then the frozen prediction, which only the "model"
     objective's target uses). Otherwise anchor images noised at uniform timesteps, with the frozen prediction left to
-    the caller, as in the original recipe."""
+    the caller, as in the original recipe. ``low_noise_rows``: the first rows take their timesteps from the same
+    share of the least noisy timesteps, the others from the rest (the whole batch still covers them uniformly)."""
     if states is not None:
         pick = torch.randint(len(states), (batch,), generator=generator)
         variant = torch.randint(variants, (batch,), generator=generator)
@@ -57,7 +58,12 @@ def training_batch(states: SamplerStates | None, latents: Tensor, image_prompt: 
                 image_prompt[states.image[pick]], variant, frozen)
     image = torch.randint(len(latents), (batch,), generator=generator)
     variant = torch.randint(variants, (batch,), generator=generator)
-    t = torch.randint(0, len(acp), (batch,), generator=generator).to(device)
+    if 0 < low_noise_rows < batch:
+        split = round(len(acp) * low_noise_rows / batch)
+        t = torch.cat([torch.randint(0, split, (low_noise_rows,), generator=generator),
+                       torch.randint(split, len(acp), (batch - low_noise_rows,), generator=generator)]).to(device)
+    else:  # every row (or none) is a low-noise row: the whole range
+        t = torch.randint(0, len(acp), (batch,), generator=generator).to(device)
     noise = torch.randn(latents[image].shape, generator=generator).to(device, dtype)
     x0 = latents[image].to(device, dtype)
     a = acp[t].view(-1, 1, 1, 1)

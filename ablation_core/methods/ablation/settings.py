@@ -6,9 +6,11 @@ same model: the embedded toy model gets its own learning rate and its own phrasi
 
 Real models: the reference implementation trains with lr 2e-6 scaled by the total batch (4 per GPU x 2 GPUs = 8),
 100 steps, on 1000 anchor images from 200 prompts sampled with DPM-Solver (25 steps, CFG 6). ``paper`` reproduces
-that on one GPU (batch 4, 200 steps, lr 2e-6 x 4). ``default`` keeps the batch of 8 and the steps of the reference
-but draws fewer anchor images with fewer solver steps, which is most of the time of the reference recipe. ``fast``
-halves that again for previews.
+that on one GPU (batch 4, 200 steps, lr 2e-6 x 4). ``thorough`` keeps the batch of 8 and the steps of the
+reference but draws fewer anchor images with fewer solver steps, which is most of the time of the reference recipe
+(4,240 UNet evaluations). ``default`` takes under a quarter of that (1,036: 32 anchor images x 8 unguided solver
+steps, then 100 steps of 5 rows, 2 of them with the model-based loss and 3 with the noise-based loss, which needs no
+frozen pass); ``fast`` halves it again.
 """
 
 from __future__ import annotations
@@ -20,38 +22,46 @@ from ..prompts import Kind, check_kinds, check_pair
 from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 
 BASE_LR = 2e-6
-PRESET_NAMES = ("fast", "default", "paper")
+PRESET_NAMES = ("fast", "default", "thorough", "paper")
 
+# The default (1,036 UNet evaluations, under a quarter of ``thorough``'s 4,240): 32 anchor images drawn without
+# guidance (one pass per solver step: the model's own conditional distribution of the anchor), and the "mixed" loss
+# on them: the noise-based loss (Eq. 6, no frozen pass) on the 3 noisier rows of each batch of 5, the model-based
+# loss (Eq. 5) on the 2 least noisy ones, where the noise target varies most. On unguided samples of the anchor the
+# two aim at the same prediction in expectation. Measured on every toy concept against ``thorough`` (docs/speed.md).
 DEFAULTS: dict[str, object] = {
-    "kind": "object", "group": "kv", "objective": "model", "regularization": False, "steps": 100, "batch_size": 8,
-    "learning_rate": BASE_LR * 8, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 128,
-    "sampler_steps": 10, "guidance": 6.0, "sample_batch_size": 16, "misspelled_targets": 0,
-    "reuse_sampler_states": False, "robust_rounds": 0,
+    "kind": "object", "group": "kv", "objective": "mixed", "regularization": False, "steps": 100, "batch_size": 5,
+    "learning_rate": BASE_LR * 5, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 32,
+    "sampler_steps": 8, "guidance": 1.0, "sample_batch_size": 16, "misspelled_targets": 0,
+    "reuse_sampler_states": False, "robust_rounds": 0, "gradient_checkpointing": False,
+    "offload_text_encoder": False,
 }
+# The earlier default: model-based loss, the reference's batch of 8 at its step, guided anchor images.
+_THOROUGH = {"objective": "model", "batch_size": 8, "learning_rate": BASE_LR * 8, "anchor_images": 128,
+             "sampler_steps": 10, "guidance": 6.0}
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "real": {
-        "fast": {"steps": 50, "learning_rate": BASE_LR * 8 * 2, "anchor_images": 64, "sampler_steps": 8},
+        "fast": {"steps": 50, "anchor_images": 16},
         "default": {},
-        "paper": {"steps": 200, "batch_size": 4, "learning_rate": BASE_LR * 4, "anchor_images": 1000,
-                  "sampler_steps": 25},
+        "thorough": _THOROUGH,
+        "paper": {"objective": "model", "steps": 200, "batch_size": 4, "learning_rate": BASE_LR * 4,
+                  "anchor_images": 1000, "sampler_steps": 25, "guidance": 6.0},
     },
-    # The toy model learns from 16x16 pixels in minutes: a larger step, its own solver settings and guidance.
+    # The toy model learns from 16x16 pixels in minutes: a larger step, its own guidance and sampling batch.
     "toy": {
-        "fast": {"steps": 50, "learning_rate": 2e-3, "anchor_images": 32, "sampler_steps": 12, "guidance": 4.0,
-                 "sample_batch_size": 64},
-        "default": {"steps": 100, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20, "guidance": 4.0,
-                    "sample_batch_size": 64},
-        "paper": {"steps": 200, "batch_size": 4, "learning_rate": 1e-3, "anchor_images": 200, "sampler_steps": 25,
-                  "guidance": 4.0, "sample_batch_size": 64},
+        "fast": {"steps": 50, "learning_rate": 1e-3, "anchor_images": 16, "sample_batch_size": 64},
+        "default": {"learning_rate": 1e-3, "sample_batch_size": 64},
+        "thorough": {**_THOROUGH, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20, "guidance": 4.0,
+                     "sample_batch_size": 64},
+        "paper": {"objective": "model", "steps": 200, "batch_size": 4, "learning_rate": 1e-3, "anchor_images": 200,
+                  "sampler_steps": 25, "guidance": 4.0, "sample_batch_size": 64},
     },
 }
-# A candidate default at about a quarter of the UNet evaluations (992 instead of 4,240): 32 anchor images x 8 solver
-# steps, batch 2. NOT the default: on the toy world it kept 33 % of monet and 8 % of picasso samples where the
-# default leaves 0 % (docs/speed.md). ``bench --compare-default`` and ``tests.every_concept`` run it beside the default.
-QUARTER_COST: dict[str, object] = {"anchor_images": 32, "sampler_steps": 8, "batch_size": 2}
+MEMORY_OPTIONS = ("gradient_checkpointing", "offload_text_encoder")  # how a run fits; never what it makes
 GROUP_LEARNING_RATE = {("toy", "full"): 1e-4}  # every UNet weight moves: a tenth of the step keeps the neighbours
-PRESET_HELP = ("fast: a preview in half the time; default: the reference's steps with fewer anchor images; "
-               "paper: the paper's recipe (slowest)")
+PRESET_HELP = ("fast: a preview at half the default's cost (may leave some of the target); default: 32 unguided "
+               "anchor images, 100 steps of 5 with the mixed loss (about 1,000 UNet evaluations); thorough: the "
+               "earlier default (model-based loss, 4x the evaluations); paper: the paper's recipe (slowest)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,8 @@ class AblationConfig:
     held_out_prompts: tuple[str, ...] | None = None
     negative_prompt: str | None = None
     robust_rounds: int | None = None
+    gradient_checkpointing: bool | None = None
+    offload_text_encoder: bool | None = None
     seed: int = 0
     preset: str = "default"
     extra_metadata: dict[str, str] = field(default_factory=dict)
@@ -149,11 +161,16 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
             prompts = tuple(memorized_variations(config.target, config.anchor, seed=config.seed))
             config = replace(config, anchor_prompts=prompts, anchor_prompt_count=len(prompts))
     values = preset_values(family, config.preset)
-    if config.steps is None:  # the preset's steps are per target: several targets share the run, not the steps
-        values["steps"] = int(values["steps"]) * len(config.pairs())
+    # the preset's steps and anchor images are per target: several targets share the run, not the steps or images
+    for name in ("steps", "anchor_images"):
+        if getattr(config, name) is None:
+            values[name] = int(values[name]) * len(config.pairs())
     group = config.group or str(values["group"])
     if config.learning_rate is None and (family, group) in GROUP_LEARNING_RATE:
         values["learning_rate"] = GROUP_LEARNING_RATE[(family, group)]
+    if config.negative_prompt and config.guidance is None and float(values["guidance"]) == 1.0:
+        # a negative prompt steers anchor sampling only through guidance: draw guided images, as thorough does
+        values["guidance"] = preset_values(family, "thorough")["guidance"]
     filled = {name: value for name, value in values.items() if getattr(config, name) is None}
     return replace(config, **filled)
 
@@ -200,5 +217,8 @@ def check_config(config: AblationConfig) -> None:
         raise AblationError(f"the learning rate must be between 0 and 1 (got {config.learning_rate:g})")
     if not 0 <= float(config.guidance) <= 50:
         raise AblationError(f"guidance must be between 0 and 50 (got {config.guidance:g})")
+    if config.offload_text_encoder and config.group == "embedding":
+        raise AblationError("the embedding group trains the text encoder, so it cannot be set aside while training; "
+                            "leave out --offload-text-encoder or use another group")
     if config.latent_size is not None and config.latent_size < 1:
         raise AblationError(f"the latent size must be at least 1 (got {config.latent_size})")

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ROBUST_SEED_OFFSET = 30_000
 ROBUST_GROUP = "attn"
+ROBUST_PRESET = "thorough"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,10 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     if rounds == 0:
         return ablate(view, config, on_progress, should_cancel, base_patch)
     report, canceller = on_progress or no_progress, Canceller(should_cancel)
-    config = resolve_config(replace(config, group=config.group or ROBUST_GROUP), view.family.name)
+    # Robust rounds train with the thorough preset where the default is asked for: the model-based loss on guided
+    # anchor images, what the robustness table measured (the adversary also draws its target images with guidance).
+    preset = ROBUST_PRESET if config.preset == "default" else config.preset
+    config = resolve_config(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view.family.name)
     preserved = _preserved_conditioning(view, config)
     result = ablate(view, config, on_progress, should_cancel, base_patch, preserved=preserved)
     anchors, twins = _prompt_pairs(config)
