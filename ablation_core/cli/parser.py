@@ -247,9 +247,10 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
                    help="folder for the patch, the table and the grid (default: demo_output)")
     _concept_args(p, "grumpy cat", "cat")
     p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
-    p.add_argument("--objective", choices=["model", "noise"], default=None,
-                   help="model: target -> frozen anchor prediction; noise: target -> true noise (default: the "
-                        "default preset's, noise)")
+    p.add_argument("--objective", choices=["mixed", "model", "noise"], default=None,
+                   help="mixed: frozen anchor prediction on the least noisy rows, true noise on the others; model: "
+                        "target -> frozen anchor prediction; noise: target -> true noise (default: the default "
+                        "preset's, mixed)")
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the run (default: 0)")
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
