@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation.cost import RunMeter, Signature
-from ..methods.ablation.budget import CHECK_PASSES, training_passes_per_step, unet_evaluations
+from ..methods.ablation.budget import CHECK_PASSES, gradient_passes_per_step, training_passes_per_step, unet_evaluations
 from ..methods.ablation.check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
 from ..methods.ablation.reuse import uses_sampler_states
 from ..models.meta import call_cost, parameter_names
@@ -83,7 +83,7 @@ def default_preset_costs(view, meter: RunMeter, config, prefix: str) -> dict[str
     evaluations = unet_evaluations(config)
     latent = int(config.latent_size or view.default_latent_size)
     trained = parameter_names(view.unet, [layer.module for layer in view.layers(config.group)])
-    grad_rows = int(config.steps) * int(config.batch_size) * (1 + (1 if config.regularization else 0))
+    grad_rows = int(config.steps) * gradient_passes_per_step(config)
     frozen_rows = sum(evaluations.values()) - grad_rows
     frozen, training = flops_per_row(meter, latent, trained, False), flops_per_row(meter, latent, trained, True)
     encoding = meter.phases.get("prompt_encoding")

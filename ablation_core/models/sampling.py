@@ -73,6 +73,11 @@ def sample_dpmpp_2m(eps: EpsFn, noise: Tensor, alphas_cumprod: Tensor, steps: in
 RecordFn = Callable[[Tensor, Tensor, Tensor], None]
 
 
+def unguided(guidance: float) -> bool:
+    """Guidance 1 is the prompt's own prediction: sampling needs no unconditional pass."""
+    return float(guidance) == 1.0
+
+
 def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning, guidance: float,
                record: RecordFn | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """An eps function with classifier-free guidance: one batched pass over [uncond, cond].
@@ -83,7 +88,7 @@ def guided_eps(view: ModelView, cond: Conditioning, uncond: Conditioning, guidan
     both = Conditioning.cat([uncond, cond])
 
     def eps(x_t: Tensor, t: Tensor) -> Tensor:
-        if guidance == 1.0:
+        if unguided(guidance):
             cond_eps = view.eps(x_t, t, cond)
             if record is not None:
                 record(x_t, t, cond_eps)

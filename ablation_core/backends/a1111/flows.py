@@ -25,7 +25,7 @@ from ...errors import AblationCancelled, AblationError
 from ...evaluation.images import grid, save_image
 from ...files import check_output_file, write_text_atomic
 from ...methods.ablation.adapters import AdapterSet
-from ...methods.ablation.budget import sampling_passes, training_passes_per_step
+from ...methods.ablation.budget import gradient_passes_per_step, sampling_passes, training_passes_per_step
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
 from ...methods.closed_form.settings import make_closed_form_config
 from ...methods.progress import Canceller, Progress, cancel_checks
@@ -231,8 +231,7 @@ def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tupl
     config = trained_config(request, view)
     view.default_latent_size = config.latent_size or view.default_latent_size
     per_image = sampling_passes(config) * int(config.sampler_steps)  # UNet passes per anchor image
-    backward = int(config.batch_size) * (2 if config.regularization else 1)  # gradient passes also go backward
-    per_step = training_passes_per_step(config) + backward
+    per_step = training_passes_per_step(config) + gradient_passes_per_step(config)  # these also go backward
     progress = StateProgress(host.state, {"anchors": per_image, "train": per_step, "check": per_image})
     progress.plan("anchors", int(config.anchor_images))
     progress.plan("train", int(config.steps))

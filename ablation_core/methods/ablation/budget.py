@@ -9,6 +9,7 @@ before, anchor and target after). The benchmark checks this against counted eval
 
 from __future__ import annotations
 
+from ...models.sampling import unguided
 from .check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
 from .objectives import model_rows
 from .reuse import uses_sampler_states
@@ -17,17 +18,22 @@ from .settings import AblationConfig
 CHECK_PASSES = 5
 
 
+def gradient_passes_per_step(config: AblationConfig) -> int:
+    """A step's passes with gradients: one per row, two when regularized (the anchor prompt's own pass)."""
+    return int(config.batch_size) * (2 if config.regularization else 1)
+
+
 def training_passes_per_step(config: AblationConfig) -> int:
-    """A step's passes: one with gradients per row (two when regularized), and the frozen passes of the rows whose
-    target is the frozen prediction (none when the sampler's states give it)."""
+    """A step's passes: those with gradients, and the frozen passes of the rows whose target is the frozen
+    prediction (none when the sampler's states give it)."""
     frozen = 0 if uses_sampler_states(config) else model_rows(str(config.objective), int(config.batch_size),
                                                               bool(config.regularization))
-    return int(config.batch_size) * (2 if config.regularization else 1) + frozen
+    return gradient_passes_per_step(config) + frozen
 
 
 def sampling_passes(config: AblationConfig) -> int:
     """UNet evaluations per anchor image and solver step: two with classifier-free guidance, one without."""
-    return 1 if float(config.guidance) == 1.0 else 2
+    return 1 if unguided(float(config.guidance)) else 2
 
 
 def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None) -> dict[str, int]:

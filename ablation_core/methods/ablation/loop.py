@@ -174,7 +174,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         adapters = AdapterSet(layers, config.lora_rank, row_masks)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, weight_decay=0.0)
         acp = view.alphas_cumprod.to(view.device)
-        low_noise_rows = model_rows(str(config.objective), int(config.batch_size))
+        low_noise_rows = model_rows("mixed", int(config.batch_size)) if config.objective == "mixed" else 0
         losses: list[float] = []
         started = time.perf_counter()
         with adapters.attached():
@@ -183,7 +183,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                     canceller.check()
                     x_t, t, noise, prompt, variant, frozen = training_batch(
                         states, latents, image_prompt, variants, config.batch_size, acp, generator, view.device,
-                        view.dtype, low_noise_rows if config.objective == "mixed" else 0)
+                        view.dtype, low_noise_rows)
                     with _oom_guard():
                         loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
@@ -301,14 +301,11 @@ def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_
                target_cond: Conditioning | None, target_prompts: list[str], frozen: Tensor | None = None) -> Tensor:
     """The step's loss; ``frozen`` is the frozen anchor prediction when the caller has it (sampler states)."""
     anchor_batch = anchor_cond.select(anchor_index)
-    if frozen is None and config.objective == "model":
-        with torch.no_grad(), adapters.disabled():
-            frozen = view.eps(x_t, t, anchor_batch)
-    if frozen is None and config.objective == "mixed":  # the frozen prediction on the low-noise rows only
-        rows = model_rows("mixed", len(x_t), bool(config.regularization))
+    rows = model_rows(str(config.objective), len(x_t), bool(config.regularization))
+    if frozen is None and rows:  # the frozen prediction on the first rows ("mixed": the low-noise ones), noise after
         with torch.no_grad(), adapters.disabled():
             low = view.eps(x_t[:rows], t[:rows], anchor_cond.select(anchor_index[:rows]))
-        frozen = torch.cat([low.to(noise.dtype), noise[rows:]])
+        frozen = low if rows == len(x_t) else torch.cat([low.to(noise.dtype), noise[rows:]])
     if target_cond is None:  # embedding group: the text encoder is what trains
         target_batch = view.encode([target_prompts[i] for i in target_index.tolist()])
     else:

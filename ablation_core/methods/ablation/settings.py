@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ...errors import AblationError, PromptError
+from ...models.sampling import unguided
 from ..prompts import Kind, check_kinds, check_pair
 from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 
@@ -168,7 +169,7 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
     group = config.group or str(values["group"])
     if config.learning_rate is None and (family, group) in GROUP_LEARNING_RATE:
         values["learning_rate"] = GROUP_LEARNING_RATE[(family, group)]
-    if config.negative_prompt and config.guidance is None and float(values["guidance"]) == 1.0:
+    if config.negative_prompt and config.guidance is None and unguided(float(values["guidance"])):
         # a negative prompt steers anchor sampling only through guidance: draw guided images, as thorough does
         values["guidance"] = preset_values(family, "thorough")["guidance"]
     filled = {name: value for name, value in values.items() if getattr(config, name) is None}
