@@ -107,6 +107,29 @@ def test_robust_closed_form_adds_the_adversarial_embeddings_to_the_solve(sd1_vie
     assert not torch.allclose(plain.patch.deltas[key].full(), robust.patch.deltas[key].full())
 
 
+def test_both_robust_adversaries_draw_guided_target_images(sd1_view, monkeypatch):
+    """The adversary draws the target as the thorough preset draws anchors (guided), whatever the run's preset."""
+    from ablation_core.methods.ablation.settings import preset_values
+    from ablation_core.methods.closed_form.settings import make_closed_form_config
+    from ablation_core.methods.robust import rounds
+
+    drawn = []
+
+    def recording(view, prompts, count, steps, guidance, seed, *args):
+        drawn.append((steps, guidance))
+        return real(view, prompts, count, steps, guidance, seed, *args)
+
+    real = rounds.draw_images
+    monkeypatch.setattr(rounds, "draw_images", recording)
+    config = make_closed_form_config("Grumpy Cat", "cat", prompts_per_target=4, builtin_preserve=False,
+                                     preserve=("dog",))
+    robust_erase_closed_form(sd1_view, replace(config, robust_rounds=1), budget=TINY_ADVERSARY)
+    robust_ablate(sd1_view, tiny_config(robust_rounds=1, steps=2, guidance=None), budget=TINY_ADVERSARY)
+    thorough = preset_values("sd1", "thorough")
+    assert drawn[0] == (thorough["sampler_steps"], thorough["guidance"]) and thorough["guidance"] > 1
+    assert drawn[1][1] == thorough["guidance"]
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser
