@@ -1,6 +1,6 @@
 """Drive a running real ComfyUI through its HTTP API: chained Erase/Ablate nodes, fusion, workflows/mass_erasure.json.
 
-``python tests/comfy_http_check.py closed_form|trained|fusion|mass TAG`` with ComfyUI's own Python (it reads images
+``python tests/comfy_http_check.py closed_form|trained|fusion|mass|robust TAG`` with ComfyUI's own Python (it reads images
 and patch files), our nodes in its custom_nodes, and a small checkpoint. Settings by environment: COMFY_URL
 (http://127.0.0.1:8188), COMFY_ROOT (the ComfyUI folder, for output/ and models/ablation_patches/), COMFY_CKPT.
 Prints each node's status line, the saved patches' metadata and mean pixel differences between the models' images
@@ -89,20 +89,22 @@ def render(g, name, model):
                                                              "filename_prefix": f"chk{TAG}/{name}"}}
 
 
-def erase(model, concepts, kind="style", base=None):
+def erase(model, concepts, kind="style", base=None, robust_rounds=0):
     node = {"class_type": "EraseConceptsClosedForm", "inputs": {
         "model": model, "clip": ["1", 1], "concepts": concepts, "anchor": "", "kind": kind, "mode": "least-squares",
-        "preserve_weight": 0.5, "preserve": ""}}
+        "preserve_weight": 0.5, "preserve": "", "robust_rounds": robust_rounds}}
     if base:
         node["inputs"]["base_patch"] = base
     return node
 
 
-def ablate(model, target, anchor="painting", steps=5, concept_type="auto", clip=("1", 1), checkpointing=False):
+def ablate(model, target, anchor="painting", steps=5, concept_type="auto", clip=("1", 1), checkpointing=False,
+           robust_rounds=0):
     return {"class_type": "AblateConcept", "inputs": {
         "model": model, "clip": list(clip), "target": target, "anchor": anchor, "kind": "style", "group": "kv",
         "preset": "fast", "steps": steps, "seed": 0, "anchor_prompts": "", "image_size": 64, "use_cache": False,
-        "concept_type": concept_type, "negative_prompt": "", "gradient_checkpointing": checkpointing}}
+        "concept_type": concept_type, "negative_prompt": "", "gradient_checkpointing": checkpointing,
+        "robust_rounds": robust_rounds}}
 
 
 def save(patch, prefix):
@@ -185,6 +187,27 @@ def fusion():
     print("   fusion info:", m.get("ablation.fusion"), "sources:", m.get("ablation.sources"))
 
 
+def robust():
+    g = base_graph("a painting in the style of Van Gogh")
+    g["5"] = ablate(["1", 0], "Van Gogh", steps=3, robust_rounds=1)
+    g["6"] = erase(["1", 0], "Van Gogh -> painting", robust_rounds=1)
+    g["7"] = {"class_type": "ApplyAblationPatch", "inputs": {"model": ["1", 0], "patch": ["5", 2], "strength": 1.0,
+                                                             "clip": ["1", 1]}}
+    for name, model in (("r_orig", ["1", 0]), ("r_trained", ["5", 0]), ("r_closed", ["6", 0]),
+                        ("r_reapplied", ["7", 0])):
+        render(g, name, model)
+    g["p5"], g["p6"] = save(["5", 2], "robust_trained"), save(["6", 1], "robust_closed")
+    out, _ = run(g, "robust: Ablate (fast, 3 steps, robust_rounds 1) and Erase (robust_rounds 1), Apply(trained)")
+    im = {k: image(out, f"i_{k}") for k in ("r_orig", "r_trained", "r_closed", "r_reapplied")}
+    print(f"   mean |pixel diff| orig-trained {differ(im['r_orig'], im['r_trained']):.2f}, orig-closed "
+          f"{differ(im['r_orig'], im['r_closed']):.2f}, trained-reapplied "
+          f"{differ(im['r_trained'], im['r_reapplied']):.3f}")
+    for name in ("robust_trained", "robust_closed"):
+        found = json.loads(report_meta(name)["ablation.robust"])
+        print(f"   {name}: rounds {found['rounds']}, adversarial inputs found {len(found['found'])}, "
+              f"tokens {[f.get('tokens') for f in found['found']]}")
+
+
 def ui_to_api(workflow, info):
     """What the front end sends for a UI-format workflow: widget values by input order, links as [node, slot]."""
     links = {link[0]: link for link in workflow["links"]}
@@ -214,7 +237,7 @@ def ui_to_api(workflow, info):
 
 def mass_erasure():
     info = get("/object_info")
-    wf = json.loads(Path(__file__).resolve().parents[1] / "workflows" / "mass_erasure.json".read_text())
+    wf = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "mass_erasure.json").read_text())
     prompt = ui_to_api(wf, info)
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -230,4 +253,5 @@ def mass_erasure():
 
 
 if __name__ == "__main__":
-    {"closed_form": closed_form_chain, "trained": trained_chain, "fusion": fusion, "mass": mass_erasure}[sys.argv[1]]()
+    {"closed_form": closed_form_chain, "trained": trained_chain, "fusion": fusion, "mass": mass_erasure,
+     "robust": robust}[sys.argv[1]]()

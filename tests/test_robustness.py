@@ -130,6 +130,26 @@ def test_both_robust_adversaries_draw_guided_target_images(sd1_view, monkeypatch
     assert drawn[1][1] == thorough["guidance"]
 
 
+def test_the_fast_preset_gets_the_quick_adversary(sd1_view, monkeypatch):
+    from ablation_core.methods.robust import rounds
+
+    seen = []
+
+    class Recorded(Exception):
+        pass
+
+    def search(view, pairs, twins, sampler_steps, guidance, seed, budget, *rest):
+        seen.append(budget)
+        raise Recorded
+
+    monkeypatch.setattr(rounds, "_Search", search)
+    for preset in ("fast", "default", "thorough"):
+        with pytest.raises(Recorded):
+            robust_ablate(sd1_view, tiny_config(robust_rounds=1, steps=1, preset=preset))
+    assert seen == [rounds.QUICK_BUDGET, rounds.BUDGET, rounds.BUDGET]
+    assert rounds.QUICK_BUDGET.inversion_steps * 3 < rounds.BUDGET.inversion_steps
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser

@@ -54,6 +54,14 @@ class AdversaryBudget:
 
 
 BUDGET = AdversaryBudget()
+# the fast preset's rounds: a third of the images, about a quarter of the inversion and a third of the token search,
+# so that the adversary does not cost many times the fast run it attacks
+QUICK_BUDGET = AdversaryBudget(images=8, inversion_steps=40, search_images=4, search_iterations=2, search_candidates=8)
+
+
+def adversary_budget(preset: str | None) -> AdversaryBudget:
+    """The adversary of a robust trained run with ``preset``: quick for ``fast``, the full one otherwise."""
+    return QUICK_BUDGET if preset == "fast" else BUDGET
 
 
 class _Search:
@@ -117,8 +125,9 @@ def _robust_metadata(patch: AblationPatch, rounds: int, budget: AdversaryBudget,
 
 def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None,
                   should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
-                  budget: AdversaryBudget = BUDGET):
-    """The trained ablation with ``config.robust_rounds`` adversarial rounds (plain ``ablate`` when it is 0)."""
+                  budget: AdversaryBudget | None = None):
+    """The trained ablation with ``config.robust_rounds`` adversarial rounds (plain ``ablate`` when it is 0); the
+    adversary's ``budget`` follows the preset unless given."""
     from ..ablation.loop import _prompt_pairs, ablate
     from ..ablation.settings import resolve_config
 
@@ -129,6 +138,7 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     # Robust rounds train with the thorough preset where the default is asked for: the model-based loss on guided
     # anchor images, what the robustness table measured (the adversary also draws its target images with guidance).
     preset = ROBUST_PRESET if config.preset == "default" else config.preset
+    budget = budget or adversary_budget(preset)
     config = resolve_config(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view.family.name)
     preserved = _preserved_conditioning(view, config)
     result = ablate(view, config, on_progress, should_cancel, base_patch, preserved=preserved)
