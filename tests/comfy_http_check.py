@@ -1,7 +1,7 @@
 """Drive a running real ComfyUI through its HTTP API: chained Erase/Ablate nodes, fusion, workflows/mass_erasure.json.
 
-``python tests/comfy_http_check.py closed_form|trained|fusion|mass|robust TAG`` with ComfyUI's own Python (it reads images
-and patch files), our nodes in its custom_nodes, and a small checkpoint. Settings by environment: COMFY_URL
+``python tests/comfy_http_check.py closed_form|trained|fusion|mass|robust TAG`` with ComfyUI's own Python (it reads
+images and patch files), our nodes in its custom_nodes, and a small checkpoint. Settings by environment: COMFY_URL
 (http://127.0.0.1:8188), COMFY_ROOT (the ComfyUI folder, for output/ and models/ablation_patches/), COMFY_CKPT.
 Prints each node's status line, the saved patches' metadata and mean pixel differences between the models' images
 (same seed): e.g. a chained model against the plain checkpoint with the chained patch applied (0 when they agree).

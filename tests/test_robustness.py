@@ -150,6 +150,26 @@ def test_the_fast_preset_gets_the_quick_adversary(sd1_view, monkeypatch):
     assert rounds.QUICK_BUDGET.inversion_steps * 3 < rounds.BUDGET.inversion_steps
 
 
+def test_the_adversary_never_writes_the_model_weights(sd1_view, monkeypatch):
+    """It attacks each round's patch through hooks: ComfyUI's weights are inference tensors that cannot change in
+    place outside inference mode (the real ComfyUI failed there when the patch was added in place)."""
+    from ablation_core.methods.robust import rounds
+
+    weights = [layer.weight for layer in sd1_view.all_layers().values()]
+    versions = []
+    against = rounds._Search.against
+
+    def recording(self, patch, round_index):
+        before = [w._version for w in weights]
+        found = against(self, patch, round_index)
+        versions.append((before, [w._version for w in weights]))
+        return found
+
+    monkeypatch.setattr(rounds._Search, "against", recording)
+    robust_ablate(sd1_view, tiny_config(robust_rounds=1, steps=1), budget=TINY_ADVERSARY)
+    assert len(versions) == 1 and versions[0][0] == versions[0][1]
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser

@@ -32,7 +32,6 @@ from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.prompts import check_pair, target_prompts
 from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ...models.sampling import sample_latents
-from ...patches.apply import resolve
 from ...patches.patch import META, AblationPatch
 from .view import A1111ModelView, loras_unmerged
 
@@ -300,8 +299,7 @@ def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], se
     steps = max(int(steps), 1)
     progress = StateProgress(host.state, {"preview": 1.0})
     progress.plan("preview", 2 * steps)
-    layers = view.all_layers()
-    adapters = AdapterSet.fixed([(layers[key], dense) for key, (_, dense) in resolve(patch, view).items()])
+    adapters = AdapterSet.of_patch(view, patch)
     index = torch.arange(len(prompts))
     images = {}
     canceller = Canceller(host.cancelled)

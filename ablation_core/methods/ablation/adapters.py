@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...models.layers import Layer
+from ...patches.apply import resolve
 
 
 class DeltaAdapter(nn.Module):
@@ -102,6 +103,13 @@ class AdapterSet(nn.Module):
             for adapter, (_, delta) in zip(adapters.adapters, changes):
                 adapter.delta.copy_(delta)
         return adapters.requires_grad_(False)
+
+    @classmethod
+    def of_patch(cls, view, patch) -> AdapterSet:
+        """Frozen adapters holding ``patch``'s changes: the patch applied through hooks, the weights untouched (for
+        weights that must not change in place, such as ComfyUI's inference tensors)."""
+        layers = view.all_layers()
+        return cls.fixed([(layers[key], dense) for key, (_, dense) in resolve(patch, view).items()])
 
     def weight_deltas(self) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -23,7 +23,6 @@ from ...models.checkpointing import checkpointed, set_aside
 from ...models.layers import Layer
 from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
-from ...patches.apply import resolve
 from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
@@ -143,8 +142,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         raise AblationError(f"the model has no layers in group {config.group!r}")
     row_masks = _embedding_row_masks(view, layers, config) if config.group == "embedding" else None
     check_run_fits(view, config, layers)
-    base = AdapterSet.fixed([(view.all_layers()[k], d) for k, (_, d) in resolve(base_patch, view).items()]) \
-        if base_patch is not None else None
+    base = AdapterSet.of_patch(view, base_patch) if base_patch is not None else None
 
     with cancel_checks(view.cancel_check_modules(), canceller), base.attached() if base else contextlib.nullcontext():
         # 2. Prompts: each target prompt has an anchor twin; typos of the target add more target prompts.

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ...models.view import Conditioning, ModelView
-from ...patches.apply import apply_patch
 from ...patches.patch import META, AblationPatch
+from ..ablation.adapters import AdapterSet
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, no_progress
 from .adversarial_set import Adversary, adversarial_moments, adversarial_rows, describe, pair_of_rows
 from .adversary import denoising_task, draw_images, invert_embedding, reference_task, search_start, search_tokens
@@ -97,7 +97,8 @@ class _Search:
             done += count
             self.report(Progress(f"adversary {round_index}", done, total))
 
-        with apply_patch(self.view, patch):
+        # through hooks, not in place: ComfyUI's weights are inference tensors that cannot change outside inference mode
+        with AdapterSet.of_patch(self.view, patch).attached():
             for index, (target, anchor) in enumerate(self.pairs):
                 latents, captions = self.images[index]
                 texts = [c.replace(target, PLACEHOLDER) if target in c else f"{c} {PLACEHOLDER}" for c in captions]
