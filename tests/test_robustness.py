@@ -170,6 +170,32 @@ def test_the_adversary_never_writes_the_model_weights(sd1_view, monkeypatch):
     assert len(versions) == 1 and versions[0][0] == versions[0][1]
 
 
+def test_a_cancel_stops_the_adversary_inside_its_sampling(sd1_view, monkeypatch):
+    """Its images are drawn at the model's resolution: one sampler step can take minutes on a CPU, so the checks sit
+    inside the UNet, not between steps (the real ComfyUI's Cancel waited on the sampler before)."""
+    from ablation_core.errors import AblationCancelled
+    from ablation_core.methods import progress
+    from ablation_core.methods.closed_form.settings import make_closed_form_config
+    from ablation_core.methods.robust import rounds
+
+    monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
+    state = {"cancel": False, "finished": False}
+    real = rounds.draw_images
+
+    def drawing(*args):
+        state["cancel"] = True
+        latents = real(*args)
+        state["finished"] = True
+        return latents
+
+    monkeypatch.setattr(rounds, "draw_images", drawing)
+    config = make_closed_form_config("Grumpy Cat", "cat", prompts_per_target=4, builtin_preserve=False,
+                                     preserve=("dog",), robust_rounds=1)
+    with pytest.raises(AblationCancelled, match="adversary"):
+        robust_erase_closed_form(sd1_view, config, should_cancel=lambda: state["cancel"], budget=TINY_ADVERSARY)
+    assert not state["finished"]
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser

@@ -26,7 +26,7 @@ import torch
 from ...models.view import Conditioning, ModelView
 from ...patches.patch import META, AblationPatch
 from ..ablation.adapters import AdapterSet
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, no_progress
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
 from .adversarial_set import Adversary, adversarial_moments, adversarial_rows, describe, pair_of_rows
 from .adversary import denoising_task, draw_images, invert_embedding, reference_task, search_start, search_tokens
 from .token_hook import PLACEHOLDER
@@ -75,14 +75,21 @@ class _Search:
         owner = pair_of_rows(twins, [t for t, _ in pairs])
         self.captions = [[tw for tw, o in zip(twins, owner) if o == i] or [twins[0]] for i in range(len(pairs))]
         self.images, self.tasks = [], []
-        for index, captions in enumerate(self.captions):
-            canceller.check()
-            latents, which = draw_images(view, captions, budget.images, sampler_steps, guidance, self.seed + index)
-            self.images.append((latents, [captions[i] for i in which.tolist()]))
-            prompt = captions[0]
-            task = denoising_task(view, latents[:budget.search_images], 1, self.seed + 100 + index)
-            with torch.no_grad():
-                self.tasks.append((prompt, reference_task(view, task, view.encode([prompt]))))
+        canceller.phase = "drawing the adversary's images"
+        with self.cancel_checks():
+            for index, captions in enumerate(self.captions):
+                canceller.check()
+                latents, which = draw_images(view, captions, budget.images, sampler_steps, guidance, self.seed + index)
+                self.images.append((latents, [captions[i] for i in which.tolist()]))
+                prompt = captions[0]
+                task = denoising_task(view, latents[:budget.search_images], 1, self.seed + 100 + index)
+                with torch.no_grad():
+                    self.tasks.append((prompt, reference_task(view, task, view.encode([prompt]))))
+
+    def cancel_checks(self):
+        """Cancel checks inside every UNet call of the block: one sampler step at full resolution can take minutes
+        on a CPU."""
+        return cancel_checks(self.view.cancel_check_modules(), self.canceller)
 
     def against(self, patch: AblationPatch, round_index: int) -> list[Adversary]:
         """Both searches against the model with ``patch`` applied, for every target."""
@@ -97,8 +104,9 @@ class _Search:
             done += count
             self.report(Progress(f"adversary {round_index}", done, total))
 
+        self.canceller.phase = f"attacking the patch (robust round {round_index})"
         # through hooks, not in place: ComfyUI's weights are inference tensors that cannot change outside inference mode
-        with AdapterSet.of_patch(self.view, patch).attached():
+        with AdapterSet.of_patch(self.view, patch).attached(), self.cancel_checks():
             for index, (target, anchor) in enumerate(self.pairs):
                 latents, captions = self.images[index]
                 texts = [c.replace(target, PLACEHOLDER) if target in c else f"{c} {PLACEHOLDER}" for c in captions]
