@@ -196,6 +196,27 @@ def test_a_cancel_stops_the_adversary_inside_its_sampling(sd1_view, monkeypatch)
     assert not state["finished"]
 
 
+def test_the_token_search_takes_gradients_through_an_inference_tensor_table(sd1_view):
+    """ComfyUI loads CLIP's token embedding under inference mode; the search's one-hot gradient still flows (the real
+    ComfyUI failed there when autograd had to save the table)."""
+    from ablation_core.methods.robust.token_hook import embedding_modules, encode_ids, prompt_ids
+
+    module = embedding_modules(sd1_view)[0]
+    original = module.weight
+    with torch.inference_mode():
+        table = original.detach().clone()
+    module.weight = torch.nn.Parameter(table, requires_grad=False)
+    try:
+        ids = torch.tensor([prompt_ids(sd1_view, "a photo of a cat")])
+        one_hot = torch.zeros(1, 1, table.shape[0], requires_grad=True)
+        with torch.no_grad():
+            one_hot[0, 0, ids[0, 4]] = 1.0
+        encode_ids(sd1_view, ids, one_hot=one_hot, positions=[4]).context.sum().backward()
+    finally:
+        module.weight = original
+    assert one_hot.grad is not None and torch.isfinite(one_hot.grad).all() and one_hot.grad.abs().sum() > 0
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser

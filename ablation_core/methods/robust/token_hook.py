@@ -69,7 +69,10 @@ def injected(view: ModelView, vectors: list[Tensor] | None = None, ids: Tensor |
                 input_ids = ids.to(input_ids.device).expand(input_ids.shape[0], -1)
                 output = F.embedding(input_ids, module.weight)
                 if one_hot is not None and positions is not None:
-                    chosen = one_hot.to(module.weight.dtype) @ module.weight
+                    table = module.weight
+                    if table.is_inference():  # ComfyUI's weights; autograd cannot save them for the backward pass
+                        table = table.clone()
+                    chosen = one_hot.to(table.dtype) @ table
                     output = output.clone()
                     output[:, positions] = chosen.expand(output.shape[0], -1, -1)
             if vectors is not None:
