@@ -217,6 +217,20 @@ def test_the_token_search_takes_gradients_through_an_inference_tensor_table(sd1_
     assert one_hot.grad is not None and torch.isfinite(one_hot.grad).all() and one_hot.grad.abs().sum() > 0
 
 
+def test_token_ids_reach_an_encoder_that_embeds_row_by_row(sd1_view, monkeypatch):
+    """ComfyUI calls the token embedding once per prompt; each call must get its own row of the ids."""
+    from ablation_core.methods.robust.token_hook import encode_ids, prompt_ids
+    from ablation_core.models.view import Conditioning
+
+    ids = torch.tensor([prompt_ids(sd1_view, p) for p in ("a photo of a cat", "a dog", "a painting by Monet")])
+    together = encode_ids(sd1_view, ids).context
+    real = sd1_view.encode
+    monkeypatch.setattr(sd1_view, "encode", lambda prompts: Conditioning.cat([real([p]) for p in prompts]))
+    apart = encode_ids(sd1_view, ids).context
+    torch.testing.assert_close(apart, together)
+    assert not torch.allclose(together[0], together[1])
+
+
 def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     from ablation_core.cli import erase
     from ablation_core.cli.parser import build_parser

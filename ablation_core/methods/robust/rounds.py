@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -86,7 +87,7 @@ class _Search:
                 with torch.no_grad():
                     self.tasks.append((prompt, reference_task(view, task, view.encode([prompt]))))
 
-    def cancel_checks(self):
+    def cancel_checks(self) -> AbstractContextManager[None]:
         """Cancel checks inside every UNet call of the block: one sampler step at full resolution can take minutes
         on a CPU."""
         return cancel_checks(self.view.cancel_check_modules(), self.canceller)

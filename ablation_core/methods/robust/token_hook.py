@@ -61,18 +61,30 @@ def injected(view: ModelView, vectors: list[Tensor] | None = None, ids: Tensor |
     choice of token."""
     modules = embedding_modules(view)
     marks = placeholder_id(view) if vectors is not None else [None] * len(modules)
+    consumed = [0] * len(modules)  # rows of ``ids`` each encoder has read so far
+    tables: dict[int, Tensor] = {}
+
+    def table_of(index: int, module: nn.Module) -> Tensor:
+        if index not in tables:
+            table = module.weight
+            # ComfyUI's weights are inference tensors; autograd cannot save them for the one-hot's backward pass
+            tables[index] = table.clone() if table.is_inference() else table
+        return tables[index]
 
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             input_ids = args[0]
             if ids is not None:
-                input_ids = ids.to(input_ids.device).expand(input_ids.shape[0], -1)
-                output = F.embedding(input_ids, module.weight)
+                # the next rows: one call may carry every row (diffusers) or one row each (ComfyUI embeds row by row)
+                count = input_ids.shape[0]
+                rows = torch.arange(consumed[index], consumed[index] + count) % ids.shape[0]
+                consumed[index] += count
+                input_ids = ids[rows].to(input_ids.device)
+                table = table_of(index, module)
+                output = F.embedding(input_ids, table).to(output.dtype)
                 if one_hot is not None and positions is not None:
-                    table = module.weight
-                    if table.is_inference():  # ComfyUI's weights; autograd cannot save them for the backward pass
-                        table = table.clone()
-                    chosen = one_hot.to(table.dtype) @ table
+                    chosen = (one_hot.to(table.dtype) @ table).to(output.dtype)
+                    chosen = chosen[rows.to(chosen.device)] if chosen.shape[0] > 1 else chosen
                     output = output.clone()
                     output[:, positions] = chosen.expand(output.shape[0], -1, -1)
             if vectors is not None:
