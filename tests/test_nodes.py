@@ -236,6 +236,34 @@ def test_second_run_reuses_the_disk_cache(comfy, monkeypatch):
     assert cached["summary"].startswith("reused cached result; ")
 
 
+def test_the_disk_cache_is_rebuilt_when_missing_damaged_or_made_by_other_code(comfy, monkeypatch, tmp_path):
+    """The cache lives outside the repository (ComfyUI's user folder): nothing may depend on it being there."""
+    from ablation_core.patches import cache as patch_cache
+
+    cache_dir = tmp_path / "user" / "concept_ablation" / "cache"
+    model, clip = fakes.make_model(), fakes.make_clip()
+    node = _nodes()["AblateConcept"]()
+
+    def run_is_cached() -> bool:
+        comfy.messages.clear()
+        _run_ablate(node, model, clip, monkeypatch)
+        return [d for _, d in comfy.messages if d["phase"] == "done"][-1]["cached"]
+
+    assert not cache_dir.exists()
+    assert not run_is_cached() and len(list(cache_dir.glob("*.safetensors"))) == 1
+    assert run_is_cached()
+    import shutil
+
+    shutil.rmtree(cache_dir)  # a new machine, or a user who cleared the folder
+    assert not run_is_cached() and len(list(cache_dir.glob("*.safetensors"))) == 1
+    entry = next(cache_dir.glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:100])  # a half-written or damaged entry
+    assert not run_is_cached()
+    assert run_is_cached()
+    monkeypatch.setattr(patch_cache, "code_digest", lambda: "another version of the package")
+    assert not run_is_cached() and len(list(cache_dir.glob("*.safetensors"))) == 2
+
+
 def test_ablate_node_shows_the_held_out_check_summary(comfy, monkeypatch):
     node = _nodes()["AblateConcept"]()
     output = node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), unique_id="3")

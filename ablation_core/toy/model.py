@@ -20,11 +20,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..models.quiet import quiet_loading
 from ..models.sampling import sample_dpmpp_2m, sd_alphas_cumprod
 from ..models.tokenizer import MAX_LENGTH, VOCAB_SIZE, sd_clip_tokenizer
+from ..resources import TOY_WEIGHTS_DIR
 from .data import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = TOY_WEIGHTS_DIR
 TEXT_HIDDEN = 64
 TEXT_CONFIG: dict = {
     "vocab_size": VOCAB_SIZE, "hidden_size": TEXT_HIDDEN, "intermediate_size": 4 * TEXT_HIDDEN,
