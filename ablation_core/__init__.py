@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
     # models
-    "load_model": "backends.diffusers",
+    "load_model": "backends.loading",
     "ModelView": "models.view",
     "Conditioning": "models.view",
     "GROUPS": "models.layers",
@@ -77,7 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time the names above load on first use
-    from .backends.diffusers import load_model
+    from .backends.loading import load_model
     from .errors import (
         AblationCancelled,
         AblationError,

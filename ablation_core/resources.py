@@ -22,7 +22,17 @@ TOY_MODEL_FILES = (
     TOY_WEIGHTS_DIR / "text_encoder" / "model.safetensors",
 )
 
+TOY_FLUX_WEIGHTS_DIR = PACKAGE_DIR / "toy" / "weights_flux"
+TOY_FLUX_FILES = (
+    TOY_FLUX_WEIGHTS_DIR / "transformer.safetensors",
+    TOY_FLUX_WEIGHTS_DIR / "toy_world.json",
+    TOY_FLUX_WEIGHTS_DIR / "text_encoder" / "config.json",
+    TOY_FLUX_WEIGHTS_DIR / "text_encoder" / "model.safetensors",
+    TOY_FLUX_WEIGHTS_DIR / "text_encoder_2" / "config.json",
+    TOY_FLUX_WEIGHTS_DIR / "text_encoder_2" / "model.safetensors",
+)
+
 
 def packaged_files() -> list[Path]:
     """The data files the code opens, each of which must ship in the wheel."""
-    return [BPE_VOCAB, TOY_CLASSIFIER, TOY_WORLD_INFO, *TOY_MODEL_FILES]
+    return [BPE_VOCAB, TOY_CLASSIFIER, TOY_WORLD_INFO, *TOY_MODEL_FILES, *TOY_FLUX_FILES]

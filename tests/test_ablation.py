@@ -106,12 +106,12 @@ def test_cancel_stops_and_leaves_model_untouched(sd1_view):
 
 
 def test_nan_loss_stops_with_clear_error(sd1_view, monkeypatch):
-    original = type(sd1_view).eps
+    original = type(sd1_view).predict
 
     def broken(self, x_t, t, cond):
         return original(self, x_t, t, cond) * float("nan")
 
-    monkeypatch.setattr(type(sd1_view), "eps", broken)
+    monkeypatch.setattr(type(sd1_view), "predict", broken)
     with pytest.raises(TrainingDivergedError, match="learning rate"):
         ablate(sd1_view, tiny_config(steps=2, sampler_steps=1))
 
@@ -120,7 +120,7 @@ def test_out_of_memory_becomes_clear_error(sd1_view, monkeypatch):
     def out_of_memory(self, x_t, t, cond):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(type(sd1_view), "eps", out_of_memory)
+    monkeypatch.setattr(type(sd1_view), "predict", out_of_memory)
     with pytest.raises(OutOfMemoryError, match="smaller batch"):
         ablate(sd1_view, tiny_config(steps=2))
 
@@ -147,11 +147,11 @@ def test_adapters_switch_off_to_give_the_frozen_model(sd1_view):
     cond = sd1_view.encode(["a cat"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     with torch.no_grad():
-        frozen = sd1_view.eps(x, t, cond)
+        frozen = sd1_view.predict(x, t, cond)
         with adapters.attached():
-            changed = sd1_view.eps(x, t, cond)
+            changed = sd1_view.predict(x, t, cond)
             with adapters.disabled():
-                off = sd1_view.eps(x, t, cond)
+                off = sd1_view.predict(x, t, cond)
     assert torch.equal(frozen, off) and not torch.allclose(frozen, changed)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ablation_core import ablate, evaluate_toy, make_config
-from ablation_core.backends.diffusers import load_model
+from ablation_core.backends.loading import load_model
 from ablation_core.evaluation.toy_eval import toy_prompt_sets
 from ablation_core.toy.prompts import anchor_prompts as toy_anchor_prompts
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ablation_core.backends.diffusers import DiffusersModelView, load_model
+from ablation_core.backends.diffusers import DiffusersModelView
+from ablation_core.backends.loading import load_model
 from ablation_core.errors import UnsupportedModelError
 from ablation_core.methods.prompts import anchor_prompt_bank, misspellings, target_prompts
 from ablation_core.models.tokenizer import sd_clip_tokenizer
@@ -25,7 +26,7 @@ def test_single_file_checkpoint_loads_the_same_model(tiny_components, checkpoint
         torch.testing.assert_close(cond_loaded.context, cond.context)
         if family == "sdxl":
             torch.testing.assert_close(cond_loaded.extra["text_embeds"], cond.extra["text_embeds"])
-        torch.testing.assert_close(loaded.eps(x, t, cond), original.eps(x, t, cond))
+        torch.testing.assert_close(loaded.predict(x, t, cond), original.predict(x, t, cond))
         torch.testing.assert_close(loaded.decode(x), original.decode(x))
     assert {layer.key for layer in loaded.layers("kv")} == {layer.key for layer in original.layers("kv")}
 

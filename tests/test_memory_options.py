@@ -28,7 +28,7 @@ def _grads(view, checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor]]
         w.grad = None
     try:
         with checkpointed(view.transformer_blocks()) if checkpointing else torch.enable_grad():
-            out = view.eps(x_t, t, cond)
+            out = view.predict(x_t, t, cond)
             out.float().square().mean().backward()
         return out.detach(), [w.grad.clone() for w in weights]
     finally:

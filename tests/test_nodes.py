@@ -155,8 +155,8 @@ def test_eps_matches_the_models_noise_prediction_for_v_models(comfy):
     x_t, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
     cond = Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
     with torch.no_grad():
-        v = eps_view.eps(x_t, t, cond)  # same weights: this is the raw output
-        eps = v_view.eps(x_t, t, cond)
+        v = eps_view.predict(x_t, t, cond)  # same weights: this is the raw output
+        eps = v_view.predict(x_t, t, cond)
     acp = v_view.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(eps, acp.sqrt() * v + (1 - acp).sqrt() * x_t)
 
@@ -166,7 +166,7 @@ def test_sdxl_conditioning_carries_y(comfy):
     assert view.family.name == "sdxl"
     with torch.no_grad():
         cond = view.encode(["a cat", "a dog"])
-        out = view.eps(torch.randn(2, 4, 4, 4), torch.tensor([5, 500]), cond)
+        out = view.predict(torch.randn(2, 4, 4, 4), torch.tensor([5, 500]), cond)
     assert cond.extra["y"].shape == (2, fakes.CONTEXT_DIM + 16) and out.shape == (2, 4, 4, 4)
 
 
@@ -310,7 +310,7 @@ def test_cancel_is_checked_inside_the_backward_pass(comfy, monkeypatch):
     cond = Conditioning(torch.randn(2, 77, fakes.CONTEXT_DIM))
     with torch.enable_grad(), progress.cancel_checks(view.cancel_check_modules(),
                                                      progress.Canceller(backend.view.cancel_requested)):
-        loss = view.eps(x_t, torch.tensor([10, 500]), cond).square().mean()
+        loss = view.predict(x_t, torch.tensor([10, 500]), cond).square().mean()
         comfy.interrupt_after = comfy.interrupt_checks  # Cancel pressed between the forward and the backward
         with pytest.raises(fakes.InterruptProcessingException):
             loss.backward()
@@ -321,11 +321,11 @@ def test_eps_runs_cpu_batches_in_sub_batches_with_the_same_result(comfy, monkeyp
     x_t, t = torch.randn(5, 4, 4, 4), torch.tensor([10, 200, 400, 600, 900])
     cond = Conditioning(torch.randn(5, 77, fakes.CONTEXT_DIM))
     with torch.no_grad():
-        whole = view.eps(x_t, t, cond)
+        whole = view.predict(x_t, t, cond)
         monkeypatch.setattr(backend.view, "CPU_CHUNK_POSITIONS", 2 * 4 * 4)
         batches = []
         handle = view.diffusion_model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
-        chunked = view.eps(x_t, t, cond)
+        chunked = view.predict(x_t, t, cond)
         handle.remove()
     assert batches == [2, 2, 1]
     torch.testing.assert_close(chunked, whole)

@@ -36,12 +36,12 @@ def test_full_rank_patch_reproduces_the_finetuned_model(sd1_view, sd1_result, tm
     before = unet_weights(sd1_view)
     with torch.no_grad():
         with adapters.attached():
-            finetuned = sd1_view.eps(x, t, cond.select([0, 0]))
+            finetuned = sd1_view.predict(x, t, cond.select([0, 0]))
         applied = apply_patch(sd1_view, loaded)
         for key, layer in layers.items():
             expected = before[_param_name(sd1_view, layer.module)] + sd1_result.patch.deltas[key].full()
             assert torch.equal(layer.module.weight, expected)
-        patched = sd1_view.eps(x, t, cond.select([0, 0]))
+        patched = sd1_view.predict(x, t, cond.select([0, 0]))
         applied.remove()
     torch.testing.assert_close(patched, finetuned, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in unet_weights(sd1_view).items()), "remove() is not exact"

@@ -111,7 +111,7 @@ def test_sampler_states_hold_the_frozen_anchor_prediction(sd1_view):
     x_t, t, frozen, images = states[-1]
     assert images.tolist() == [2]
     with torch.no_grad():
-        again = sd1_view.eps(x_t, t, cond.select([1]))
+        again = sd1_view.predict(x_t, t, cond.select([1]))
     torch.testing.assert_close(frozen, again, rtol=1e-4, atol=1e-5)
 
 

@@ -17,7 +17,7 @@ from ..models.families import FAMILIES, MMDIT_TEXT, SUPPORTED_TEXT, Family, is_t
 from ..models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
 from ..models.ldm_keys import UNetLayout, canonical_clip_name, unet_module_to_ldm
 from ..models.quiet import quiet_loading
-from ..models.sampling import sd_alphas_cumprod
+from ..models.schedules import EpsSchedule, sd_alphas_cumprod
 from ..models.single_file import SDComponents, load_single_file
 from ..models.tokenizer import sd_clip_tokenizer
 from ..models.view import Conditioning, ModelView
@@ -42,6 +42,7 @@ class DiffusersModelView(ModelView):
         self.tokenizers = tokenizers or [sd_clip_tokenizer(pad) for pad in self.family.pad_tokens]
         self.device, self.dtype = torch.device(device), dtype
         self.alphas_cumprod = (alphas_cumprod if alphas_cumprod is not None else sd_alphas_cumprod()).float()
+        self.schedule = EpsSchedule(self.alphas_cumprod)
         self.source = source
         self.latent_channels = self.unet.config.in_channels
         self.default_latent_size = self.unet.config.sample_size
@@ -80,7 +81,7 @@ class DiffusersModelView(ModelView):
         return [tokenizer(text, add_special_tokens=False).input_ids for tokenizer in self.tokenizers]
 
     # UNet ------------------------------------------------------------------------------------------------------
-    def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         added = cond.extra or None
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.context, added_cond_kwargs=added).sample
         if self.prediction_type == "v_prediction":
@@ -180,9 +181,9 @@ def load_diffusers_folder(folder: str | Path, prediction_type: str | None = None
     return SDComponents(family, unet, text_encoders, vae, prediction_type or folder_prediction), tokenizers, acp
 
 
-def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None) -> DiffusersModelView:
-    """Load ``toy``, a diffusers folder or a single-file ``.safetensors`` checkpoint as a ``ModelView``."""
+def load_sd_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  prediction_type: str | None = None) -> DiffusersModelView:
+    """Load ``toy``, a diffusers SD folder or a single-file SD ``.safetensors`` checkpoint as a ``ModelView``."""
     if str(spec) == TOY_MODEL:
         from ..toy.model import WEIGHTS_DIR  # the toy world is imported only when asked for
 

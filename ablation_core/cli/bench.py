@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from ..backends.diffusers import DiffusersModelView, load_model
+from ..backends.diffusers import DiffusersModelView
+from ..backends.loading import load_model
 from ..evaluation.cost import RunMeter
 from ..methods.ablation.loop import ablate
 from ..methods.ablation.settings import make_config, resolve_config

@@ -120,14 +120,16 @@ def check_concepts(target: str, anchor: str) -> tuple[str, str]:
 
 
 def check_model_spec(spec: str) -> None:
-    """``toy``, or a path that exists (the loader says what is wrong with a file that does)."""
-    if spec == "toy":
+    """``toy``, ``toy-flux``, or a path that exists (the loader says what is wrong with a file that does)."""
+    from ..backends.loading import TOY_MODELS
+
+    if spec in TOY_MODELS:
         return
     if not spec.strip():
         raise AblationError("the --model path is empty: give a .safetensors checkpoint, a diffusers folder, or 'toy'")
     if not os.path.exists(os.path.expanduser(spec)):  # False for a name too long, where Path.exists() raises
-        raise AblationError(f"model {spec!r} not found: give a .safetensors checkpoint, a diffusers folder, or 'toy' "
-                            "for the embedded toy model")
+        raise AblationError(f"model {spec!r} not found: give a .safetensors checkpoint, a diffusers folder, 'toy' "
+                            "for the embedded toy model or 'toy-flux' for its Flux twin")
 
 
 def check_toy_concepts(*names: str) -> None:

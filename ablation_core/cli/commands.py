@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import files
+from ..backends.loading import TOY_MODELS
 from ..errors import AblationError
 from . import checks
 from .common import device_and_dtype, load_view, patch_out, save_patch, size_text
@@ -143,11 +144,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.check_input_file(args.patch, "patch file")
     if args.grid is not None:
         files.check_output_file(args.grid, (".png",), args.overwrite, "grid image")
-    if args.model == "toy":
+    if args.model in TOY_MODELS:
         checks.check_toy_concepts(args.target, args.anchor)
     patch = load_patch(args.patch)
     view = load_view(args)
-    if view.family.name == "toy":
+    if view.family.toy:
         from ..evaluation.toy_eval import evaluate_toy, to_json
 
         with progress_bars() as on_progress:
@@ -190,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     target, anchor = checks.check_concepts(args.target, args.anchor)
     checks.check_toy_concepts(target, anchor)
     files.check_output_folder(args.out, "demo output folder")
-    run_demo(Path(args.out), target, anchor, args.group, args.objective, args.seed)
+    run_demo(Path(args.out), target, anchor, args.group, args.objective, args.seed, args.model)
     return 0
 
 

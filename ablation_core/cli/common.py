@@ -28,7 +28,7 @@ def device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 
 def load_view(args: argparse.Namespace):
-    from ..backends.diffusers import load_model
+    from ..backends.loading import load_model
 
     device, dtype = device_and_dtype(args.device, args.dtype)
     return load_model(args.model, device, dtype, getattr(args, "prediction_type", None))

@@ -11,22 +11,23 @@ import json
 import time
 from pathlib import Path
 
-from ..backends.diffusers import load_model
+from ..backends.loading import load_model
 from ..evaluation.toy_eval import evaluate_toy
 from ..files import write_text_atomic
 from ..methods.ablation.loop import ablate
-from ..methods.ablation.settings import make_config, resolve_config
+from ..methods.ablation.settings import make_config, resolve_for_view
 from .console import progress_bars
 
 DEMO_SAMPLES_PER_SET = 24
 
 
 def run_demo(out: Path, target: str, anchor: str, group: str = "kv", objective: str | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, model: str = "toy") -> dict:
     started = time.perf_counter()
-    view = load_model("toy")
-    config = resolve_config(make_config(target, anchor, group=group, objective=objective, seed=seed), view.family.name)
-    print(f"Ablating '{target}' -> '{anchor}' from the embedded toy model ({group}, {config.objective} loss)")
+    view = load_model(model)
+    config = resolve_for_view(make_config(target, anchor, group=group, objective=objective, seed=seed), view)
+    print(f"Ablating '{target}' -> '{anchor}' from the embedded {view.family.title} ({group}, {config.objective} "
+          "loss)")
     with progress_bars() as on_progress:
         result = ablate(view, config, on_progress)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from .. import files
+from ..backends.loading import TOY_MODELS
 from ..errors import AblationError, PromptError
 from . import checks
 from .common import load_view, patch_out, save_patch, size_text
@@ -48,7 +49,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.concept_type == "memorized" and len(targets) > 1:
         raise AblationError("a memorized image is erased one prompt at a time; give one --target")
     checks.check_model_spec(args.model)
-    if args.model == "toy":
+    if args.model in TOY_MODELS:
         checks.check_toy_concepts(*targets, *anchors)
     patch_out(args)
     anchor_prompts = None

@@ -36,8 +36,9 @@ def _preset_default(name: str, unit: str = "") -> str:
 
 def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", required=required,
-                        help="a single-file .safetensors checkpoint, a diffusers folder, or 'toy' (the embedded toy "
-                             "model)" + ("" if required else "; the base model the patches were made for"))
+                        help="a single-file .safetensors checkpoint, a diffusers folder, 'toy' (the embedded toy "
+                             "model) or 'toy-flux' (its Flux-architecture twin)"
+                             + ("" if required else "; the base model the patches were made for"))
     parser.add_argument("--device", type=checks.device, default="auto",
                         help="cuda, cpu, cuda:1 ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -246,6 +247,8 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_output",
                    help="folder for the patch, the table and the grid (default: demo_output)")
     _concept_args(p, "grumpy cat", "cat")
+    p.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
+                   help="toy: the SD-architecture toy model; toy-flux: the Flux-architecture one (default: toy)")
     p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
     p.add_argument("--objective", choices=["mixed", "model", "noise"], default=None,
                    help="mixed: frozen anchor prediction on the least noisy rows, true noise on the others; model: "

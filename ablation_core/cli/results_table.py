@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from ..backends.diffusers import load_model
+from ..backends.loading import load_model
 from ..evaluation.toy_eval import evaluate_toy
 from ..files import write_text_atomic
 from ..methods.ablation.loop import ablate

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends.diffusers import load_model
+from ..backends.loading import load_model
 from ..evaluation.attacks import ATTACK_NAMES, ATTACKS, budget_of, run_attack
 from ..evaluation.toy_eval import evaluate_toy
 from ..files import write_text_atomic

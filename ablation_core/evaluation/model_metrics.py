@@ -20,7 +20,7 @@ from ..patches.patch import AblationPatch
 @torch.no_grad()
 def _predictions(view: ModelView, prompts: list[str], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     cond = view.encode(prompts)
-    return view.eps(x_t, t, cond).float()
+    return view.predict(x_t, t, cond).float()
 
 
 @torch.no_grad()
@@ -32,9 +32,9 @@ def prediction_gaps(view: ModelView, patch: AblationPatch | None, target_prompts
     x0 = sample_latents(view, anchor_prompts, index, sampler_steps, 6.0, 16, seed, latent_size).to(view.device)
     generator = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(x0.shape, generator=generator).to(view.device)
-    t = torch.linspace(50, len(view.alphas_cumprod) - 50, count).long().to(view.device)
-    a = view.alphas_cumprod.to(view.device)[t].view(-1, 1, 1, 1)
-    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+    steps = view.schedule.steps
+    t = torch.linspace(steps * 0.05, steps * 0.95, count).long().to(view.device)
+    x_t = view.schedule.noisy(x0.to(view.dtype), noise.to(view.dtype), t)
     target_prompts = [target_prompts[i] for i in index.tolist()]
     anchor_prompts = [anchor_prompts[i] for i in index.tolist()]
     unconditional = _predictions(view, [""] * count, x_t, t)

@@ -7,24 +7,39 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Family:
+    """A model family as data. ``flow``: a rectified-flow transformer (Flux) rather than an eps/v UNet; ``toy``: an
+    embedded toy world (its own words, its own settings)."""
+
     name: str
     title: str
     context_dim: int
     text_encoders: tuple[str, ...]
     pad_tokens: tuple[str, ...]
     uses_pooled_text: bool = False
+    flow: bool = False
+    toy: bool = False
+
+    @property
+    def settings_profile(self) -> str:
+        """Which table of default settings the family reads: "real", "flux", "toy" or "toy-flux"."""
+        if self.toy:
+            return "toy-flux" if self.flow else "toy"
+        return "flux" if self.flow else "real"
 
 
 SD1 = Family("sd1", "Stable Diffusion 1.x", 768, ("text_encoder",), ("<|endoftext|>",))
 SD2 = Family("sd2", "Stable Diffusion 2.x", 1024, ("text_encoder",), ("!",))
 SDXL = Family("sdxl", "Stable Diffusion XL", 2048, ("text_encoder", "text_encoder_2"), ("<|endoftext|>", "!"), True)
-TOY = Family("toy", "embedded toy world (SD architecture)", 0, ("text_encoder",), ("<|endoftext|>",))
+TOY = Family("toy", "embedded toy world (SD architecture)", 0, ("text_encoder",), ("<|endoftext|>",), toy=True)
+FLUX = Family("flux", "Flux.1", 4096, ("t5", "clip_l"), ("<pad>", "<|endoftext|>"), True, flow=True)
+TOY_FLUX = Family("toy-flux", "embedded toy world (Flux architecture)", 64, ("t5", "clip"), ("!", "<|endoftext|>"),
+                  True, flow=True, toy=True)
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, TOY)}
-SUPPORTED_TEXT = "SD1.x, SD2.x and SDXL (UNet models with cross-attention)"
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, TOY, FLUX, TOY_FLUX)}
+SUPPORTED_TEXT = "SD1.x, SD2.x, SDXL (UNet models with cross-attention) and Flux.1 (dev, schnell and fine-tunes)"
 MMDIT_TEXT = (
-    "SD3, Flux and other MM-DiT models have no cross-attention K/V for concept ablation to edit; "
-    f"this tool supports {SUPPORTED_TEXT}."
+    "SD3/SD3.5 and other MM-DiT families are not supported yet: their joint blocks (joint_blocks.N.context_block) "
+    f"and embedders need their own layer map, schedule and text encoders; this tool supports {SUPPORTED_TEXT}."
 )
 
 

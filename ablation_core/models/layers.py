@@ -3,6 +3,11 @@
 Like peft's target-module selection, one mechanism picks modules by name pattern for every architecture. Module
 names inside a transformer block (``attn2.to_k``) are the same in diffusers and LDM layouts, so the patterns work
 for both; only the patch key naming (``ldm_keys``) needs to know the layout.
+
+Flow transformers (Flux, in Black Forest Labs' names) have no cross-attention; the groups keep their meaning where it
+carries: ``kv`` is the K and V rows of each double block's fused text-stream projection ``txt_attn.qkv`` (the text
+side of the joint attention), ``attn`` all of the text stream's attention projections, ``embedding`` the two maps
+that read the prompt embeddings (``txt_in``, ``vector_in.in_layer``), ``full`` every linear weight.
 """
 
 from __future__ import annotations
@@ -29,6 +34,18 @@ _UNET_PATTERNS: dict[str, re.Pattern[str]] = {
     "attn": re.compile(r"(^|\.)attn[12]\.(to_[qkv]|to_out\.0)$"),
 }
 _TOKEN_EMBEDDING = re.compile(r"(^|\.)token_embedding$")
+_FLUX_PATTERNS: dict[str, re.Pattern[str]] = {
+    "kv": re.compile(r"^double_blocks\.\d+\.txt_attn\.qkv$"),
+    "attn": re.compile(r"^double_blocks\.\d+\.txt_attn\.(qkv|proj)$"),
+    "embedding": re.compile(r"^(txt_in|vector_in\.in_layer)$"),
+}
+
+FLUX_GROUP_HELP = {
+    "kv": "K/V rows of each double block's text-stream projection txt_attn.qkv (smallest patch)",
+    "attn": "the text stream's attention projections (txt_attn.qkv and txt_attn.proj) of every double block",
+    "embedding": "txt_in and vector_in.in_layer, the maps that read the T5 and CLIP embeddings (UCE's Flux layers)",
+    "full": "every linear weight of the transformer",
+}
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
@@ -38,11 +55,15 @@ LayerKind = Literal["linear", "conv", "embedding"]
 
 @dataclass
 class Layer:
-    """One weight a patch can change: its patch key, the module holding it, and how the module uses it."""
+    """One weight a patch can change: its patch key, the module holding it, and how the module uses it.
+
+    ``rows``: the group trains only these output rows ``[start, stop)`` of the weight (the K and V of a fused QKV
+    projection); the patch still stores the whole weight's change, zero elsewhere, so loaders map it as is."""
 
     key: str
     module: nn.Module
     kind: LayerKind
+    rows: tuple[int, int] | None = None
 
     @property
     def weight(self):
@@ -76,6 +97,21 @@ def select_text_modules(named_modules: Iterable[tuple[str, nn.Module]], group: s
     if group != "embedding":
         return []
     return [(n, m) for n, m in named_modules if _TOKEN_EMBEDDING.search(n) and isinstance(m, nn.Embedding)]
+
+
+def select_flux_modules(named_modules: Iterable[tuple[str, nn.Module]], group: str
+                        ) -> list[tuple[str, nn.Module, tuple[int, int] | None]]:
+    """The modules of a Flux transformer (BFL names) a group trains, with the rows it trains (``kv``: K and V)."""
+    if group == "full":
+        return [(n, m, None) for n, m in named_modules if layer_kind(m) == "linear"]
+    if group not in _FLUX_PATTERNS:
+        raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(GROUPS)}")
+    chosen = []
+    for name, module in named_modules:
+        if _FLUX_PATTERNS[group].search(name) and layer_kind(module) == "linear":
+            width = module.weight.shape[0] // 3
+            chosen.append((name, module, (width, 3 * width) if group == "kv" else None))
+    return chosen
 
 
 def kohya_key(prefix: str, module_name: str) -> str:

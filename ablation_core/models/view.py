@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..errors import AblationError
 from .families import Family
 from .layers import Layer
+from .schedules import Schedule
 
 NON_FINITE_TEXT = (
     "the text encoder returned NaN or infinite values for {count} of {total} prompt(s) (e.g. '{example}'); nothing "
@@ -51,6 +52,11 @@ class Conditioning:
 
     def to(self, device: torch.device | str) -> Conditioning:
         return Conditioning(self.context.to(device), {k: v.to(device) for k, v in self.extra.items()})
+
+    def with_guidance(self, guidance: float) -> Conditioning:
+        """The same prompts with a guidance scale for guidance-distilled networks (Flux dev reads it as an input)."""
+        scale = torch.full((len(self),), float(guidance), device=self.context.device)
+        return Conditioning(self.context, {**self.extra, "guidance": scale})
 
 
 def require_finite(encoded: Conditioning, prompts: list[str]) -> Conditioning:
@@ -92,23 +98,29 @@ class PromptCache:
 
 
 class ModelView(ABC):
-    """A Stable Diffusion model as the ablation core sees it."""
+    """A text-to-image model as the ablation core sees it: a UNet (SD) or a flow transformer (Flux) with its text
+    encoders. ``schedule`` says how images are noised and what ``predict`` returns (noise or velocity)."""
 
     family: Family
     device: torch.device
     dtype: torch.dtype
-    alphas_cumprod: Tensor
+    schedule: Schedule
     latent_channels: int
     default_latent_size: int
     latent_multiple: int = 8  # latent sizes must be multiples of this: 2 ** (times the UNet halves them)
+    guidance_input: bool = False  # the network reads the guidance scale (Flux dev) instead of running CFG
+    context_start_tokens: int = 1  # CLIP starts every sequence with a start token; T5 has none
+    context_causal: bool = True  # CLIP's positions see only what comes before them; T5's see the whole prompt
+    closed_form_group: str = "kv"  # the parameter group the closed form edits (its patches' metadata)
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> Conditioning:
         """Encode prompts with the model's text encoder(s). Gradients flow if the caller enables them."""
 
     @abstractmethod
-    def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """The model's noise prediction at integer timesteps ``t`` (v-prediction models are converted)."""
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The network's prediction at integer timesteps ``t`` in the schedule's space: the noise for SD (v-prediction
+        models are converted), the velocity for flow models."""
 
     @abstractmethod
     def unet_layers(self, group: str) -> list[Layer]:
@@ -124,6 +136,11 @@ class ModelView(ABC):
 
     def layers(self, group: str) -> list[Layer]:
         return self.unet_layers(group) + self.text_layers(group)
+
+    def closed_form_layers(self) -> dict[str, list[Layer]]:
+        """The layers the closed form edits, by the input they read: ``"context"`` (the encoded token sequence) or a
+        key of ``Conditioning.extra`` (a pooled vector). SD: the cross-attention K/V, which all read the context."""
+        return {"context": self.unet_layers(self.closed_form_group)}
 
     def token_embedding_modules(self) -> list[nn.Module]:
         """Each text encoder's token-embedding module (one for SD1/SD2, two for SDXL), read by the attacks and the

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train classifier and model, write the weights folder")
     train.add_argument("--out", default=None, help="weights folder (default: the package's shipped folder)")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    train.add_argument("--arch", choices=("sd", "flux"), default="sd",
+                       help="sd: the SD-architecture toy model (and the classifier); flux: toy-flux, read by the "
+                            "shipped classifier (default: sd)")
     measure = sub.add_parser("measure", help="re-measure prompt following of a weights folder by sampling")
     measure.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
     measure.add_argument("--guidance", type=float, default=None)
@@ -31,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from .train import ToyRecipe
+        from .train_flux import ToyFluxRecipe
 
-        defaults = ToyRecipe()
+        defaults = ToyFluxRecipe() if "flux" in argv else ToyRecipe()
         for field, value in vars(defaults).items():
             train.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -60,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
                                     write=args.write, command="python -m ablation_core.toy " + " ".join(argv))
         print(json.dumps(following, indent=1))
         return 0
-    recipe = ToyRecipe(**{f: getattr(args, f) for f in vars(defaults)})
-    out = args.out or WEIGHTS_DIR
-    info = train_toy_world(recipe, out, command="python -m ablation_core.toy " + " ".join(argv))
+    recipe = type(defaults)(**{f: getattr(args, f) for f in vars(defaults)})
+    command = "python -m ablation_core.toy " + " ".join(argv)
+    if args.arch == "flux":
+        from ..resources import TOY_FLUX_WEIGHTS_DIR
+        from .train_flux import train_toy_flux
+
+        info = train_toy_flux(recipe, args.out or TOY_FLUX_WEIGHTS_DIR, command=command)
+        print(json.dumps({k: info[k] for k in ("prompt_following_base_cfg", "prompt_following", "training_seconds")},
+                         indent=1))
+        return 0
+    info = train_toy_world(recipe, args.out or WEIGHTS_DIR, command=command)
     print(json.dumps({k: info[k] for k in ("classifier_held_out_accuracy", "prompt_following", "training_seconds")},
                      indent=1))
     return 0

@@ -18,7 +18,8 @@ from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..models.quiet import quiet_loading
-from ..models.sampling import sample_dpmpp_2m, sd_alphas_cumprod
+from ..models.sampling import sample_dpmpp_2m
+from ..models.schedules import EpsSchedule, sd_alphas_cumprod
 from ..models.tokenizer import MAX_LENGTH, VOCAB_SIZE, sd_clip_tokenizer
 from ..resources import TOY_WEIGHTS_DIR
 from .data import IMAGE_SIZE
@@ -93,7 +94,7 @@ def sample_images(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, token
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(seed)
     noise_all = torch.randn(len(prompts), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    acp = sd_alphas_cumprod()
+    schedule = EpsSchedule(sd_alphas_cumprod())
     uncond = encode_prompts(text_encoder, tokenizer, [""])
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -107,7 +108,7 @@ def sample_images(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, token
             return e_uncond + guidance * (e_cond - e_uncond)
 
         noise = noise_all[start:start + len(chunk)].to(device, dtype)
-        images.append(sample_dpmpp_2m(eps, noise, acp, steps).float().clamp(-1, 1).cpu())
+        images.append(sample_dpmpp_2m(eps, noise, schedule, steps).float().clamp(-1, 1).cpu())
     return torch.cat(images)
 
 

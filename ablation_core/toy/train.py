@@ -16,6 +16,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..models.sampling import sd_alphas_cumprod
+from ..models.schedules import sd_alphas_cumprod
 from ..models.tokenizer import sd_clip_tokenizer
 from .classifier import (
     CLASSIFIER_FILE,
@@ -115,11 +116,7 @@ def train_model(recipe: ToyRecipe, on_step=None) -> tuple[UNet2DConditionModel, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for p_ema, p in zip(ema.parameters(), live.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - decay)
+        ema_update([(ema_unet, unet), (ema_text, text_encoder)], step, recipe.ema_decay)
         losses.append(float(loss.detach()))
         if step % 50 == 0 or step == recipe.steps - 1:
             recent = float(np.mean(losses[-50:]))
@@ -127,6 +124,15 @@ def train_model(recipe: ToyRecipe, on_step=None) -> tuple[UNet2DConditionModel, 
         if on_step is not None:
             on_step(step, losses[-1])
     return ema_unet.eval(), ema_text.eval(), losses
+
+
+@torch.no_grad()
+def ema_update(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, decay: float) -> None:
+    """Move each EMA copy toward its live module (a short warm-up: the EMA starts close to the live weights)."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for ema, live in pairs:
+        for p_ema, p in zip(ema.parameters(), live.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - decay)
 
 
 def evaluation_prompts(samples_per_pair: int) -> tuple[list[str], list[ToyLabel]]:
@@ -141,16 +147,16 @@ def evaluation_prompts(samples_per_pair: int) -> tuple[list[str], list[ToyLabel]
     return prompts, labels
 
 
-def prompt_following(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, classifier: ToyClassifier,
+def prompt_following(draw: Callable[[list[str], int], torch.Tensor], classifier: ToyClassifier,
                      recipe: ToyRecipe, seed: int = 1234) -> tuple[dict, torch.Tensor]:
     """Per concept: the fraction of samples of prompts naming it that the classifier says show it.
 
-    Objects count over prompts naming the class (not its instances), instances over prompts naming them, styles
-    over all subjects; "all_axes" is the fraction where object, instance and style are all as asked.
+    ``draw(prompts, seed)`` samples one image per prompt (the SD toy's or toy-flux's sampler). Objects count over
+    prompts naming the class (not its instances), instances over prompts naming them, styles over all subjects;
+    "all_axes" is the fraction where object, instance and style are all as asked.
     """
     prompts, labels = evaluation_prompts(recipe.eval_samples_per_pair)
-    images = sample_images(unet, text_encoder, sd_clip_tokenizer(), prompts, seed=seed,
-                           steps=recipe.eval_sampler_steps, guidance=recipe.eval_guidance)
+    images = draw(prompts, seed)
     preds = classify(classifier, images)
 
     def fraction(selected: list[int], ok) -> float:
@@ -174,6 +180,12 @@ def prompt_following(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cl
         "samples": len(prompts), "sampler": f"dpmpp_2m {recipe.eval_sampler_steps} steps",
         "guidance": recipe.eval_guidance, "noise_seed": seed,
     }, images
+
+
+def sd_sampler(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+               recipe: ToyRecipe) -> Callable[[list[str], int], torch.Tensor]:
+    return lambda prompts, seed: sample_images(unet, text_encoder, sd_clip_tokenizer(), prompts, seed=seed,
+                                               steps=recipe.eval_sampler_steps, guidance=recipe.eval_guidance)
 
 
 def _save_fp16(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, out: Path) -> None:
@@ -201,7 +213,7 @@ def train_toy_world(recipe: ToyRecipe, out: str | Path, command: str | None = No
     from .model import load_toy_model
 
     unet16, text16, _ = load_toy_model(weights_dir=out)
-    following, _ = prompt_following(unet16, text16, classifier, recipe)
+    following, _ = prompt_following(sd_sampler(unet16, text16, recipe), classifier, recipe)
     log.info("prompt following %s", following)
     info = {
         "image_size": IMAGE_SIZE, "pixel_space": True, "prediction": "epsilon", "schedule": "sd scaled_linear 1000",
@@ -240,8 +252,8 @@ def measure_weights(weights_dir: str | Path, guidance: float | None = None, seed
     recipe.eval_samples_per_pair = samples_per_pair or recipe.eval_samples_per_pair
     unet, text_encoder, _ = load_toy_model(weights_dir=weights_dir)
     started = time.time()
-    following, _ = prompt_following(unet, text_encoder, load_toy_classifier(weights_dir / CLASSIFIER_FILE), recipe,
-                                    seed=seed)
+    following, _ = prompt_following(sd_sampler(unet, text_encoder, recipe),
+                                    load_toy_classifier(weights_dir / CLASSIFIER_FILE), recipe, seed=seed)
     following["seconds"] = round(time.time() - started, 1)
     if command:
         following["command"] = command

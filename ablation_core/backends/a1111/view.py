@@ -26,7 +26,7 @@ from ...errors import UnsupportedModelError
 from ...models.checkpointing import transformer_blocks
 from ...models.families import FAMILIES, MMDIT_TEXT, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_unet_modules
-from ...models.sampling import sd_alphas_cumprod
+from ...models.schedules import EpsSchedule, sd_alphas_cumprod
 from ...models.view import Conditioning, ModelView, PromptCache
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class A1111ModelView(ModelView):
         acp = getattr(sd_model, "alphas_cumprod", None)
         self.alphas_cumprod = (acp.detach().to("cpu", torch.float64) if isinstance(acp, Tensor)
                                else sd_alphas_cumprod())
+        self.schedule = EpsSchedule(self.alphas_cumprod)
         self.latent_channels = int(getattr(self.diffusion_model, "in_channels", 4))
         self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE[self.family.name]
         self.latent_multiple = 2 ** (len(getattr(self.diffusion_model, "channel_mult", (1, 2, 4, 4))) - 1)
@@ -138,7 +139,7 @@ class A1111ModelView(ModelView):
         return [[int(t) for t in encoder.tokenize([text])[0]] for encoder in self._encoders]
 
     # UNet ------------------------------------------------------------------------------------------------------
-    def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         extra = {k: v.to(self.device, self.dtype) for k, v in cond.extra.items()}
         with self.autocast():
             out = self.diffusion_model(x_t.to(self.device, self.dtype), t.to(self.device),

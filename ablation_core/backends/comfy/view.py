@@ -24,6 +24,7 @@ from ...models.checkpointing import transformer_blocks
 from ...models.families import MMDIT_TEXT, SD1, Family, family_by_context_dim
 from ...models.layers import Layer, kohya_key, layer_kind, select_text_modules, select_unet_modules, text_prefix
 from ...models.ldm_keys import canonical_clip_name
+from ...models.schedules import EpsSchedule
 from ...models.view import Conditioning, ModelView, PromptCache
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class ComfyModelView(ModelView):
         self.device = next(self.diffusion_model.parameters()).device
         sigmas = self.model.model_sampling.sigmas.detach().to(torch.float64).cpu()
         self.alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+        self.schedule = EpsSchedule(self.alphas_cumprod)
         self._sigmas = sigmas.float()
         self.latent_channels = self.model.latent_format.latent_channels
         self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE[self.family.name]
@@ -190,7 +192,7 @@ class ComfyModelView(ModelView):
         return ids
 
     # UNet ------------------------------------------------------------------------------------------------------
-    def eps(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """On a CPU the batch goes through the UNet in sub-batches of at most ``CPU_CHUNK_POSITIONS`` latent pixels:
         one attention or convolution over a whole 512-pixel batch takes several seconds there, longer than Cancel
         may wait (the checks sit between layers), and a CPU is no faster per image on larger batches."""

@@ -20,8 +20,20 @@ from ...models.layers import Layer
 from ...patches.apply import resolve
 
 
+def rows_mask(layer: Layer, row_mask: Tensor | None) -> Tensor | None:
+    """Which output rows of the layer's weight may change (1) and which stay (0): the given mask, the layer's own
+    ``rows`` (a fused projection's K and V), both, or None for every row."""
+    if layer.rows is None:
+        return row_mask
+    start, stop = layer.rows
+    mask = torch.zeros(layer.weight.shape[0])
+    mask[start:stop] = 1.0
+    return mask if row_mask is None else mask * row_mask.to(mask.device)
+
+
 class DeltaAdapter(nn.Module):
-    """A trainable change of one layer's weight: full rank (``rank == 0``) or LoRA of ``rank``."""
+    """A trainable change of one layer's weight: full rank (``rank == 0``) or LoRA of ``rank``. Rows outside the
+    mask start at zero and get no gradient, so they stay zero."""
 
     def __init__(self, layer: Layer, rank: int = 0, row_mask: Tensor | None = None):
         super().__init__()
@@ -29,17 +41,20 @@ class DeltaAdapter(nn.Module):
         weight = layer.weight
         shape, device = tuple(weight.shape), weight.device
         self.enabled = True
+        row_mask = rows_mask(layer, row_mask)
         if rank == 0:
             self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
-            if row_mask is not None:
-                mask = row_mask.to(device=device, dtype=torch.float32).view(-1, *([1] * (len(shape) - 1)))
-                self.delta.register_hook(lambda grad: grad * mask)
+            rows_changed = self.delta
         else:
             fan_in = math.prod(shape[1:])
             down_shape = (rank, *shape[1:]) if layer.kind == "conv" else (rank, fan_in)
             self.down = nn.Parameter(torch.randn(down_shape, device=device) / math.sqrt(fan_in))
             self.up = nn.Parameter(torch.zeros(shape[0], rank, *([1, 1] if layer.kind == "conv" else []),
                                                device=device))
+            rows_changed = self.up
+        if row_mask is not None:
+            mask = row_mask.to(device=device, dtype=torch.float32).view(-1, *([1] * (rows_changed.dim() - 1)))
+            rows_changed.register_hook(lambda grad: grad * mask)
 
     def weight_delta(self) -> Tensor:
         """The dense change of the weight this adapter makes (what a patch stores)."""

@@ -71,10 +71,9 @@ def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig
     pick = torch.arange(count) % len(latents)
     x0 = latents[pick].to(view.device, view.dtype)
     noise = torch.randn(x0.shape, generator=generator).to(view.device, view.dtype)
-    steps = len(view.alphas_cumprod)
+    steps = view.schedule.steps
     t = torch.linspace(steps * 0.1, steps * 0.9, count).long().to(view.device)
-    a = view.alphas_cumprod.to(view.device)[t].view(-1, 1, 1, 1)
-    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype)
+    x_t = view.schedule.noisy(x0, noise, t)
     prompt = torch.arange(count) % len(anchor_prompts)
     anchors = [anchor_prompts[i] for i in prompt.tolist()]
     targets = [target_prompts[i] for i in prompt.tolist()]
@@ -107,7 +106,7 @@ def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig
 
 
 def _eps(view: ModelView, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-    return view.eps(x, t, cond).float()
+    return view.predict(x, t, cond).float()
 
 
 def weak_effect_warning(check: dict[str, float], config: AblationConfig) -> str | None:

@@ -33,7 +33,7 @@ from .metadata import build_metadata
 from .objectives import ablation_loss, model_rows, regularization_loss
 from .recipes import drop_near_copies
 from .reuse import SamplerStates, training_batch, uses_sampler_states
-from .settings import AblationConfig, check_config, resolve_config
+from .settings import AblationConfig, check_config, resolve_for_view
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     canceller = Canceller(should_cancel)
 
     # 1. Settings for this model, inputs, and the layers the group trains.
-    config = resolve_config(config, view.family.name)
+    config = resolve_for_view(config, view)
     check_config(config)
     _check_prompts(view, config)
     layers = view.layers(config.group)
@@ -155,6 +155,9 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             anchor_cond = encoded.slice(0, len(anchor_prompts))
             target_cond = encoded.slice(len(anchor_prompts), len(to_encode)) if config.group != "embedding" else None
             target_cond = _with_extra_targets(target_cond, extra_targets, len(anchor_prompts), view)
+            if view.guidance_input:  # a distilled model reads the scale: train at the guidance it draws with
+                anchor_cond = anchor_cond.with_guidance(float(config.guidance))
+                target_cond = target_cond.with_guidance(float(config.guidance)) if target_cond is not None else None
             preserved = preserved.to(view.device) if preserved is not None else None
         variants = (len(target_cond) if target_cond is not None else len(target_prompts)) // len(anchor_prompts)
 
@@ -171,7 +174,6 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         canceller.phase = "training"
         adapters = AdapterSet(layers, config.lora_rank, row_masks)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, weight_decay=0.0)
-        acp = view.alphas_cumprod.to(view.device)
         low_noise_rows = model_rows("mixed", int(config.batch_size)) if config.objective == "mixed" else 0
         losses: list[float] = []
         started = time.perf_counter()
@@ -180,8 +182,8 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                 for step in range(config.steps):
                     canceller.check()
                     x_t, t, noise, prompt, variant, frozen = training_batch(
-                        states, latents, image_prompt, variants, config.batch_size, acp, generator, view.device,
-                        view.dtype, low_noise_rows)
+                        states, latents, image_prompt, variants, config.batch_size, view.schedule, generator,
+                        view.device, view.dtype, low_noise_rows)
                     with _oom_guard():
                         loss = _step_loss(view, adapters, config, x_t, t, noise, prompt,
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
@@ -302,22 +304,22 @@ def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_
     rows = model_rows(str(config.objective), len(x_t), bool(config.regularization))
     if frozen is None and rows:  # the frozen prediction on the first rows ("mixed": the low-noise ones), noise after
         with torch.no_grad(), adapters.disabled():
-            low = view.eps(x_t[:rows], t[:rows], anchor_cond.select(anchor_index[:rows]))
+            low = view.predict(x_t[:rows], t[:rows], anchor_cond.select(anchor_index[:rows]))
         frozen = low if rows == len(x_t) else torch.cat([low.to(noise.dtype), noise[rows:]])
     if target_cond is None:  # embedding group: the text encoder is what trains
         target_batch = view.encode([target_prompts[i] for i in target_index.tolist()])
     else:
         target_batch = target_cond.select(target_index)
-    loss = ablation_loss(config.objective, view.eps(x_t, t, target_batch), noise, frozen)
+    loss = ablation_loss(config.objective, view.predict(x_t, t, target_batch), noise, frozen)
     if config.regularization:
-        loss = loss + regularization_loss(config.objective, view.eps(x_t, t, anchor_batch), noise, frozen)
+        loss = loss + regularization_loss(config.objective, view.predict(x_t, t, anchor_batch), noise, frozen)
     return loss
 
 
 def _kept_loss(view: ModelView, adapters: AdapterSet, x_t: Tensor, t: Tensor, kept: Conditioning) -> Tensor:
     with torch.no_grad(), adapters.disabled():
-        frozen = view.eps(x_t, t, kept)
-    return regularization_loss("model", view.eps(x_t, t, kept), frozen, frozen)
+        frozen = view.predict(x_t, t, kept)
+    return regularization_loss("model", view.predict(x_t, t, kept), frozen, frozen)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """The training objectives of Concept Ablation (Kumari et al., ICCV 2023) and the loss-maximization baseline.
 
-All work on the same batch: anchor images noised to ``x_t``; the target prompt's prediction is pulled toward
+All work on the same batch: anchor images noised to ``x_t``; predictions are in the network's own space (the noise
+for SD, the velocity ``noise - x0`` for flow models), and "the true noise" below is the schedule's noise target in
+that space. The target prompt's prediction is pulled toward
   - ``model``: the frozen model's own prediction for the anchor prompt (Eq. 5, stop-gradient; the default),
   - ``noise``: the true noise, as if the anchor image had been captioned with the target prompt (Eq. 6),
   - ``mixed``: the frozen prediction on the batch's low-noise rows and the true noise on the others (the default

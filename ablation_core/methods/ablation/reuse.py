@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...models.schedules import Schedule
+
 
 @dataclass
 class SamplerStates:
@@ -41,14 +43,16 @@ def uses_sampler_states(config) -> bool:
 
 
 def training_batch(states: SamplerStates | None, latents: Tensor, image_prompt: Tensor, variants: int, batch: int,
-                   acp: Tensor, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                   schedule: Schedule, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
                    low_noise_rows: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """One step's batch: ``(x_t, t, noise, anchor prompt index, variant, frozen anchor prediction or None)``.
+    """One step's batch: ``(x_t, t, noise target, anchor prompt index, variant, frozen anchor prediction or None)``.
 
-    From sampler states: states drawn uniformly (``noise`` is then the frozen prediction, which only the "model"
-    objective's target uses). Otherwise anchor images noised at uniform timesteps, with the frozen prediction left to
-    the caller, as in the original recipe. ``low_noise_rows``: the first rows take their timesteps from the same
-    share of the least noisy timesteps, the others from the rest (the whole batch still covers them uniformly)."""
+    The noise target is what the network should predict for the noised anchor image (the noise, or a flow's
+    velocity). From sampler states: states drawn uniformly (the noise target is then the frozen prediction, which
+    only the "model" objective's target uses). Otherwise anchor images noised at uniform timesteps, with the frozen
+    prediction left to the caller, as in the original recipe. ``low_noise_rows``: the first rows take their
+    timesteps from the same share of the least noisy timesteps, the others from the rest (the whole batch still
+    covers them uniformly)."""
     if states is not None:
         pick = torch.randint(len(states), (batch,), generator=generator)
         variant = torch.randint(variants, (batch,), generator=generator)
@@ -59,13 +63,11 @@ def training_batch(states: SamplerStates | None, latents: Tensor, image_prompt: 
     image = torch.randint(len(latents), (batch,), generator=generator)
     variant = torch.randint(variants, (batch,), generator=generator)
     if 0 < low_noise_rows < batch:
-        split = round(len(acp) * low_noise_rows / batch)
+        split = round(schedule.steps * low_noise_rows / batch)
         t = torch.cat([torch.randint(0, split, (low_noise_rows,), generator=generator),
-                       torch.randint(split, len(acp), (batch - low_noise_rows,), generator=generator)]).to(device)
+                       torch.randint(split, schedule.steps, (batch - low_noise_rows,), generator=generator)]).to(device)
     else:  # every row (or none) is a low-noise row: the whole range
-        t = torch.randint(0, len(acp), (batch,), generator=generator).to(device)
+        t = torch.randint(0, schedule.steps, (batch,), generator=generator).to(device)
     noise = torch.randn(latents[image].shape, generator=generator).to(device, dtype)
     x0 = latents[image].to(device, dtype)
-    a = acp[t].view(-1, 1, 1, 1)
-    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)
-    return x_t, t, noise, image_prompt[image], variant, None
+    return schedule.noisy(x0, noise, t), t, schedule.noise_target(x0, noise), image_prompt[image], variant, None

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ...errors import AblationError, PromptError
+from ...models.families import FAMILIES
 from ...models.sampling import unguided
 from ..prompts import Kind, check_kinds, check_pair
 from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
@@ -58,6 +59,10 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
                   "sampler_steps": 25, "guidance": 4.0, "sample_batch_size": 64},
     },
 }
+# Flux: the same recipes; a guidance-distilled model (dev) draws its anchors and is trained at its own guidance
+# (one pass per step either way), which ``resolve_for_view`` fills in where these leave guidance at 1.
+PRESETS["flux"] = PRESETS["real"]
+PRESETS["toy-flux"] = PRESETS["toy"]
 MEMORY_OPTIONS = ("gradient_checkpointing", "offload_text_encoder")  # how a run fits; never what it makes
 GROUP_LEARNING_RATE = {("toy", "full"): 1e-4}  # every UNet weight moves: a tenth of the step keeps the neighbours
 PRESET_HELP = ("fast: a preview at half the default's cost (may leave some of the target); default: 32 unguided "
@@ -140,8 +145,9 @@ def make_config(target: str | list[str], anchor: str | list[str], preset: str = 
 
 
 def preset_values(family: str, preset: str = "default") -> dict[str, object]:
-    """The settings a preset gives on a family ("toy" or any real family), before the user's choices."""
-    table = PRESETS["toy" if family == "toy" else "real"]
+    """The settings a preset gives on a family (its settings profile: real, flux, toy or toy-flux), before the
+    user's choices."""
+    table = PRESETS[FAMILIES[family].settings_profile]
     if preset not in table:
         raise AblationError(f"unknown preset {preset!r}; choose one of {', '.join(table)}")
     return {**DEFAULTS, **table[preset]}
@@ -151,7 +157,7 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
     """Every ``None`` field filled for ``family``; explicit choices are kept. Resolving twice changes nothing.
 
     Precedence: the user's choices, then the concept type's recipe, then the family's preset."""
-    if family == "toy":
+    if FAMILIES[family].toy:
         config = _toy_choices(config)
     if config.concept_type is not None:
         recipe = recipe_values(config.concept_type, config.pairs())
@@ -174,6 +180,14 @@ def resolve_config(config: AblationConfig, family: str) -> AblationConfig:
         values["guidance"] = preset_values(family, "thorough")["guidance"]
     filled = {name: value for name, value in values.items() if getattr(config, name) is None}
     return replace(config, **filled)
+
+
+def resolve_for_view(config: AblationConfig, view) -> AblationConfig:
+    """``resolve_config`` for the view's family; a guidance-distilled model (Flux dev, toy-flux) draws its anchors
+    and trains at its own guidance unless the user chose one (one pass per step whatever the scale)."""
+    if config.guidance is None and view.guidance_input:
+        config = replace(config, guidance=view.default_guidance)
+    return resolve_config(config, view.family.name)
 
 
 def _toy_choices(config: AblationConfig) -> AblationConfig:

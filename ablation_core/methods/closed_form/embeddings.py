@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...models.view import ModelView
+from ...models.view import Conditioning, ModelView
 from ..progress import Canceller, Progress, ProgressFn
 
 CHUNK = 32
@@ -82,8 +82,12 @@ class MomentCache:
         digest = hashlib.sha256()
         with torch.no_grad():
             for probe in probes:
-                digest.update(view.encode([probe]).context.float().cpu().contiguous().numpy().tobytes())
-        return (kind, tuple(tuple(p) for p in prompt_lists), view.device.type, str(view.dtype), digest.hexdigest())
+                encoded = view.encode([probe])
+                for value in (encoded.context, *(encoded.extra[k] for k in sorted(encoded.extra))):
+                    digest.update(value.float().cpu().contiguous().numpy().tobytes())
+        streams = tuple(view.closed_form_layers())
+        return (kind, tuple(tuple(p) for p in prompt_lists), streams, view.device.type, str(view.dtype),
+                digest.hexdigest())
 
     def get_or_compute(self, key: tuple, compute: Callable[..., tuple[Tensor, ...]], *args: object
                        ) -> tuple[Tensor, ...]:
@@ -129,10 +133,12 @@ def _ids(view: ModelView, prompt: str) -> list[int]:
     return view.token_ids(prompt)[0]
 
 
-def aligned_positions(target_ids: list[int], anchor_ids: list[int], length: int) -> list[tuple[int, int]]:
-    """(target position, anchor position) pairs in the encoded sequences (start token at 0, end token after the
-    prompt, padding to ``length``), from the first token where the prompts differ to the end."""
-    t_ids, a_ids = target_ids[: length - 2], anchor_ids[: length - 2]
+def aligned_positions(target_ids: list[int], anchor_ids: list[int], length: int, start: int = 1,
+                      causal: bool = True) -> list[tuple[int, int]]:
+    """(target position, anchor position) pairs in the encoded sequences (``start`` start tokens, the tokens, an end
+    token, padding to ``length``), from the first token where the prompts differ to the end. A bidirectional encoder
+    (T5: ``causal`` False) carries the target in every position, so the common prefix is paired too."""
+    t_ids, a_ids = target_ids[: length - 1 - start], anchor_ids[: length - 1 - start]
     prefix = 0
     while prefix < min(len(t_ids), len(a_ids)) and t_ids[prefix] == a_ids[prefix]:
         prefix += 1
@@ -145,15 +151,15 @@ def aligned_positions(target_ids: list[int], anchor_ids: list[int], length: int)
     while suffix < room and t_ids[len(t_ids) - 1 - suffix] == a_ids[len(a_ids) - 1 - suffix]:
         suffix += 1
     t_middle, a_middle = len(t_ids) - prefix - suffix, len(a_ids) - prefix - suffix
-    t_end, a_end = len(t_ids) + 1, len(a_ids) + 1  # end-token positions (after the start token)
-    pairs = []
+    t_end, a_end = len(t_ids) + start, len(a_ids) + start  # end-token positions
+    pairs = [] if causal else [(start + k, start + k) for k in range(prefix)]
     for k in range(t_middle):
         if a_middle == 0:
-            pairs.append((1 + prefix + k, a_end))
+            pairs.append((start + prefix + k, a_end))
         else:
-            pairs.append((1 + prefix + k, 1 + prefix + round(k * (a_middle - 1) / max(t_middle - 1, 1))))
+            pairs.append((start + prefix + k, start + prefix + round(k * (a_middle - 1) / max(t_middle - 1, 1))))
     for k in range(suffix):
-        pairs.append((1 + prefix + t_middle + k, 1 + prefix + a_middle + k))
+        pairs.append((start + prefix + t_middle + k, start + prefix + a_middle + k))
     for k in range(length - t_end):
         if a_end + k >= length:
             break
@@ -161,56 +167,88 @@ def aligned_positions(target_ids: list[int], anchor_ids: list[int], length: int)
     return pairs
 
 
+def stream_vectors(cond: Conditioning, stream: str) -> Tensor:
+    """The vectors a stream's layers read, [batch, positions, dim]: the token sequence, or a pooled vector."""
+    return cond.context if stream == "context" else cond.extra[stream][:, None, :]
+
+
 def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: list[str], report: ProgressFn,
-                 canceller: Canceller, done: int = 0, total: int = 0) -> Moments:
-    """Moments of the aligned (target, anchor) embedding pairs of every prompt pair."""
-    moments: Moments | None = None
+                 canceller: Canceller, done: int = 0, total: int = 0) -> dict[str, Moments]:
+    """Moments of the aligned (target, anchor) embedding pairs of every prompt pair, for each input stream the
+    closed form edits (``view.closed_form_layers()``: SD's context; Flux's T5 context and pooled CLIP vector)."""
+    streams = tuple(view.closed_form_layers())
+    moments: dict[str, Moments] = {}
     for start in range(0, len(target_prompts), CHUNK):
         canceller.check()
         targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
-        cc, ac, aa, count = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "pairs", targets, anchors),
-                                                        _chunk_pair_moments, view, targets, anchors)
-        chunk = Moments(cc, ac, aa, int(count))
-        moments = (moments or Moments.zeros(cc.shape[0])).plus(chunk)  # never the cached tensors
+        found = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "pairs", targets, anchors),
+                                            _chunk_pair_moments, view, targets, anchors, streams)
+        for index, stream in enumerate(streams):
+            cc, ac, aa, count = found[4 * index: 4 * index + 4]
+            chunk = Moments(cc, ac, aa, int(count))
+            moments[stream] = (moments.get(stream) or Moments.zeros(cc.shape[0])).plus(chunk)  # never the cached
         report(Progress("prompts", done + start + len(targets), total or len(target_prompts)))
-    assert moments is not None
     return moments
 
 
-def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str]) -> tuple[Tensor, ...]:
-    with torch.no_grad():
-        target_context = view.encode(targets).context
-        anchor_context = view.encode(anchors).context
-    length = target_context.shape[1]
-    moments = Moments.zeros(target_context.shape[-1])
-    for row, (target, anchor) in enumerate(zip(targets, anchors)):
-        pairs = aligned_positions(_ids(view, target), _ids(view, anchor), length)
+def add_pairs(moments: Moments, stream: str, view: ModelView, target: Conditioning, anchor: Conditioning,
+              target_ids: list[list[int]], anchor_ids: list[list[int]]) -> None:
+    """Add each row's aligned (target, anchor) vectors of ``stream`` to ``moments`` (pooled vectors: row to row)."""
+    target_vectors, anchor_vectors = stream_vectors(target, stream), stream_vectors(anchor, stream)
+    if stream != "context":
+        moments.add(target_vectors[:, 0], anchor_vectors[:, 0])
+        return
+    length = target_vectors.shape[1]
+    for row, (t_ids, a_ids) in enumerate(zip(target_ids, anchor_ids)):
+        pairs = aligned_positions(t_ids, a_ids, length, view.context_start_tokens, view.context_causal)
         if pairs:
             t_pos, a_pos = zip(*pairs)
-            moments.add(target_context[row, list(t_pos)], anchor_context[row, list(a_pos)])
-    return moments.cc, moments.ac, moments.aa, torch.tensor(moments.count)
+            moments.add(target_vectors[row, list(t_pos)], anchor_vectors[row, list(a_pos)])
+
+
+def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str],
+                        streams: tuple[str, ...]) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        target_cond, anchor_cond = view.encode(targets), view.encode(anchors)
+    target_ids, anchor_ids = [_ids(view, t) for t in targets], [_ids(view, a) for a in anchors]
+    values: list[Tensor] = []
+    for stream in streams:
+        moments = Moments.zeros(stream_vectors(target_cond, stream).shape[-1])
+        add_pairs(moments, stream, view, target_cond, anchor_cond, target_ids, anchor_ids)
+        values += [moments.cc, moments.ac, moments.aa, torch.tensor(moments.count)]
+    return tuple(values)
 
 
 def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
-                      done: int = 0, total: int = 0) -> tuple[Tensor, int]:
-    """``sum p p^T`` over every position of the preserved prompts (padding included: its keys are read too)."""
-    covariance: Tensor | None = None
-    count = 0
+                      done: int = 0, total: int = 0) -> dict[str, tuple[Tensor, int]]:
+    """``sum p p^T`` over every position of the preserved prompts (padding included: its keys are read too), per
+    input stream, with the number of vectors."""
+    streams = tuple(view.closed_form_layers())
+    found: dict[str, tuple[Tensor, int]] = {}
     for start in range(0, len(prompts), CHUNK):
         canceller.check()
         chunk = prompts[start:start + CHUNK]
-        chunk_covariance, chunk_count = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "preserved", chunk),
-                                                                    _chunk_covariance, view, chunk)
-        covariance = chunk_covariance.clone() if covariance is None else covariance + chunk_covariance
-        count += int(chunk_count)
+        values = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "preserved", chunk), _chunk_covariance, view,
+                                             chunk, streams)
+        for index, stream in enumerate(streams):
+            covariance, count = values[2 * index], int(values[2 * index + 1])
+            if stream in found:
+                covariance, count = found[stream][0] + covariance, found[stream][1] + count
+            else:
+                covariance = covariance.clone()
+            found[stream] = (covariance, count)
         report(Progress("prompts", done + start + len(chunk), total or len(prompts)))
-    if covariance is None:
+    if not found:
         raise ValueError("no preserved prompts")
-    return covariance, count
+    return found
 
 
-def _chunk_covariance(view: ModelView, prompts: list[str]) -> tuple[Tensor, ...]:
+def _chunk_covariance(view: ModelView, prompts: list[str], streams: tuple[str, ...]) -> tuple[Tensor, ...]:
     with torch.no_grad():
-        context = view.encode(prompts).context
-    vectors = context.double().cpu().reshape(-1, context.shape[-1])
-    return vectors.T @ vectors, torch.tensor(len(vectors))
+        cond = view.encode(prompts)
+    values: list[Tensor] = []
+    for stream in streams:
+        vectors = stream_vectors(cond, stream)
+        vectors = vectors.double().cpu().reshape(-1, vectors.shape[-1])
+        values += [vectors.T @ vectors, torch.tensor(len(vectors))]
+    return tuple(values)

@@ -31,7 +31,7 @@ from .solve import _prompt_pairs, low_rank_map
 
 
 def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, canceller: Canceller,
-                     fused_targets: list[str]) -> Tensor:
+                     fused_targets: list[str]) -> dict[str, Tensor]:
     targets, anchors = patch.listed("targets"), patch.listed("anchors")
     if not targets or len(anchors) not in (1, len(targets)):
         raise PatchError("fusion needs each patch's targets and anchors in its metadata (ablation.targets, "
@@ -45,7 +45,7 @@ def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, 
         target_prompts, anchor_prompts = map(list, zip(*[(t, a) for t, a in zip(target_prompts, anchor_prompts)
                                                          if a in kept]))
     moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller)
-    return moments.cc / max(moments.count, 1)
+    return {stream: m.cc / max(m.count, 1) for stream, m in moments.items()}
 
 
 def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[float] | None = None,
@@ -59,7 +59,7 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     if len(weights) != len(patches):
         raise PatchError(f"{len(patches)} patches but {len(weights)} weights; give one weight per patch")
     summed = merge_weighted(patches, weights)  # checks families and shapes; the fallback for other layers
-    kv_keys = {layer.key for layer in view.unet_layers("kv")}
+    stream_of = {layer.key: stream for stream, layers in view.closed_form_layers().items() for layer in layers}
     canceller.phase = "encoding the patches' concepts"
     # every patch's targets, once each: patches that share a target (one erasure at two strengths, or a concept
     # erased twice) are fused too
@@ -67,27 +67,30 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     concepts = [_concept_moments(view, patch, report, canceller, targets) for patch in patches]
     preserved_config = resolve_closed_form(make_closed_form_config(
         targets, [a for p in patches for a in p.listed("anchors")][:1]), view.family.name)
-    preserved, count = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
-    dim = concepts[0].shape[0]
-    total = sum(concepts) + preserve_weight * preserved / max(count, 1)
-    total = total + ridge * float(torch.trace(total)) / dim * torch.eye(dim, dtype=torch.float64)
-    inverse = torch.linalg.inv(total)
+    preserved = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
+    inverses = {}
+    for stream, (covariance, count) in preserved.items():
+        dim = covariance.shape[0]
+        total = sum(c[stream] for c in concepts) + preserve_weight * covariance / max(count, 1)
+        total = total + ridge * float(torch.trace(total)) / dim * torch.eye(dim, dtype=torch.float64)
+        inverses[stream] = torch.linalg.inv(total)
 
     deltas: dict[str, LayerDelta] = {}
     for key, delta in summed.deltas.items():
         canceller.check()
-        if key not in kv_keys:
+        if key not in stream_of:
             deltas[key] = delta
             continue
-        combined = sum(w * p.deltas[key].full().double() @ x for p, w, x in zip(patches, weights, concepts)
+        stream = stream_of[key]
+        combined = sum(w * p.deltas[key].full().double() @ x[stream] for p, w, x in zip(patches, weights, concepts)
                        if key in p.deltas)
-        left, right, _ = low_rank_map(combined @ inverse)
+        left, right, _ = low_rank_map(combined @ inverses[stream])
         deltas[key] = LayerDelta(up=left.float(), down=right.float().clone(), alpha=float(left.shape[1]))
     metadata = dict(summed.metadata)
     metadata.update({
         META + "method": "merge-fusion",
-        META + "fusion": json.dumps({"fused_layers": sum(k in kv_keys for k in deltas),
-                                     "summed_layers": sum(k not in kv_keys for k in deltas),
+        META + "fusion": json.dumps({"fused_layers": sum(k in stream_of for k in deltas),
+                                     "summed_layers": sum(k not in stream_of for k in deltas),
                                      "preserve_weight": preserve_weight, "ridge": ridge}),
     })
     return AblationPatch(deltas, metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ...errors import AblationError, PromptError
+from ...models.families import FAMILIES
 from ..prompts import Kind, check_kinds, check_pair
 
 MODES = ("least-squares", "null-space")
@@ -31,6 +32,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "toy": {"kind": "object", "mode": "least-squares", "preserve_weight": 0.5, "ridge": 1e-3,
             "null_space_tolerance": 1e-6, "prompts_per_target": 64},
 }
+DEFAULTS["flux"], DEFAULTS["toy-flux"] = DEFAULTS["real"], DEFAULTS["toy"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,9 @@ def parse_concept_lines(text: str, default_anchor: str | None = None,
 
 def resolve_closed_form(config: ClosedFormConfig, family: str) -> ClosedFormConfig:
     """Every ``None`` field filled for ``family``; on the toy model, its own phrasing and its concepts."""
-    values = dict(DEFAULTS["toy" if family == "toy" else "real"])
-    if family == "toy":
+    profile = FAMILIES[family].settings_profile
+    values = dict(DEFAULTS[profile])
+    if FAMILIES[family].toy:
         config = _toy_choices(config)
     filled = {name: value for name, value in values.items() if getattr(config, name) is None}
     config = replace(config, **filled)

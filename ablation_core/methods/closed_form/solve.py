@@ -12,6 +12,10 @@ one matrix ``G``:
 
 ``G`` is truncated by SVD to the rank that keeps almost all of it, so each layer's patch is stored as LoRA
 ``up = W U S``, ``down = V^T`` (exact to the stated error) and the edit of a whole SD1.5 costs milliseconds.
+
+Flux has no cross-attention reading the prompt unchanged at every step; what does (UCE's Flux edit) is ``txt_in``,
+which reads the T5 sequence, and ``vector_in.in_layer``, which reads the pooled CLIP vector. Each input stream gets
+its own map from its own moments (``view.closed_form_layers()``); SD has one stream, the context.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ...errors import AblationError
+from ...models.layers import Layer
 from ...models.view import ModelView
 from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL, AblationPatch, LayerDelta, fingerprint
 from .. import prompts as prompt_lib
@@ -43,8 +48,8 @@ class ClosedFormResult:
     config: ClosedFormConfig
     stats: dict[str, float]
     seconds: float
-    text_map: Tensor | None = None
-    moments: Moments | None = None
+    text_maps: dict[str, Tensor] | None = None
+    moments: dict[str, Moments] | None = None
 
 
 def solve_text_map(moments: Moments, preserved: Tensor, preserved_count: int, mode: str, preserve_weight: float,
@@ -104,87 +109,100 @@ def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
 
 def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: ProgressFn | None = None,
                       should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
-                      extra_moments: Moments | None = None) -> ClosedFormResult:
+                      extra_moments: dict[str, Moments] | None = None) -> ClosedFormResult:
     """Erase every target of ``config`` in one solve; the model is not modified (the result is a patch).
 
     With ``base_patch`` the solve starts from the weights with that earlier patch added, and the result holds both
     changes (with the original model's fingerprint). ``extra_moments`` are more (target, anchor) embedding pairs to
-    erase beside the prompts' own (adversarial embeddings, say); the result's ``moments`` are the prompts' own."""
+    erase beside the prompts' own, per input stream (adversarial embeddings, say); the result's ``moments`` are the
+    prompts' own. Each input stream (``view.closed_form_layers()``) gets its own map; SD has one."""
     started = time.perf_counter()
     report, canceller = on_progress or no_progress, Canceller(should_cancel)
 
-    # 1. Settings for this model, and the layers the edit touches.
+    # 1. Settings for this model, and the layers the edit touches, by the input they read.
     config = resolve_closed_form(config, view.family.name)
-    layers = view.unet_layers("kv")
-    if not layers:
-        raise AblationError("this model has no cross-attention K/V projections to edit")
-    base = _base_changes(view, base_patch, {layer.key for layer in layers})
+    streams = {stream: layers for stream, layers in view.closed_form_layers().items() if layers}
+    if not streams:
+        raise AblationError(f"this model has no {view.closed_form_group} layers for the closed form to edit")
+    all_layers = [layer for layers in streams.values() for layer in layers]
+    base = _base_changes(view, base_patch, {layer.key for layer in all_layers})
 
     # 2. Embedding moments of the target/anchor pairs and of the preserved set.
     canceller.phase = "encoding prompts"
     target_prompts, anchor_prompts = _prompt_pairs(config)
     preserved_prompts = list(config.preserved_prompts or ())
     total = len(target_prompts) + len(preserved_prompts)
-    moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, 0, total)
-    if moments.count == 0:
+    own_moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, 0, total)
+    if all(m.count == 0 for m in own_moments.values()):
         raise AblationError("the target prompts are identical to their anchor twins; nothing to erase")
-    own_moments = moments
-    if extra_moments is not None:
-        moments = moments.plus(extra_moments)
-    preserved, preserved_count = (preserved_moments(view, preserved_prompts, report, canceller,
-                                                    len(target_prompts), total)
-                                  if preserved_prompts else (torch.zeros_like(moments.cc), 0))
+    moments = {s: m.plus(extra_moments[s]) if extra_moments and s in extra_moments else m
+               for s, m in own_moments.items()}
+    preserved = (preserved_moments(view, preserved_prompts, report, canceller, len(target_prompts), total)
+                 if preserved_prompts else {s: (torch.zeros_like(m.cc), 0) for s, m in moments.items()})
 
-    # 3. The text-space map, shared by all layers, kept at low rank.
+    # 3. Each stream's map, kept at low rank; 4. each layer's change ``W @ G`` as LoRA, and what it does.
     canceller.phase = "solving"
-    g, stats = solve_text_map(moments, preserved, preserved_count, str(config.mode), float(config.preserve_weight),
-                              float(config.ridge), float(config.null_space_tolerance))
-    left, right, error = low_rank_map(g)
-    stats.update({"rank": left.shape[1], "map_relative_error": round(error, 8)})
-
-    # 4. Each K/V layer's change ``W @ G`` as LoRA, and what it does to the targets and the preserved set.
     deltas: dict[str, LayerDelta] = {}
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
+    stats: dict[str, float] = {}
+    maps: dict[str, Tensor] = {}
+    done = 0
+    for stream, layers in streams.items():
+        g, found = solve_text_map(moments[stream], *preserved[stream], str(config.mode),
+                                  float(config.preserve_weight), float(config.ridge),
+                                  float(config.null_space_tolerance))
+        left, right, error = low_rank_map(g)
+        found.update({"rank": left.shape[1], "map_relative_error": round(error, 8)})
+        for layer in layers:
             canceller.check()
-            weight = layer.weight.detach().to("cpu", torch.float64)
-            if layer.key in base:
-                weight = weight + base[layer.key]
-                up = torch.cat([weight @ left, base[layer.key]], dim=1)  # the solve's change, then the base's
-                down = torch.cat([right, torch.eye(weight.shape[1], dtype=torch.float64)])
-                deltas[layer.key] = LayerDelta(diff=(up @ down).float())
-            else:
-                deltas[layer.key] = LayerDelta(up=(weight @ left).float(), down=right.float().clone(),
-                                               alpha=float(left.shape[1]))
-            report(Progress("solve", index + 1, len(layers)))
-    stats.update(_effect(layers, g, moments, preserved, preserved_count, base))
+            deltas[layer.key] = _layer_change(layer, left, right, base)
+            done += 1
+            report(Progress("solve", done, len(all_layers)))
+        found.update(_effect(layers, g, moments[stream], *preserved[stream], base))
+        stats.update(found if len(streams) == 1 else {f"{stream}_{k}": v for k, v in found.items()})
+        maps[stream] = g
+    if len(streams) > 1:  # the headline figures of a multi-stream edit: the context's
+        stats.update({k: stats[f"context_{k}"] for k in ("target_moved_fraction", "preserved_relative_change",
+                                                         "rank")})
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
     patch = AblationPatch(deltas, _metadata(view, config, stats, base_patch))
-    patch.metadata[META + "base_fingerprint"] = fingerprint({layer.key: layer.weight for layer in layers})
+    patch.metadata[META + "base_fingerprint"] = fingerprint({layer.key: layer.weight for layer in all_layers})
     log.info("closed form: %d target(s) in %.2fs; targets moved %.0f%% onto their anchors", len(config.targets),
              seconds, 100 * stats["target_moved_fraction"])
-    return ClosedFormResult(patch, config, stats, seconds, g, own_moments)
+    return ClosedFormResult(patch, config, stats, seconds, maps, own_moments)
 
 
-def _base_changes(view: ModelView, base_patch: AblationPatch | None, kv_keys: set[str]) -> dict[str, Tensor]:
-    """The dense K/V changes of an earlier patch, by layer key; other layers of it are refused."""
+def _layer_change(layer: Layer, left: Tensor, right: Tensor, base: dict[str, Tensor]) -> LayerDelta:
+    """``W @ G`` (``G = left @ right``) as LoRA; on top of an earlier patch's change, both as one exact diff."""
+    weight = layer.weight.detach().to("cpu", torch.float64)
+    if layer.key in base:
+        weight = weight + base[layer.key]
+        up = torch.cat([weight @ left, base[layer.key]], dim=1)  # the solve's change, then the base's
+        down = torch.cat([right, torch.eye(weight.shape[1], dtype=torch.float64)])
+        return LayerDelta(diff=(up @ down).float())
+    return LayerDelta(up=(weight @ left).float(), down=right.float().clone(), alpha=float(left.shape[1]))
+
+
+def _base_changes(view: ModelView, base_patch: AblationPatch | None, edited_keys: set[str]) -> dict[str, Tensor]:
+    """The dense changes of an earlier patch to the layers the closed form edits, by layer key; other layers of it
+    are refused."""
     if base_patch is None:
         return {}
     from ...patches.apply import resolve
 
     changes = {view.all_layers()[key].key: dense.double().cpu() for key, (_, dense) in
                resolve(base_patch, view).items()}
-    other = sorted(set(changes) - kv_keys)
+    other = sorted(set(changes) - edited_keys)
     if other:
-        raise AblationError(f"the base patch changes {len(other)} layer(s) besides the cross-attention K/V (e.g. "
-                            f"'{other[0]}'); the closed form can only build on K/V patches")
+        raise AblationError(f"the base patch changes {len(other)} layer(s) the closed form does not edit (e.g. "
+                            f"'{other[0]}'); the closed form can only build on patches of the "
+                            f"{view.closed_form_group} layers")
     return changes
 
 
 def _effect(layers: list, g: Tensor, moments: Moments, preserved: Tensor, preserved_count: int,
             base: dict[str, Tensor]) -> dict[str, float]:
-    """On the first and last K/V layer: how far the targets' outputs moved onto their anchors' (1 = all the way)
+    """On the first and last edited layer: how far the targets' outputs moved onto their anchors' (1 = all the way)
     and how much the preserved outputs moved (relative), from the moments (exact, no sampling)."""
     identity = torch.eye(g.shape[0], dtype=torch.float64)
     moved, drift = [], []
@@ -214,7 +232,7 @@ def _metadata(view: ModelView, config: ClosedFormConfig, stats: dict[str, float]
     metadata = {
         META + "method": "closed-form",
         META + "mode": str(config.mode),
-        META + "group": "kv",
+        META + "group": view.closed_form_group,
         META + "targets": json.dumps([t for t, _ in pairs]),
         META + "anchors": json.dumps([a for _, a in pairs]),
         META + "kind": str(config.kind),

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ...models.view import Conditioning, ModelView
 from .. import prompts as prompt_lib
-from ..closed_form.embeddings import Moments, aligned_positions
+from ..closed_form.embeddings import Moments, add_pairs, stream_vectors
 from .adversary import span_of
 from .token_hook import END_TOKEN, PLACEHOLDER, START_TOKEN, encode_ids, encode_with, prompt_ids
 
@@ -107,19 +107,17 @@ def adversarial_rows(view: ModelView, twins: list[str], targets: list[str], adve
 
 
 def adversarial_moments(view: ModelView, twins: list[str], anchors: list[str], targets: list[str],
-                        adversaries: list[Adversary]) -> Moments | None:
-    """Embedding pairs (adversarial twin, anchor prompt) aligned as the closed form aligns its own prompts."""
-    moments: Moments | None = None
+                        adversaries: list[Adversary]) -> dict[str, Moments]:
+    """Embedding pairs (adversarial twin, anchor prompt) aligned as the closed form aligns its own prompts, per input
+    stream the closed form edits."""
+    moments: dict[str, Moments] = {}
     with torch.no_grad():
-        anchor_context = view.encode(anchors).context
+        anchor_cond = view.encode(anchors)
+    anchor_ids = [view.token_ids(anchor)[0] for anchor in anchors]
     for cond, ids in adversarial_rows(view, twins, targets, adversaries):
-        length = cond.context.shape[1]
-        moments = moments or Moments.zeros(cond.context.shape[-1])
-        for row, anchor in enumerate(anchors):
-            pairs = aligned_positions(ids[row], view.token_ids(anchor)[0], length)
-            if pairs:
-                t_pos, a_pos = zip(*pairs)
-                moments.add(cond.context[row, list(t_pos)], anchor_context[row, list(a_pos)])
+        for stream in view.closed_form_layers():
+            found = moments.setdefault(stream, Moments.zeros(stream_vectors(cond, stream).shape[-1]))
+            add_pairs(found, stream, view, cond, anchor_cond, ids, anchor_ids)
     return moments
 
 

@@ -48,12 +48,11 @@ def draw_images(view: ModelView, prompts: list[str], count: int, steps: int, gui
 
 
 def _noised(view: ModelView, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Noisy images at random timesteps, and what the network should predict for them (the noise-based target)."""
     x0 = latents.to(view.device, view.dtype)
-    steps = len(view.alphas_cumprod)
-    t = torch.randint(0, steps, (len(x0),), generator=generator).to(view.device)
+    t = torch.randint(0, view.schedule.steps, (len(x0),), generator=generator).to(view.device)
     noise = torch.randn(x0.shape, generator=generator).to(view.device, view.dtype)
-    a = view.alphas_cumprod.to(view.device)[t].view(-1, 1, 1, 1)
-    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype), t, noise
+    return view.schedule.noisy(x0, noise, t), t, view.schedule.noise_target(x0, noise)
 
 
 def invert_embedding(view: ModelView, latents: Tensor, prompts: list[str], init_words: str, steps: int,
@@ -67,9 +66,9 @@ def invert_embedding(view: ModelView, latents: Tensor, prompts: list[str], init_
     with torch.enable_grad():
         for step in range(steps):
             pick = torch.randint(len(latents), (batch_size,), generator=generator)
-            x_t, t, noise = _noised(view, latents[pick], generator)
+            x_t, t, wanted = _noised(view, latents[pick], generator)
             cond = encode_with(view, [prompts[i] for i in pick.tolist()], vectors)
-            loss = F.mse_loss(view.eps(x_t, t, cond).float(), noise.float())
+            loss = F.mse_loss(view.predict(x_t, t, cond).float(), wanted.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -116,11 +115,11 @@ def denoising_task(view: ModelView, latents: Tensor, copies: int, seed: int) -> 
     the content), fixed so that every candidate is scored on the same problem."""
     generator = torch.Generator().manual_seed(seed)
     x0 = latents.repeat(copies, 1, 1, 1).to(view.device, view.dtype)
-    steps = len(view.alphas_cumprod)
+    steps = view.schedule.steps
     t = torch.linspace(0.15 * steps, 0.85 * steps, len(x0)).long()[torch.randperm(len(x0), generator=generator)]
     noise = torch.randn(x0.shape, generator=generator).to(view.device, view.dtype)
-    a = view.alphas_cumprod.to(view.device)[t.to(view.device)].view(-1, 1, 1, 1)
-    return DenoisingTask((a.sqrt() * x0 + (1 - a).sqrt() * noise).to(view.dtype), t.to(view.device), noise)
+    t = t.to(view.device)
+    return DenoisingTask(view.schedule.noisy(x0, noise, t), t, view.schedule.noise_target(x0, noise))
 
 
 @torch.no_grad()
@@ -128,7 +127,7 @@ def reference_task(view: ModelView, task: DenoisingTask, cond: Conditioning) -> 
     """The same noisy images, now asking for what the model as it is predicts with ``cond`` (one prompt)."""
     batch = Conditioning(cond.context.expand(len(task.x_t), -1, -1), {k: v.expand(len(task.x_t), -1)
                                                                     for k, v in cond.extra.items()})
-    return DenoisingTask(task.x_t, task.t, view.eps(task.x_t, task.t, batch).detach())
+    return DenoisingTask(task.x_t, task.t, view.predict(task.x_t, task.t, batch).detach())
 
 
 def _candidate_losses(view: ModelView, candidates: Tensor, task: DenoisingTask) -> Tensor:
@@ -141,7 +140,7 @@ def _candidate_losses(view: ModelView, candidates: Tensor, task: DenoisingTask) 
         for start in range(0, len(which), EVAL_CHUNK):
             rows = which[start:start + EVAL_CHUNK]
             image = (torch.arange(start, start + len(rows)) % images).to(task.t.device)
-            pred = view.eps(task.x_t[image], task.t[image], cond.select(rows))
+            pred = view.predict(task.x_t[image], task.t[image], cond.select(rows))
             losses.append((pred.float() - task.wanted[image].float()).square().flatten(1).mean(1))
         return torch.cat(losses).view(count, images).mean(1).cpu()
 
@@ -164,7 +163,7 @@ def search_tokens(view: ModelView, task: DenoisingTask, start_ids: list[int], po
         with torch.enable_grad():
             cond = encode_ids(view, current[None], one_hot, positions)
             batch = Conditioning(cond.context.expand(len(pick), -1, -1), cond.extra)
-            loss = F.mse_loss(view.eps(task.x_t[pick], task.t[pick], batch).float(), task.wanted[pick].float())
+            loss = F.mse_loss(view.predict(task.x_t[pick], task.t[pick], batch).float(), task.wanted[pick].float())
             loss.backward()
         scores = -one_hot.grad[0].float().cpu()
         scores[:, banned] = -torch.inf

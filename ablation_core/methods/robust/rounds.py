@@ -139,7 +139,7 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     """The trained ablation with ``config.robust_rounds`` adversarial rounds (plain ``ablate`` when it is 0); the
     adversary's ``budget`` follows the preset unless given."""
     from ..ablation.loop import _prompt_pairs, ablate
-    from ..ablation.settings import resolve_config
+    from ..ablation.settings import resolve_for_view
 
     rounds = int(config.robust_rounds or 0)
     if rounds == 0:
@@ -149,7 +149,7 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     # anchor images, what the robustness table measured (the adversary also draws its target images with guidance).
     preset = ROBUST_PRESET if config.preset == "default" else config.preset
     budget = budget or adversary_budget(preset)
-    config = resolve_config(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view.family.name)
+    config = resolve_for_view(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view)
     preserved = _preserved_conditioning(view, config)
     result = ablate(view, config, on_progress, should_cancel, base_patch, preserved=preserved)
     anchors, twins = _prompt_pairs(config)
@@ -212,7 +212,7 @@ def robust_erase_closed_form(view: ModelView, config, on_progress: ProgressFn | 
         adversaries = search.against(result.patch, round_index)
         found += [describe(view, a) for a in adversaries]
         moments = adversarial_moments(view, twins, anchors, targets, adversaries)
-        extra = moments if extra is None else extra.plus(moments)
+        extra = moments if extra is None else {s: m.plus(moments[s]) for s, m in extra.items()}
         result = erase_closed_form(view, config, on_progress, should_cancel, base_patch, extra_moments=extra)
         seconds += result.seconds
     listed = (base_patch.listed("targets") if base_patch else []) + targets
