@@ -582,15 +582,15 @@ class WorkStarted(Exception):
 @contextlib.contextmanager
 def no_model_loading() -> Iterator[None]:
     """Every way a command starts its real work (loading a model, building one for bench) raises ``WorkStarted``."""
-    import ablation_core.backends.diffusers as diffusers_backend
+    import ablation_core.backends.loading as loading
     import ablation_core.cli.bench as bench
     import ablation_core.cli.demo as demo
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise WorkStarted
 
-    with mock.patch.object(diffusers_backend, "load_model", refuse), mock.patch.object(demo, "load_model", refuse), \
-            mock.patch.object(bench, "build_components", refuse):
+    with mock.patch.object(loading, "load_model", refuse), mock.patch.object(demo, "load_model", refuse), \
+            mock.patch.object(bench, "build_components", refuse), mock.patch.object(bench, "load_model", refuse):
         yield
 
 

@@ -213,3 +213,36 @@ def test_a_diffusers_flux_folder_loads_as_the_same_network(flux_files, tmp_path)
     from_file = load_model(folder / "flux_tiny.safetensors", dtype=torch.float32, flux_text=text)
     for (name, a), b in zip(from_folder.transformer.state_dict().items(), from_file.transformer.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# Attacks and robust rounds -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["soft-prompt", "token-search"])
+def test_the_attacks_write_into_both_flux_encoders(flux_view, name):
+    from ablation_core.evaluation.attacks import budget_of, run_attack
+
+    before = _weights(flux_view)
+    outcome = run_attack(flux_view, name, "grumpy cat", "cat", budget_of(name, "small"), seed=0)
+    assert 0.0 <= outcome.success <= 1.0 and outcome.samples > 0
+    for key, weight in flux_view.transformer.state_dict().items():
+        assert torch.equal(weight, before[key]), key
+
+
+def test_ids_in_clip_layout_become_t5_layout_for_the_sequence_encoder(flux_view):
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
+    t5, clip = flux_view.encoder_ids(ids)
+    assert t5.shape == (1, flux_view.encoders.sequence_length) and torch.equal(clip, ids)
+    assert t5[0, :5].tolist() == [320, 1125, 539, 49407, 0]
+    assert flux_view.encoder_positions([2, 3, 40]) == [[1, 2, None], [2, 3, 40]]
+
+
+def test_robust_rounds_run_on_flux_for_both_methods(flux_view):
+    from ablation_core.methods.robust.rounds import AdversaryBudget, robust_ablate, robust_erase_closed_form
+
+    budget = AdversaryBudget(images=2, inversion_steps=2, inversion_batch=2, search_images=2, search_iterations=1,
+                             search_candidates=2)
+    trained = robust_ablate(flux_view, make_config("grumpy cat", "cat", robust_rounds=1, **TINY), budget=budget)
+    assert json.loads(trained.patch.metadata["ablation.robust"])["rounds"] == 1
+    solved = robust_erase_closed_form(flux_view, make_closed_form_config(["grumpy cat"], ["cat"], robust_rounds=1),
+                                budget=budget)
+    assert set(solved.patch.deltas) == {"lora_unet_txt_in", "lora_unet_vector_in_in_layer"}

@@ -118,7 +118,7 @@ def test_view_keys_and_fingerprint_match_the_diffusers_backend(tmp_path):
     """Same checkpoint, both backends: the same patch keys and the same base-model fingerprint."""
     from safetensors.torch import load_file
 
-    from ablation_core.backends.diffusers import load_model
+    from ablation_core.backends.diffusers import load_sd_model
     from ablation_core.models.random_models import build_components
     from ablation_core.models.single_file import save_single_file
 
@@ -128,7 +128,7 @@ def test_view_keys_and_fingerprint_match_the_diffusers_backend(tmp_path):
     unet_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
     base = fakes.BaseModel(fakes.module_tree_from_state_dict(unet_state).diffusion_model)
     comfy_layers = backend.ComfyModelView(fakes.ModelPatcher(base)).unet_layers("kv")
-    diffusers_layers = load_model(path).unet_layers("kv")
+    diffusers_layers = load_sd_model(path).unet_layers("kv")
     assert sorted(layer.key for layer in comfy_layers) == sorted(layer.key for layer in diffusers_layers)
     assert fingerprint({layer.key: layer.weight for layer in comfy_layers}) == \
         fingerprint({layer.key: layer.weight for layer in diffusers_layers})

@@ -190,10 +190,11 @@ def test_the_mixed_objective_gives_its_low_noise_rows_the_frozen_target(sd1_view
 def test_small_mixed_batches_still_cover_the_timesteps(batch):
     from ablation_core.methods.ablation.objectives import model_rows
     from ablation_core.methods.ablation.reuse import training_batch
+    from ablation_core.models.schedules import EpsSchedule
 
-    acp = torch.linspace(0.99, 0.01, 1000)
+    schedule = EpsSchedule(torch.linspace(0.99, 0.01, 1000))
     rows = model_rows("mixed", batch)
-    _, t, *_ = training_batch(None, torch.zeros(4, 4, 8, 8), torch.zeros(4, dtype=torch.long), 1, batch, acp,
+    _, t, *_ = training_batch(None, torch.zeros(4, 4, 8, 8), torch.zeros(4, dtype=torch.long), 1, batch, schedule,
                               torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32, rows)
     assert len(t) == batch and ((0 <= t) & (t < 1000)).all()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import AblationError
 from ..models.families import Family
 from ..models.flux.text import FluxTextEncoders
 from ..models.flux.transformer import FluxTransformer
@@ -18,6 +19,7 @@ from ..models.layers import Layer, kohya_key, layer_kind, select_flux_modules
 from ..models.schedules import FlowSchedule
 from ..models.view import Conditioning, ModelView
 
+CLIP_END = 49407
 UNET_PREFIX = "lora_unet_"  # kohya's prefix for the diffusion network, which ComfyUI and Forge map for Flux too
 
 
@@ -40,6 +42,7 @@ class FluxModelView(ModelView):
         self.latent_channels = transformer.config.in_channels
         self.default_latent_size = default_latent_size
         self.latent_multiple = transformer.config.patch_size
+        self._shared_vocabulary: bool | None = None
         for module in (transformer, encoders):
             module.to(self.device).eval().requires_grad_(False)
         transformer.to(dtype)
@@ -54,6 +57,31 @@ class FluxModelView(ModelView):
 
     def token_embedding_modules(self) -> list[nn.Module]:
         return [self.encoders.t5.get_input_embeddings(), self.encoders.clip.get_input_embeddings()]
+
+    def encoder_ids(self, ids: Tensor) -> list[Tensor]:
+        """CLIP's layout for CLIP; for T5 the same tokens without the start token, its end token and its padding
+        (the toy's two encoders share the SD vocabulary; Flux.1's do not, so ids cannot be written into both)."""
+        self._check_shared_vocabulary()
+        t5 = []
+        for row in ids.tolist():
+            body = row[1:]
+            tokens = body[:body.index(CLIP_END)] if CLIP_END in body else body
+            tokens = tokens[: self.encoders.sequence_length - 1] + [self.encoders.t5_eos]
+            t5.append(tokens + [self.encoders.t5_pad] * (self.encoders.sequence_length - len(tokens)))
+        return [torch.tensor(t5, device=ids.device), ids]
+
+    def encoder_positions(self, positions: list[int]) -> list[list[int | None]]:
+        self._check_shared_vocabulary()
+        t5 = [p - 1 if 0 < p < self.encoders.sequence_length else None for p in positions]
+        return [t5, list(positions)]
+
+    def _check_shared_vocabulary(self) -> None:
+        if self._shared_vocabulary is None:
+            self._shared_vocabulary = self.encoders.t5_tokenizer.get_vocab() == self.encoders.clip_tokenizer.get_vocab()
+        if not self._shared_vocabulary:
+            raise AblationError("token ids can be written into both text encoders only when they share a vocabulary "
+                                "(the toy-flux world); Flux.1's T5 and CLIP do not, so the token search is not "
+                                "available for it")
 
     # Transformer -----------------------------------------------------------------------------------------------
     def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError
-from ..models.families import FLUX, TOY_FLUX
+from ..models.families import FLUX, MMDIT_TEXT, TOY_FLUX
 from ..models.flux.files import build_flux_transformer, flux_transformer_state, read_safetensors
 from ..models.flux.text import FluxTextEncoders
 from ..models.flux.text_files import load_clip_l, load_t5, load_t5_tokenizer
@@ -80,7 +80,8 @@ def load_flux_view(spec: str | Path, text: FluxTextSources | None = None, device
 def _diffusers_transformer(folder: Path, dtype: torch.dtype) -> FluxTransformer:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UnsupportedModelError(f"{folder} holds no .safetensors weights of a Flux transformer")
+        raise UnsupportedModelError(f"{folder} holds no .safetensors weights of a Flux transformer (a diffusers "
+                                    f"folder with a transformer/ is read as Flux; {MMDIT_TEXT})")
     state: dict = {}
     for file in files:  # sharded checkpoints: diffusion_pytorch_model-0000N-of-0000M.safetensors
         state.update(read_safetensors(file)[0])

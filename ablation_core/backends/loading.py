@@ -7,6 +7,7 @@ checkpoints, Flux transformers). Each family's own loader does the work.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def is_flux(spec: str | Path) -> bool:
 
     path = Path(spec)
     if path.is_dir():
-        return (path / "transformer").is_dir() and not (path / "unet").is_dir()
+        return (path / "transformer").is_dir() and not (path / "unet").is_dir() and _transformer_class(path) in (
+            None, "FluxTransformer2DModel")
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
@@ -32,6 +34,14 @@ def is_flux(spec: str | Path) -> bool:
             return is_flux_state(f.keys())
     except (SafetensorError, OSError, ValueError):
         return False  # the SD loader says what is wrong with the file
+
+
+def _transformer_class(folder: Path) -> str | None:
+    """The ``_class_name`` of a diffusers folder's ``transformer/config.json`` (None when it has none)."""
+    try:
+        return json.loads((folder / "transformer" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -28,10 +28,13 @@ def device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 
 def load_view(args: argparse.Namespace):
+    from ..backends.flux_loading import FluxTextSources
     from ..backends.loading import load_model
 
     device, dtype = device_and_dtype(args.device, args.dtype)
-    return load_model(args.model, device, dtype, getattr(args, "prediction_type", None))
+    flux_text = FluxTextSources(getattr(args, "clip_l", None), getattr(args, "t5", None),
+                                getattr(args, "t5_tokenizer", None))
+    return load_model(args.model, device, dtype, getattr(args, "prediction_type", None), flux_text)
 
 
 def size_text(path: Path) -> str:

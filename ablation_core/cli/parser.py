@@ -46,6 +46,13 @@ def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override for v-prediction SD2 checkpoints whose file does not say so (default: from "
                              "the file)")
+    flux = parser.add_argument_group("Flux transformer files (a diffusers Flux folder holds these itself)")
+    flux.add_argument("--clip-l", default=None, help="CLIP-L text encoder: clip_l.safetensors or a transformers folder")
+    flux.add_argument("--t5", default=None, help="T5-XXL text encoder: t5xxl_fp16.safetensors (fp8 copies too) or a "
+                                                 "transformers folder")
+    flux.add_argument("--t5-tokenizer", default=None,
+                      help="a folder with T5's tokenizer (a diffusers Flux repository's tokenizer_2/, or ComfyUI's "
+                           "comfy/text_encoders/t5_tokenizer/); no weights file carries it")
 
 
 def _patch_output_args(parser: argparse.ArgumentParser) -> None:

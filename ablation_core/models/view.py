@@ -147,6 +147,15 @@ class ModelView(ABC):
         robust rounds; by default the modules the ``embedding`` group trains."""
         return [layer.module for layer in self.text_layers("embedding")]
 
+    def encoder_ids(self, ids: Tensor) -> list[Tensor]:
+        """Token id sequences in CLIP's layout ([batch, 77]: start, tokens, end, end-token padding) as each text
+        encoder reads them (the attacks write ids directly). SD: every encoder reads that layout."""
+        return [ids] * len(self.token_embedding_modules())
+
+    def encoder_positions(self, positions: list[int]) -> list[list[int | None]]:
+        """Positions in CLIP's layout as each text encoder numbers them (None: a position it does not read)."""
+        return [list(positions)] * len(self.token_embedding_modules())
+
     def transformer_blocks(self) -> list[nn.Module]:
         """The UNet's transformer blocks, which gradient checkpointing recomputes (``models.checkpointing``)."""
         return []

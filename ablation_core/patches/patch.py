@@ -21,9 +21,10 @@ from ..files import save_safetensors_atomic
 FORMAT_VERSION = "1"
 META = "ablation."
 DEFAULT_ENERGY = 0.999
-SS_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "toy": "toy"}
+SS_BASE_MODEL = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "toy": "toy", "flux": "flux1",
+                 "toy-flux": "toy-flux"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                  "toy": "ablation-toy"}
+                  "toy": "ablation-toy", "flux": "flux-1-dev", "toy-flux": "ablation-toy-flux"}
 
 
 @dataclass

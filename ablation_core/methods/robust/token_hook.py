@@ -55,12 +55,14 @@ def injected(view: ModelView, vectors: list[Tensor] | None = None, ids: Tensor |
              one_hot: Tensor | None = None, positions: list[int] | None = None) -> Iterator[None]:
     """Inside the block, encoding reads ``vectors[i]`` wherever encoder ``i`` sees the placeholder token.
 
-    ``ids`` ([batch, length]) replaces the token ids every encoder reads (encode as many empty prompts as it has
-    rows); ``one_hot`` ([batch, len(positions), vocabulary], may require grad) then replaces the rows at
-    ``positions`` by ``one_hot @ table``, so a token search can take the gradient of a loss with respect to each
-    choice of token."""
+    ``ids`` ([batch, length], CLIP's layout) replaces the token ids every encoder reads, each in its own layout
+    (``view.encoder_ids``; encode as many empty prompts as it has rows); ``one_hot`` ([batch, len(positions),
+    vocabulary], may require grad) then replaces the rows at ``positions`` by ``one_hot @ table``, so a token search
+    can take the gradient of a loss with respect to each choice of token."""
     modules = embedding_modules(view)
     marks = placeholder_id(view) if vectors is not None else [None] * len(modules)
+    encoder_ids = view.encoder_ids(ids) if ids is not None else None
+    encoder_positions = view.encoder_positions(positions) if positions is not None else None
     consumed = [0] * len(modules)  # rows of ``ids`` each encoder has read so far
     tables: dict[int, Tensor] = {}
 
@@ -74,19 +76,21 @@ def injected(view: ModelView, vectors: list[Tensor] | None = None, ids: Tensor |
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             input_ids = args[0]
-            if ids is not None:
+            if encoder_ids is not None:
                 # the next rows: one call may carry every row (diffusers) or one row each (ComfyUI embeds row by row)
+                own = encoder_ids[index]
                 count = input_ids.shape[0]
-                rows = torch.arange(consumed[index], consumed[index] + count) % ids.shape[0]
+                rows = torch.arange(consumed[index], consumed[index] + count) % own.shape[0]
                 consumed[index] += count
-                input_ids = ids[rows].to(input_ids.device)
+                input_ids = own[rows].to(input_ids.device)
                 table = table_of(index, module)
                 output = F.embedding(input_ids, table).to(output.dtype)
-                if one_hot is not None and positions is not None:
-                    chosen = (one_hot.to(table.dtype) @ table).to(output.dtype)
+                if one_hot is not None and encoder_positions is not None:
+                    read = [(i, p) for i, p in enumerate(encoder_positions[index]) if p is not None]
+                    chosen = one_hot[:, [i for i, _ in read]].to(table.dtype) @ table
                     chosen = chosen[rows.to(chosen.device)] if chosen.shape[0] > 1 else chosen
                     output = output.clone()
-                    output[:, positions] = chosen.expand(output.shape[0], -1, -1)
+                    output[:, [p for _, p in read]] = chosen.to(output.dtype).expand(output.shape[0], -1, -1)
             if vectors is not None:
                 mask = (input_ids == marks[index]).unsqueeze(-1)
                 output = torch.where(mask, vectors[index].to(output.dtype), output)
