@@ -34,6 +34,25 @@ def lora_dir() -> Path:
     return Path(folder)
 
 
+def is_forge() -> bool:
+    """Forge main (and its forks that follow it) load ``shared.sd_model`` lazily through ``modules_forge``."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return False
+    return hasattr(sd_models, "forge_model_reload")
+
+
+def forge_model():
+    """The checkpoint chosen at the top of the page, loaded the way Forge's own generations load it (on its main
+    thread; a no-op when it is loaded already)."""
+    from modules import sd_models
+    from modules_forge import main_thread
+
+    main_thread.run_and_wait_result(sd_models.forge_model_reload)
+    return sd_models.model_data.get_sd_model()
+
+
 def make_host():
     """The running program as the core's flows see it."""
     from modules import devices, shared
@@ -41,7 +60,7 @@ def make_host():
     from ablation_core.backends.a1111 import A1111Host
     from ablation_core.errors import AblationError
 
-    sd_model = shared.sd_model
+    sd_model = forge_model() if is_forge() else shared.sd_model
     if sd_model is None:
         raise AblationError("no checkpoint is loaded: choose one in the checkpoint list at the top of the page")
     info = getattr(sd_model, "sd_checkpoint_info", None)
@@ -51,10 +70,8 @@ def make_host():
 
 def model_text() -> str:
     try:
-        from ablation_core.backends.a1111 import A1111ModelView
-
         host = make_host()
-        view = A1111ModelView(host.sd_model)
+        view = host.view()
     except Exception as err:  # shown in the tab instead of the model's name
         return f"<p>Loaded model: none usable ({html.escape(str(err))})</p>"
     return (f"<p>Loaded model: <b>{html.escape(host.model_name or 'unnamed')}</b> ({view.family.title}). "
@@ -91,12 +108,12 @@ def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, 
 
 
 def browser_rows(check_fit: bool = True) -> tuple[list[list[str]], list[str]]:
-    from ablation_core.backends.a1111 import A1111ModelView, list_patches
+    from ablation_core.backends.a1111 import list_patches
 
     view = None
     if check_fit:
         try:
-            view = A1111ModelView(make_host().sd_model)
+            view = make_host().view()
         except Exception as err:  # no model, or one this tool cannot edit: the list still shows the files
             print(f"Concept Ablation: cannot check patches against the loaded model: {err}")
     entries = list_patches(lora_dir(), view)
@@ -119,9 +136,7 @@ def show_patch(name: str | None):
     if entry is None:
         return "", None
     try:
-        from ablation_core.backends.a1111 import A1111ModelView
-
-        entry.fits = fit_text(entry, A1111ModelView(make_host().sd_model))
+        entry.fits = fit_text(entry, make_host().view())
     except Exception as err:  # shown in place of the fit
         entry.fits = f"? ({err})"
     return describe(entry), str(entry.preview) if entry.preview else None
@@ -159,6 +174,12 @@ def interrupt() -> None:
 
 # The tab -------------------------------------------------------------------------------------------------------
 
+def js_argument(gr) -> str:
+    """The keyword for an event's JavaScript: ``_js`` in gradio 3 (A1111, reForge), ``js`` in gradio 4 (Forge)."""
+    major = str(getattr(gr, "__version__", "3")).split(".")[0]
+    return "js" if major.isdigit() and int(major) >= 4 else "_js"
+
+
 def on_ui_tabs():
     import gradio as gr
     from modules.call_queue import wrap_gradio_gpu_call
@@ -168,6 +189,7 @@ def on_ui_tabs():
     from ablation_core.methods.ablation.settings import PRESET_HELP, PRESET_NAMES
 
     rows, names = browser_rows(check_fit=False)
+    start_js = {js_argument(gr): "concept_ablation_start"}
     with gr.Blocks(analytics_enabled=False) as tab:
         model_info = gr.HTML(value="<p>Loaded model: press Refresh to check.</p>")
         with gr.Row():
@@ -225,12 +247,12 @@ def on_ui_tabs():
 
         inputs = [dummy, target, anchor, concept_type, method, preset, steps, seed, resolution, anchor_images,
                   batch_size, storage, name, overwrite, preview, preview_size, preview_steps, robust_rounds]
-        start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[None, gr.update(), gr.update()]),
-                    _js="concept_ablation_start", inputs=inputs, outputs=[result_image, table, chosen, result])
+        start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[None, gr.update(), gr.update()]), **start_js,
+                    inputs=inputs, outputs=[result_image, table, chosen, result])
         stop.click(fn=interrupt, inputs=[], outputs=[])
         refresh.click(fn=lambda: (model_text(), *browser_updates()), inputs=[], outputs=[model_info, table, chosen])
         chosen.change(fn=show_patch, inputs=[chosen], outputs=[details, chosen_preview])
-        draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), _js="concept_ablation_start",
+        draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), **start_js,
                    inputs=[dummy, chosen, preview_size, preview_steps, seed], outputs=[chosen_preview, drawn])
     print(f"Concept Ablation: '{TAB_TITLE}' tab added ({len(names)} patch(es) of this tool in {lora_dir()})")
     return [(tab, TAB_TITLE, TAB_ID)]

@@ -226,8 +226,8 @@ class Component:
         return None
 
     def _event(self, name: str):
-        def register(fn=None, inputs=None, outputs=None, _js=None, **kwargs):
-            self.events[name] = {"fn": fn, "inputs": inputs or [], "outputs": outputs or [], "_js": _js}
+        def register(fn=None, inputs=None, outputs=None, _js=None, js=None, **kwargs):
+            self.events[name] = {"fn": fn, "inputs": inputs or [], "outputs": outputs or [], "_js": _js, "js": js}
         return register
 
     def __getattr__(self, name: str):

@@ -184,13 +184,6 @@ def test_a_lora_of_the_last_generation_is_set_aside_and_kept(a1111):
     assert outcome.path.exists()
 
 
-def test_forge_backend_gets_a_clear_message():
-    from ablation_core.errors import UnsupportedModelError
-
-    with pytest.raises(UnsupportedModelError, match="Forge"):
-        A1111ModelView(types.SimpleNamespace(forge_objects=object()))
-
-
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_backend_reads_sd1_and_sdxl_objects(tmp_path, family):
     """SDXL's conditioning is a dict (context and pooled ``vector``); its two embedders both tokenize."""

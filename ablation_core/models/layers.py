@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 GROUPS = ("kv", "attn", "embedding", "full")
 Group = Literal["kv", "attn", "embedding", "full"]
@@ -71,13 +71,21 @@ class Layer:
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_own_linear(module):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv"
     if isinstance(module, nn.Embedding):
         return "embedding"
     return None
+
+
+def _is_own_linear(module: nn.Module) -> bool:
+    """A host's own linear class that is not an ``nn.Linear`` (Forge's ``ForgeOperations.Linear`` is a plain
+    ``nn.Module`` with ``in_features``, ``out_features`` and a 2-D ``weight``)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Linear" and isinstance(weight, Tensor) and weight.dim() == 2
+            and weight.shape == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
 
 
 def select_unet_modules(named_modules: Iterable[tuple[str, nn.Module]], group: str) -> list[tuple[str, nn.Module]]:

@@ -33,7 +33,10 @@ from ...methods.prompts import check_pair, target_prompts
 from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ...models.sampling import sample_latents
 from ...patches.patch import META, AblationPatch
-from .view import A1111ModelView, loras_unmerged
+from ..forge.view import ForgeModelView, is_forge_model
+from .view import A1111ModelView
+
+WebUIView = A1111ModelView | ForgeModelView
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ class A1111Host:
 
     def cancelled(self) -> bool:
         return bool(getattr(self.state, "interrupted", False) or getattr(self.state, "stopping_generation", False))
+
+    def view(self) -> WebUIView:
+        """The loaded model as the core sees it: Forge's own model objects, or A1111's."""
+        if is_forge_model(self.sd_model):
+            return ForgeModelView(self.sd_model)
+        return A1111ModelView(self.sd_model, autocast=self.autocast, networks=self.networks)
 
     def refresh_loras(self) -> None:
         """Make the Lora extension list the new file now (``<lora:NAME:1>`` would find it anyway)."""
@@ -155,7 +164,7 @@ def patch_name(request: TabRequest) -> str:
     return name
 
 
-def trained_config(request: TabRequest, view: A1111ModelView) -> AblationConfig:
+def trained_config(request: TabRequest, view: WebUIView) -> AblationConfig:
     chosen = {"steps": request.steps, "anchor_images": request.anchor_images, "batch_size": request.batch_size,
               "latent_size": _latent_size(request.resolution, view),
               "robust_rounds": max(int(request.robust_rounds), 0)}
@@ -168,7 +177,7 @@ def trained_config(request: TabRequest, view: A1111ModelView) -> AblationConfig:
     return replace(config, extra_metadata={**config.extra_metadata, META + "made_in": "A1111 tab"})
 
 
-def _latent_size(resolution: int, view: A1111ModelView) -> int | None:
+def _latent_size(resolution: int, view: WebUIView) -> int | None:
     if not resolution:
         return None
     multiple = view.latent_multiple
@@ -199,9 +208,12 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
     name = patch_name(request)
     path = check_output_file(Path(host.lora_dir) / f"{name}.safetensors", (".safetensors",), request.overwrite,
                              "patch file")
-    view = A1111ModelView(host.sd_model, autocast=host.autocast)
+    view = host.view()
+    if request.robust_rounds > 0 and not view.token_embedding_modules():
+        raise AblationError("robust rounds need gradients through the text encoder, which this program's model does "
+                            "not give (Forge encodes prompts under inference mode); set Robust rounds to 0")
     canceller = Canceller(host.cancelled)
-    with loras_unmerged(host.networks), torch.inference_mode(False):
+    with view.prepared(), torch.inference_mode(False):
         if request.method == "trained":
             patch, summary = _trained(host, request, view)
         else:
@@ -226,7 +238,7 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
     return RunOutcome(path, patch, summary, seconds, preview)
 
 
-def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tuple[AblationPatch, str]:
+def _trained(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[AblationPatch, str]:
     config = trained_config(request, view)
     view.default_latent_size = config.latent_size or view.default_latent_size
     per_image = sampling_passes(config) * int(config.sampler_steps)  # UNet passes per anchor image
@@ -245,7 +257,7 @@ def _trained(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tupl
     return result.patch, summary
 
 
-def _closed_form(host: A1111Host, request: TabRequest, view: A1111ModelView) -> tuple[AblationPatch, str]:
+def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[AblationPatch, str]:
     config = make_closed_form_config([request.target], [request.anchor], kind=_kind(request.concept_type),
                                      seed=int(request.seed), robust_rounds=max(int(request.robust_rounds), 0),
                                      extra_metadata={META + "made_in": "A1111 tab"})
@@ -293,7 +305,7 @@ def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], se
                    image_size: int, path: Path) -> Path:
     """Before/after images from the same noise, the patch applied through forward hooks (the weights stay as they
     are); saved as ``NAME.preview.png``, which the Lora tab shows as the card's picture."""
-    view = A1111ModelView(host.sd_model, autocast=host.autocast)
+    view = host.view()
     latent_size = _latent_size(image_size, view) or view.default_latent_size
     view.default_latent_size = latent_size
     steps = max(int(steps), 1)
@@ -303,7 +315,7 @@ def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], se
     index = torch.arange(len(prompts))
     images = {}
     canceller = Canceller(host.cancelled)
-    with torch.no_grad(), cancel_checks(view.cancel_check_modules(), canceller):
+    with view.prepared(), torch.no_grad(), cancel_checks(view.cancel_check_modules(), canceller):
         for offset, name in enumerate(("before", "after")):
             hooks = adapters.attached() if name == "after" else contextlib.nullcontext()
             with hooks, view.uncached_text():

@@ -60,9 +60,6 @@ class LoadedWeightLayer(Layer):
 
 def a1111_family(sd_model: Any) -> Family:
     """SD1/SD2/SDXL from A1111's own flags, or from the UNet's shapes; SD3 and inpainting models get a clear error."""
-    if hasattr(sd_model, "forge_objects"):
-        raise UnsupportedModelError("this is Forge's own model backend, which the Ablate Concept tab does not read "
-                                    "yet; make the patch with the ComfyUI nodes or the CLI and put it into models/Lora")
     if getattr(sd_model, "is_sd3", False):
         raise UnsupportedModelError(f"the loaded model is SD3. {MMDIT_TEXT}")
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
@@ -95,12 +92,14 @@ class A1111ModelView(ModelView):
     """``shared.sd_model`` of A1111 as a ``ModelView``.
 
     ``autocast`` is A1111's ``devices.autocast`` (the mixed precision its own sampling runs under); the UNet and text
-    encoder are called inside it.
+    encoder are called inside it. ``networks`` is the built-in Lora extension's module (``prepared`` sets its LoRAs
+    aside).
     """
 
     def __init__(self, sd_model: Any, latent_size: int | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        self.sd_model = sd_model
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 networks: Any = None):
+        self.sd_model, self.networks = sd_model, networks
         self.family = a1111_family(sd_model)
         self.diffusion_model: nn.Module = sd_model.model.diffusion_model
         self.autocast = autocast
@@ -116,6 +115,10 @@ class A1111ModelView(ModelView):
         self.latent_multiple = 2 ** (len(getattr(self.diffusion_model, "channel_mult", (1, 2, 4, 4))) - 1)
         self._encoders = _text_encoders(sd_model, self.family)
         self._prompt_cache = PromptCache(self._encode_batch)
+
+    def prepared(self) -> contextlib.AbstractContextManager:
+        """The model ready for a run: no LoRA of the last generation in the weights (see ``loras_unmerged``)."""
+        return loras_unmerged(self.networks)
 
     # Text ------------------------------------------------------------------------------------------------------
     def _encode_batch(self, prompts: list[str]) -> Conditioning:
