@@ -102,8 +102,8 @@ def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, 
           f"{outcome.summary}")
     image = str(outcome.preview) if outcome.preview else None
     message = (f"<p>Saved <code>{html.escape(str(outcome.path))}</code> in {outcome.seconds:.1f}s. "
-               f"Use it in any prompt with <code>&lt;lora:{html.escape(stem)}:1&gt;</code>; the Lora tab lists it "
-               f"(press its refresh button).</p><p>{html.escape(outcome.summary)}</p>")
+               f"Use it in any prompt with <code>&lt;lora:{html.escape(stem)}:1&gt;</code>; the Lora tab lists it."
+               f"</p><p>{html.escape(outcome.summary)}</p>")
     return image, *browser_updates(stem), message
 
 

@@ -86,11 +86,22 @@ def test_ablate_button_in_forge_writes_a_patch_and_leaves_the_model_as_it_was(fo
     # the LoRA browser's rule (sd_forge_lora/network.py) reads these to tell SD1 from SDXL
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["ss_base_model_version"] == "sd_v1"
-    assert patch.metadata[META + "base_model_name"] == "forge_sd1"
+    assert patch.metadata[META + "base_model_name"] == "forge_sd1" and patch.metadata[META + "made_in"] == "Forge tab"
+    assert metadata["ss_output_name"] == PATCH_NAME
     assert image and table["value"][0][0] == PATCH_NAME and chosen["value"] == PATCH_NAME
     texts = " | ".join(forge.state.texts)
     assert "loss" in texts if method == "trained" else "Solving" in texts
     assert_unchanged(engine, before)
+
+
+def test_an_existing_name_names_the_tabs_replace_box(forge):
+    _, buttons = build_tab(forge)
+    press(buttons["Ablate"], form("closed form", **{"Draw a before/after preview": False}))
+    *_, message = press(buttons["Ablate"], form("closed form", **{"Draw a before/after preview": False}))
+    assert "tick &#x27;Replace an existing file&#x27;" in message and "--overwrite" not in message
+    *_, message = press(buttons["Ablate"], form("closed form", **{"Draw a before/after preview": False,
+                                                                  "Replace an existing file": True}))
+    assert "Saved" in message
 
 
 def test_interrupt_during_training_in_forge_writes_nothing_and_changes_nothing(forge):

@@ -1,5 +1,6 @@
-"""The A1111 (and Forge, on its A1111 code path) backend: ``view`` sees ``shared.sd_model`` as a ``ModelView``;
-``flows`` run the methods for the tab and save patches into the Lora folder; ``library`` is the tab's patch browser.
+"""The A1111 tab's backend, for A1111 and Forge alike: ``view`` sees A1111's ``shared.sd_model`` as a ``ModelView``
+(``backends.forge`` sees Forge's own objects; ``A1111Host.view`` picks); ``flows`` run the methods for the tab and
+save patches into the Lora folder; ``library`` is the tab's patch browser.
 A1111 itself is never imported here: the tab (``scripts/concept_ablation.py``) hands in what the flows need."""
 
 from .flows import METHODS, ROBUST_HELP, STORAGE, A1111Host, RunOutcome, StateProgress, TabRequest, run_request

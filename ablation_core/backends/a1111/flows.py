@@ -174,7 +174,7 @@ def trained_config(request: TabRequest, view: WebUIView) -> AblationConfig:
     if config.group == "embedding":
         raise AblationError("A1111's Lora extension cannot apply token-embedding changes; this tab trains UNet "
                             "weights only")
-    return replace(config, extra_metadata={**config.extra_metadata, META + "made_in": "A1111 tab"})
+    return replace(config, extra_metadata={**config.extra_metadata, META + "made_in": f"{view.program} tab"})
 
 
 def _latent_size(resolution: int, view: WebUIView) -> int | None:
@@ -206,6 +206,9 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
     if request.storage not in STORAGE:
         raise AblationError(f"unknown storage {request.storage!r}; choose one of {', '.join(STORAGE)}")
     name = patch_name(request)
+    if (Path(host.lora_dir) / f"{name}.safetensors").exists() and not request.overwrite:
+        raise AblationError(f"{name}.safetensors already exists in the Lora folder; tick 'Replace an existing file' "
+                            "or choose another name")
     path = check_output_file(Path(host.lora_dir) / f"{name}.safetensors", (".safetensors",), request.overwrite,
                              "patch file")
     view = host.view()
@@ -221,6 +224,7 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
         patch = patch.compressed() if request.storage == "low rank" and not patch.is_low_rank else patch
         patch = patch.scaled(1.0) if request.storage != "low rank" else patch
         patch.metadata.setdefault(META + "base_model_name", host.model_name)
+        patch.metadata["ss_output_name"] = name  # what <lora:NAME:1> and model sites call it
         canceller.check()  # an Interrupt that came during the last step still writes nothing
         patch.save(path)
         write_card(path, patch, view.family.name)
@@ -260,7 +264,7 @@ def _trained(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[Abl
 def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[AblationPatch, str]:
     config = make_closed_form_config([request.target], [request.anchor], kind=_kind(request.concept_type),
                                      seed=int(request.seed), robust_rounds=max(int(request.robust_rounds), 0),
-                                     extra_metadata={META + "made_in": "A1111 tab"})
+                                     extra_metadata={META + "made_in": f"{view.program} tab"})
     view.default_latent_size = _latent_size(request.resolution, view) or view.default_latent_size  # robust rounds
     progress = StateProgress(host.state, {"prompts": 1.0, "solve": 1.0})
     result = robust_erase_closed_form(view, config, on_progress=_closed_form_progress(progress),

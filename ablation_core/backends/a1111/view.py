@@ -1,4 +1,4 @@
-"""The model A1111 (or Forge on its A1111 code path) has loaded, seen as the core's ``ModelView``.
+"""The model A1111 (or reForge, which keeps its objects) has loaded, seen as the core's ``ModelView``.
 
 A1111 holds the original LDM objects: ``sd_model.model.diffusion_model`` is the ``UNetModel`` (module names
 ``input_blocks.1.1.transformer_blocks.0.attn2.to_k``, so patch keys are these names as they are), and
@@ -95,6 +95,8 @@ class A1111ModelView(ModelView):
     encoder are called inside it. ``networks`` is the built-in Lora extension's module (``prepared`` sets its LoRAs
     aside).
     """
+
+    program = "A1111"
 
     def __init__(self, sd_model: Any, latent_size: int | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,

@@ -93,6 +93,8 @@ def _memory_management() -> Any:
 class ForgeModelView(ModelView):
     """``shared.sd_model`` of Forge (a ``ForgeDiffusionEngine``) as a ``ModelView``."""
 
+    program = "Forge"
+
     def __init__(self, sd_model: Any, latent_size: int | None = None):
         self.sd_model = sd_model
         self.family = forge_family(sd_model)
