@@ -15,6 +15,7 @@ from ..errors import AblationError
 from ..models.families import Family
 from ..models.flux.text import FluxTextEncoders
 from ..models.flux.transformer import FluxTransformer
+from ..models.fp8 import cast_keeping_fp8
 from ..models.layers import Layer, kohya_key, layer_kind, select_flux_modules
 from ..models.schedules import FlowSchedule
 from ..models.view import Conditioning, ModelView
@@ -45,7 +46,7 @@ class FluxModelView(ModelView):
         self._shared_vocabulary: bool | None = None
         for module in (transformer, encoders):
             module.to(self.device).eval().requires_grad_(False)
-        transformer.to(dtype)
+        cast_keeping_fp8(transformer, dtype)
 
     # Text ------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Conditioning:

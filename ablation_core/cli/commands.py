@@ -198,6 +198,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, run_closed_form_bench
 
+    if args.arch == "flux":
+        from .bench_flux import run_flux_bench
+
+        report = run_flux_bench()
+        print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+        return 0
     dtype_name = args.dtype
     if dtype_name == "auto" and args.arch != "toy":
         dtype_name = "bf16"  # full-size weights in bf16 on a CPU too: half the memory (SDXL's fp32 weights are 14 GB)

@@ -28,6 +28,12 @@ SAVED_BYTES_PER_PIXEL = {"sd1": 524_000, "sd2": 418_000, "sdxl": 583_000}
 DEFAULT_SAVED_BYTES_PER_PIXEL = 583_000
 SAVED_BYTES_PER_PIXEL_CHECKPOINTED = {"sd1": 163_000, "sd2": 126_000, "sdxl": 80_000}
 DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED = 163_000
+# Flux.1 (full width): joint attention over image and text tokens grows with their square, so the bytes per training
+# row are ``a * tokens + b * tokens**2`` (tokens = (latent / 2)**2 image patches + 512 text tokens), fitted to
+# ``bench --arch flux``'s counts at 512 and 1024 px (33.9 and 245.9 GiB; 1.19 and 6.11 GiB checkpointed).
+FLUX_SAVED_BYTES = (6_930_000, 10_932)
+FLUX_SAVED_BYTES_CHECKPOINTED = (536_000, 193)
+FLUX_TEXT_TOKENS = 512
 FRAMEWORK_BYTES = 1 << 30
 GIB = 1 << 30
 
@@ -51,11 +57,15 @@ class MemoryEstimate:
 
 def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dtype,
                      checkpointing: bool = False) -> int:
+    scale = torch.empty((), dtype=dtype).element_size() / 2
+    if family == "flux":
+        tokens = (latent_size // 2) ** 2 + FLUX_TEXT_TOKENS
+        linear, square = FLUX_SAVED_BYTES_CHECKPOINTED if checkpointing else FLUX_SAVED_BYTES
+        return int((linear * tokens + square * tokens * tokens) * batch * scale)
     if checkpointing:
         per_pixel = SAVED_BYTES_PER_PIXEL_CHECKPOINTED.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED)
     else:
         per_pixel = SAVED_BYTES_PER_PIXEL.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL)
-    scale = torch.empty((), dtype=dtype).element_size() / 2
     return int(per_pixel * latent_size * latent_size * batch * scale)
 
 
