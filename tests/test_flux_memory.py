@@ -82,3 +82,20 @@ def test_flux_bench_counts_one_pass_per_sampling_step_and_a_plan_that_fits_24_gb
     plans = list(next(v for k, v in report.items() if k.startswith("memory_plan")).values())
     assert [plan["fits_24gb"] for plan in plans] == [False, True]
     assert report["1024px"]["tflops_per_frozen_evaluation"] > 2 * report["512px"]["tflops_per_frozen_evaluation"]
+
+
+def test_counted_evaluations_on_a_distilled_flux_match_the_cost_model():
+    """One pass per sampling step and per check sample on a guidance-distilled model: the count ``bench --arch
+    flux`` uses for Flux.1 dev, checked against the transformer's calls on a real run."""
+    from ablation_core.evaluation.cost import RunMeter
+
+    view = _view(False)
+    meter = RunMeter(view.transformer, [], view.device)
+    with meter.measuring():
+        result = ablate(view, make_config("grumpy cat", "cat", held_out_prompts=("a photo of a cat",),
+                                          **{**TINY, "objective": "model"}))
+    counted = {name: phase.unet_evaluations for name, phase in meter.phases.items() if phase.unet_evaluations}
+    assert result.config.guidance > 1  # drawn at the distilled model's own guidance ...
+    expected = unet_evaluations(result.config, held_out_prompts=1, guidance_input=True)
+    assert counted["anchor_sampling"] == expected["anchor_sampling"] == 2 * 2  # ... in one pass per step
+    assert counted == expected
