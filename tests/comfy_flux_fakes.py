@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 import types
 
-import comfy_fakes as fakes
 import torch
 from torch import Tensor, nn
 
 from ablation_core.models.flux.transformer import FluxTransformer
+
+try:  # pytest puts tests/ on the path; the harnesses run as ``python -m tests.<name>``
+    import comfy_fakes as fakes
+except ImportError:
+    from tests import comfy_fakes as fakes
 from ablation_core.toy import flux as toy_flux
 
 T5_MIN_LENGTH = toy_flux.SEQUENCE_LENGTH
@@ -120,3 +124,12 @@ def make_flux(seed: int = 3, shift: float = 0.0) -> tuple[fakes.ModelPatcher, Fl
     encoders.eval().requires_grad_(False)
     model = fakes.ModelPatcher(FluxBaseModel(ComfyFlux(transformer), shift))
     return model, FluxCLIP(encoders), transformer
+
+
+def make_toy_flux_model_and_clip() -> tuple[fakes.ModelPatcher, FluxCLIP]:
+    """The shipped toy-flux world as ComfyUI would hold it (a Flux MODEL and a flux CLIP), for running the nodes."""
+    transformer, encoders = toy_flux.load_toy_flux()
+    transformer.eval().requires_grad_(False)
+    encoders.eval().requires_grad_(False)
+    model = fakes.ModelPatcher(FluxBaseModel(ComfyFlux(transformer), math.log(toy_flux.SHIFT)))
+    return model, FluxCLIP(encoders)
