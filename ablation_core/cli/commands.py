@@ -144,15 +144,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.check_input_file(args.patch, "patch file")
     if args.grid is not None:
         files.check_output_file(args.grid, (".png",), args.overwrite, "grid image")
-    if args.model in TOY_MODELS:
+    if args.model in TOY_MODELS and not args.clip:
         checks.check_toy_concepts(args.target, args.anchor)
     patch = load_patch(args.patch)
+    if args.clip:
+        from .clip_eval import load_scorer, run_clip_eval
+
+        scorer = load_scorer(args)
+        return run_clip_eval(args, load_view(args), patch, scorer)
     view = load_view(args)
     if view.family.toy:
         from ..evaluation.toy_eval import evaluate_toy, to_json
 
         with progress_bars() as on_progress:
-            evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set, args.seed,
+            evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set or 48, args.seed,
                                       args.strength, args.grid, on_progress)
             attacks = _attacks(args, view, patch, on_progress)
         if args.json:
@@ -164,6 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.attack:
         raise AblationError("attacks are measured on the embedded toy world (its classifier says what a sample "
                             "shows); use --model toy")
+    if args.neighbours:
+        raise AblationError("--neighbours choose the prompts of the CLIP figures: add --clip PATH")
     from ..evaluation.model_metrics import prediction_gaps
     from ..methods.prompts import choose_anchor_prompts, target_prompts
 

@@ -4,8 +4,9 @@
   own target prompt or the anchor twin of that prompt (the same words with the anchor in place of the target); the
   figure is the share classified as the target (Concept Ablation's CLIP accuracy). Spread: the binomial standard
   error, ``sqrt(p (1 - p) / n)``.
-- ``clip_score``: 100 x the cosine similarity of an image to its own prompt, floored at 0 (torchmetrics' CLIPScore),
-  averaged over a set. Spread: the standard error of that mean.
+- ``clip_score``: 100 x the cosine similarity of an image to its own prompt, averaged over a set: torchmetrics'
+  CLIPScore without its floor at 0 (real CLIP models hardly go below it; random test weights do, and a floor would
+  show them as 0). Spread: the standard error of that mean.
 - ``kid``: the kernel inception distance of two feature sets, the unbiased estimator of the squared MMD with the
   polynomial kernel ``k(x, y) = (x.y / d + 1) ** 3`` (Binkowski et al. 2018), here in CLIP image features instead of
   Inception's. Spread: the standard deviation of the same estimate over random half-size subsets (fixed seed), which
@@ -33,8 +34,8 @@ def classified_as_target(image_features: Tensor, target_text: Tensor, anchor_tex
 
 
 def clip_scores(image_features: Tensor, text_features: Tensor) -> Tensor:
-    """Per image, 100 x max(cos(image, its text), 0) (rows paired)."""
-    return 100 * (normalised(image_features) * normalised(text_features)).sum(-1).clamp_min(0)
+    """Per image, 100 x cos(image, its text) (rows paired)."""
+    return 100 * (normalised(image_features) * normalised(text_features)).sum(-1)
 
 
 def share_and_spread(hits: Tensor) -> tuple[float, float]:

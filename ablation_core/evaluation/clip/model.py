@@ -134,10 +134,14 @@ def transformers_scorer(folder: Path, device: torch.device | str, dtype: torch.d
     from ...models.quiet import quiet_loading
 
     config = _config(folder)
+    _check_towers(folder)
     try:
         with quiet_loading():
             model, info = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
+    except Exception as err:  # safetensors, torch and transformers each raise their own kinds for a bad file
+        if "mismatched" in str(err):
+            raise UnsupportedModelError(f"the weights in {quoted(str(folder))} do not fit its config.json (tensor "
+                                        "shapes differ: another model's weights?); download the folder again") from err
         raise UnsupportedModelError(f"the CLIP weights in {quoted(str(folder))} cannot be read "
                                     f"({_first_line(err)}); download the folder again") from err
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
@@ -161,6 +165,27 @@ def transformers_scorer(folder: Path, device: torch.device | str, dtype: torch.d
 
     return ClipScorer(encode_image, encode_text, _preprocess(folder, int(model.config.vision_config.image_size)),
                       folder.name, device, dtype)
+
+
+def _check_towers(folder: Path) -> None:
+    """A clip_vision file copied into a CLIP folder is an image tower still: say so before transformers loads it."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        keys = _tensor_names(weights)
+    except Exception:  # unreadable: transformers' own message says how, below
+        return
+    if _image_only(keys):
+        raise UnsupportedModelError(f"the weights in {quoted(str(folder))} are a CLIP image tower only (as "
+                                    f"ComfyUI's clip_vision files are); the CLIP figures need the text tower too: "
+                                    f"{HOW_TO_GET}")
+
+
+def _image_only(keys: list[str]) -> bool:
+    keys = [k.removeprefix("module.") for k in keys]
+    has_text = any(k.startswith(("text_model.", "transformer.", "token_embedding")) for k in keys)
+    return not has_text and any(k.startswith(("vision_model.", "visual.")) for k in keys)
 
 
 def _tokenizer(folder: Path, vocab_size: int):
@@ -221,12 +246,11 @@ def _what_file_holds(path: Path) -> str:
         return f"CLIP model {name} is neither a transformers folder nor a weights file; {HOW_TO_GET}"
     try:
         keys = _tensor_names(path)
-    except Exception as err:  # noqa: BLE001 - any failure to read means the same thing to the user
+    except Exception as err:  # any failure to read means the same thing to the user
         return f"{name} cannot be read as a weights file ({_first_line(err)}); {HOW_TO_GET}"
     keys = [k.removeprefix("module.") for k in keys]
-    has_text = any(k.startswith(("text_model.", "transformer.", "token_embedding")) for k in keys)
     has_image = any(k.startswith(("vision_model.", "visual.")) for k in keys)
-    if has_image and not has_text:
+    if _image_only(keys):
         return (f"{name} is a CLIP image tower only (ComfyUI's clip_vision files are); the CLIP figures compare "
                 f"images with text, so they need the full model: {HOW_TO_GET}")
     if has_image and any(k.startswith("visual.") for k in keys):
@@ -249,7 +273,7 @@ def open_clip_scorer(path: Path, arch: str, device: torch.device | str, dtype: t
                                     "nothing more") from err
     try:
         model = open_clip.create_model(arch, pretrained=str(path), device=device)
-    except Exception as err:  # noqa: BLE001 - open_clip raises many kinds for a wrong name or file
+    except Exception as err:  # open_clip raises many kinds for a wrong name or file
         raise UnsupportedModelError(f"open_clip cannot load {quoted(str(path))} as {quoted(arch)} "
                                     f"({_first_line(err)})") from err
     model = model.to(dtype).eval()
