@@ -64,9 +64,10 @@ class ClipEvaluation:
     cost: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict:
-        return {"target": self.target, "anchor": self.anchor, "clip": self.clip,
-                "neighbours_from": self.neighbours_from, **self.summary, "cost": self.cost,
-                "sets": [asdict(s) for s in self.sets]}
+        """Plain JSON: a figure that cannot be computed (a spread of too few images) is null, never NaN."""
+        return _no_nan({"target": self.target, "anchor": self.anchor, "clip": self.clip,
+                        "neighbours_from": self.neighbours_from, **self.summary, "cost": self.cost,
+                        "sets": [asdict(s) for s in self.sets]})
 
     def to_json(self) -> str:
         return json.dumps(self.as_json(), indent=2)
@@ -80,21 +81,31 @@ class ClipEvaluation:
                  f"   after {_pct(s['clip_accuracy_after'], s['clip_accuracy_after_spread'])}"
                  f"   ({self.sets[0].samples} images)", "",
                  "clip_score: 100 x cosine(image, its prompt)",
-                 f"  {'prompt set':<32}{'before':>14}{'after':>14}{'samples':>9}"]
+                 f"  {'prompt set':<32}{'before':>18}{'after':>18}{'samples':>9}"]
         for r in self.sets:
-            lines.append(f"  {r.name[:31]:<32}{_num(r.clip_score_before, r.clip_score_before_spread, 2):>14}"
-                         f"{_num(r.clip_score_after, r.clip_score_after_spread, 2):>14}{r.samples:>9}")
+            lines.append(f"  {r.name[:31]:<32}{_num(r.clip_score_before, r.clip_score_before_spread, 2):>18}"
+                         f"{_num(r.clip_score_after, r.clip_score_after_spread, 2):>18}{r.samples:>9}")
         if "neighbour_kid" in s:
             lines += ["", f"neighbour_kid: KID in CLIP image features, before vs after (floor: before vs before, other "
                           f"noise); neighbours: {self.neighbours_from}",
-                      f"  {'prompt set':<32}{'kid':>20}{'floor':>20}",
-                      f"  {'all neighbours':<32}{_num(s['neighbour_kid'], s['neighbour_kid_spread'], 5):>20}"
-                      f"{_num(s['neighbour_kid_floor'], s['neighbour_kid_floor_spread'], 5):>20}"]
+                      f"  {'prompt set':<32}{'kid':>22}{'floor':>22}",
+                      f"  {'all neighbours':<32}{_num(s['neighbour_kid'], s['neighbour_kid_spread'], 5):>22}"
+                      f"{_num(s['neighbour_kid_floor'], s['neighbour_kid_floor_spread'], 5):>22}"]
             for r in self.sets:
                 if r.kid is not None:
-                    lines.append(f"  {r.name[:31]:<32}{_num(r.kid, r.kid_spread, 5):>20}"
-                                 f"{_num(r.kid_floor, r.kid_floor_spread, 5):>20}")
+                    lines.append(f"  {r.name[:31]:<32}{_num(r.kid, r.kid_spread, 5):>22}"
+                                 f"{_num(r.kid_floor, r.kid_floor_spread, 5):>22}")
         return "\n".join(lines)
+
+
+def _no_nan(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _pct(value: float, spread: float) -> str:
@@ -121,7 +132,9 @@ def estimate_cost(view: ModelView, sets: list[PromptSet], sampling: Sampling) ->
 
 
 def describe_cost(cost: dict[str, int], sampling: Sampling) -> str:
-    return (f"cost: {cost['images']:,} images x {sampling.steps} solver steps = {cost['unet_evaluations']:,} UNet "
+    guided = cost["unet_evaluations"] == 2 * cost["images"] * sampling.steps
+    return (f"cost: {cost['images']:,} images x {sampling.steps} solver steps"
+            f"{' x 2 (guidance)' if guided else ''} = {cost['unet_evaluations']:,} UNet "
             f"evaluations, {cost['vae_decodes']:,} VAE decodes, {cost['clip_image_passes']:,} CLIP image passes and "
             f"{cost['clip_text_passes']:,} CLIP text passes")
 
