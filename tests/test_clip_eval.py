@@ -100,6 +100,7 @@ def test_figures_are_computed_and_deterministic_by_seed(view, swap_patch, random
         first = evaluate_clip(view, swap_patch, scorer, TARGET, ANCHOR, per_set=4, seed=0, sampling=FAST)
     finally:
         hook.remove()
+    passes = (scorer.image_passes, scorer.text_passes)
     again = evaluate_clip(view, swap_patch, load_clip(random_clip), TARGET, ANCHOR, per_set=4, seed=0, sampling=FAST)
     other = evaluate_clip(view, swap_patch, scorer, TARGET, ANCHOR, per_set=4, seed=1, sampling=FAST)
     report = json.loads(first.to_json())
@@ -116,6 +117,7 @@ def test_figures_are_computed_and_deterministic_by_seed(view, swap_patch, random
     # the cost printed before the run is what the run did
     assert sum(rows) == report["cost"]["unet_evaluations"] == report["cost"]["images"] * FAST.steps * 2
     assert report["cost"]["clip_image_passes"] == report["cost"]["images"] == (2 * 2 + 3 * len(neighbours)) * 4
+    assert passes == (report["cost"]["clip_image_passes"], report["cost"]["clip_text_passes"])
     table = first.table()
     assert "clip_accuracy" in table and "neighbour_kid" in table and "surrounding: tabby cat" in table
 

@@ -9,8 +9,10 @@ then one entry per prompt set).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -139,15 +141,23 @@ def describe_cost(cost: dict[str, int], sampling: Sampling) -> str:
             f"{cost['clip_text_passes']:,} CLIP text passes")
 
 
-@torch.no_grad()
-def _image_features(view: ModelView, scorer: ClipScorer, prompts: list[str], seed: int, sampling: Sampling) -> Tensor:
-    latents = sample_latents(view, prompts, torch.arange(len(prompts)), sampling.steps, sampling.guidance,
-                             sampling.batch_size, seed, sampling.latent_size)
-    features = []
-    for start in range(0, len(latents), sampling.batch_size):
-        images = view.decode(latents[start:start + sampling.batch_size].to(view.device))
-        features.append(scorer.image_features(images))
-    return torch.cat(features)
+DrawFn = Callable[[list[str], int, bool], Tensor]
+"""``draw(prompts, noise_seed, patched)``: one image per prompt, [B, 3, H, W] in [0, 1], from noise drawn with that
+seed, by the model with (``patched``) or without the patch. Same seed, same noise, patched or not."""
+
+
+def view_drawer(view: ModelView, patch: AblationPatch, strength: float, sampling: Sampling) -> DrawFn:
+    """Drawing from a model view, the patch applied in place for the patched draws (restored exactly after)."""
+
+    @torch.no_grad()
+    def draw(prompts: list[str], seed: int, patched: bool) -> Tensor:
+        with apply_patch(view, patch, strength) if patched else contextlib.nullcontext():
+            latents = sample_latents(view, prompts, torch.arange(len(prompts)), sampling.steps, sampling.guidance,
+                                     sampling.batch_size, seed, sampling.latent_size)
+        return torch.cat([view.decode(latents[s:s + sampling.batch_size].to(view.device)).cpu()
+                          for s in range(0, len(latents), sampling.batch_size)])
+
+    return draw
 
 
 def evaluate_clip(view: ModelView, patch: AblationPatch, scorer: ClipScorer, target: str, anchor: str,
@@ -157,22 +167,29 @@ def evaluate_clip(view: ModelView, patch: AblationPatch, scorer: ClipScorer, tar
     """Sample every prompt set before and after the patch (same noise), and the neighbours once more unpatched
     (other noise); score with CLIP. ``on_progress`` gets ("evaluate", draws done, draws total)."""
     sampling = sampling or Sampling()
-    report = on_progress or no_progress
     sets, anchor_twins, neighbours_from = clip_prompt_sets(target, anchor, kind, per_set, seed, neighbours)
-    cost = estimate_cost(view, sets, sampling)
+    evaluation = score_with_clip(view_drawer(view, patch, strength, sampling), scorer, sets, anchor_twins, seed,
+                                 on_progress)
+    evaluation.neighbours_from, evaluation.cost = neighbours_from, estimate_cost(view, sets, sampling)
+    return evaluation
+
+
+def score_with_clip(draw: DrawFn, scorer: ClipScorer, sets: list[PromptSet], anchor_twins: list[str], seed: int = 0,
+                    on_progress: ProgressFn | None = None) -> ClipEvaluation:
+    """The figures for any way of drawing images (a model view here; ComfyUI's or A1111's samplers elsewhere):
+    ``sets`` are ``clip_prompt_sets``'s (target first, then anchor, then "surrounding: X" sets)."""
+    report = on_progress or no_progress
     draws = sum(3 if s.name.startswith("surrounding") else 2 for s in sets)
     done = 0
     report(Progress("evaluate", done, draws))
     features: dict[str, dict[str, Tensor]] = {}
     for index, prompt_set in enumerate(sets):
         noise_seed = seed + EVAL_SEED_OFFSET + index
-        found = {"before": _image_features(view, scorer, prompt_set.prompts, noise_seed, sampling)}
-        with apply_patch(view, patch, strength):
-            found["after"] = _image_features(view, scorer, prompt_set.prompts, noise_seed, sampling)
+        found = {when: scorer.image_features(draw(prompt_set.prompts, noise_seed, when == "after"))
+                 for when in ("before", "after")}
         done += 2
         if prompt_set.name.startswith("surrounding"):
-            found["floor"] = _image_features(view, scorer, prompt_set.prompts, noise_seed + FLOOR_SEED_OFFSET,
-                                             sampling)
+            found["floor"] = scorer.image_features(draw(prompt_set.prompts, noise_seed + FLOOR_SEED_OFFSET, False))
             done += 1
         report(Progress("evaluate", done, draws))
         features[prompt_set.name] = found
@@ -180,7 +197,7 @@ def evaluate_clip(view: ModelView, patch: AblationPatch, scorer: ClipScorer, tar
     text_of = dict(zip(texts, scorer.text_features(texts)))
     results = [_set_result(s, features[s.name], text_of, seed) for s in sets]
     summary = _summary(sets, features, text_of, anchor_twins, results, seed)
-    return ClipEvaluation(target, anchor, scorer.name, neighbours_from, results, summary, cost)
+    return ClipEvaluation(sets[0].concept, sets[1].concept, scorer.name, "", results, summary)
 
 
 def _stack(text_of: dict[str, Tensor], prompts: list[str]) -> Tensor:
