@@ -235,3 +235,26 @@ def test_eval_command_prints_the_cost_then_the_figures(components, swap_patch, r
     assert main([*command[:-4], "--clip", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: CLIP model") and err.count("\n") == 1
+
+
+def test_report_node_shows_the_figures_or_how_to_get_them(random_clip, tmp_path, monkeypatch):
+    from tests import comfy_fakes as fakes
+    from tests.test_nodes import _import_nodes
+
+    fakes.install(tmp_path, monkeypatch)
+    nodes = _import_nodes()
+    model, clip = fakes.make_model(), fakes.make_clip()
+    from ablation_core.backends.comfy import closed_form as closed_form_backend
+    from ablation_core.methods.closed_form.settings import make_closed_form_config as config
+
+    patch = closed_form_backend.erase_concepts(model, clip, config("Van Gogh", "painting", kind="style"))[2]
+    node = nodes.NODE_CLASS_MAPPINGS["AblationReport"]()
+    common = (model, clip, fakes.VAE(), patch, 1.0, "a dog", 0, 2, 3.0, 1, 64)
+    _, text = node.report(*common)
+    assert "set clip_model to a full CLIP model folder" in text and "huggingface-cli download" in text
+    _, text = node.report(*common, clip_model=str(random_clip), images_per_set=2, neighbours="Claude Monet")
+    assert text.index("cost: 14 images x 2 solver steps x 2 (guidance)") < text.index("clip_accuracy")
+    assert "surrounding: Claude Monet" in text and "neighbour_kid" in text and model.patches == {}
+    with pytest.raises(UnsupportedModelError, match="image tower only"):
+        CLIPVisionModelWithProjection(tiny_clip_config().vision_config).save_pretrained(tmp_path / "clip_vision")
+        node.report(*common, clip_model=str(tmp_path / "clip_vision"))
