@@ -258,3 +258,25 @@ def test_report_node_shows_the_figures_or_how_to_get_them(random_clip, tmp_path,
     with pytest.raises(UnsupportedModelError, match="image tower only"):
         CLIPVisionModelWithProjection(tiny_clip_config().vision_config).save_pretrained(tmp_path / "clip_vision")
         node.report(*common, clip_model=str(tmp_path / "clip_vision"))
+
+
+def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch):
+    from ablation_core.backends.a1111.flows import A1111Host, TabRequest, run_request
+    from tests import a1111_fakes as fakes
+    from tests.test_a1111 import build_tab, load_script, press
+
+    lora_dir = tmp_path / "models" / "Lora"
+    lora_dir.mkdir(parents=True)
+    env = fakes.install(monkeypatch, lora_dir, fakes.FakeSDModel("sd1"), networks=fakes.FakeNetworks())
+    env.lora_dir, env.script = lora_dir, load_script(monkeypatch)
+    host = A1111Host(env.shared.sd_model, env.state, lora_dir)
+    run_request(host, TabRequest("Van Gogh", "painting", "style", "closed form", preview=False))
+    _, buttons = build_tab(env)
+    button = buttons["Measure with CLIP on the loaded model"]
+    values = {"Patch": "ablate_Van_Gogh_to_painting", "Preview size, px": 32, "Preview steps": 2,
+              "Images per prompt set": 2}
+    (message,) = press(button, {**values, "CLIP model folder": ""})
+    assert "huggingface-cli download" in message
+    (message,) = press(button, {**values, "CLIP model folder": str(random_clip)})
+    assert "cost: " in message and "clip_accuracy" in message and "neighbour_kid" in message
+    assert fakes.hooks_left(env.shared.sd_model) == 0

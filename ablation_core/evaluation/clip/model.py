@@ -107,7 +107,7 @@ def load_clip(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     return transformers_scorer(path, device, dtype)
 
 
-def _config(folder: Path) -> dict:
+def _check_config(folder: Path) -> None:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UnsupportedModelError(f"{quoted(str(folder))} has no config.json, so it is not a transformers CLIP "
@@ -125,7 +125,6 @@ def _config(folder: Path) -> dict:
     if model_type != "clip":
         raise UnsupportedModelError(f"{quoted(str(folder))} holds a {quoted(str(model_type))} model, not CLIP; "
                                     f"{HOW_TO_GET}")
-    return config
 
 
 def transformers_scorer(folder: Path, device: torch.device | str, dtype: torch.dtype) -> ClipScorer:
@@ -133,7 +132,7 @@ def transformers_scorer(folder: Path, device: torch.device | str, dtype: torch.d
 
     from ...models.quiet import quiet_loading
 
-    config = _config(folder)
+    _check_config(folder)
     _check_towers(folder)
     try:
         with quiet_loading():
@@ -150,8 +149,7 @@ def transformers_scorer(folder: Path, device: torch.device | str, dtype: torch.d
                                     f"{len(missing)} tensors missing (e.g. {quoted(missing[0])}); download the "
                                     "folder again")
     model = model.to(device, dtype).eval()
-    tokenize = _tokenizer(folder, int(config.get("text_config", {}).get("vocab_size", model.config.text_config
-                                                                        .vocab_size)))
+    tokenize = _tokenizer(folder, int(model.config.text_config.vocab_size))
     max_length = int(model.config.text_config.max_position_embeddings)
 
     def encode_image(pixels: Tensor) -> Tensor:
