@@ -235,6 +235,9 @@ def test_eval_command_prints_the_cost_then_the_figures(components, swap_patch, r
     assert main([*command[:-4], "--clip", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: CLIP model") and err.count("\n") == 1
+    assert main(["eval", "--model", "toy", "--patch", str(patch_file), "--target", "grumpy cat", "--anchor", "cat",
+                 "--neighbours", "dog"]) == 2
+    assert "--neighbours belongs to the CLIP figures: add --clip PATH" in capsys.readouterr().err
 
 
 def test_report_node_shows_the_figures_or_how_to_get_them(random_clip, tmp_path, monkeypatch):

@@ -144,6 +144,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.check_input_file(args.patch, "patch file")
     if args.grid is not None:
         files.check_output_file(args.grid, (".png",), args.overwrite, "grid image")
+    for option, value in (("--neighbours", args.neighbours), ("--clip-arch", args.clip_arch)):
+        if value and not args.clip:
+            raise AblationError(f"{option} belongs to the CLIP figures: add --clip PATH")
+    if args.clip and args.grid is not None:
+        raise AblationError("--grid draws the toy world's classifier evaluation; leave it out with --clip (the "
+                            "apply command draws before/after images on any model)")
     if args.model in TOY_MODELS and not args.clip:
         checks.check_toy_concepts(args.target, args.anchor)
     patch = load_patch(args.patch)
@@ -169,8 +175,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.attack:
         raise AblationError("attacks are measured on the embedded toy world (its classifier says what a sample "
                             "shows); use --model toy")
-    if args.neighbours:
-        raise AblationError("--neighbours choose the prompts of the CLIP figures: add --clip PATH")
     from ..evaluation.model_metrics import prediction_gaps
     from ..methods.prompts import choose_anchor_prompts, target_prompts
 
