@@ -283,3 +283,51 @@ def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch
     (message,) = press(button, {**values, "CLIP model folder": str(random_clip)})
     assert "cost: " in message and "clip_accuracy" in message and "neighbour_kid" in message
     assert fakes.hooks_left(env.shared.sd_model) == 0
+
+
+def test_open_clip_files_go_through_open_clip_where_it_is_installed(tmp_path, monkeypatch):
+    """The adapter's side of the contract, with a stand-in ``open_clip`` module (the real one is never required)."""
+    import sys
+    import types
+
+    class Visual(torch.nn.Module):
+        image_size = (32, 32)
+
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual, self.words = Visual(), torch.nn.Embedding(49408, 8)
+
+        def encode_image(self, pixels):
+            return self.visual.proj(pixels.mean((2, 3)))
+
+        def encode_text(self, tokens):
+            return self.words(tokens).mean(1)
+
+    created = []
+
+    def create_model(name, pretrained=None, device=None):
+        if name != "ViT-B-32":
+            raise RuntimeError(f"Model config for {name} not found.")
+        created.append((name, pretrained))
+        return Model()
+
+    def get_tokenizer(name):
+        return lambda texts: sd_clip_tokenizer()(texts, padding="max_length", max_length=77,
+                                                 return_tensors="pt").input_ids
+
+    monkeypatch.setitem(sys.modules, "open_clip", types.SimpleNamespace(create_model=create_model,
+                                                                        get_tokenizer=get_tokenizer))
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({"visual.proj": torch.zeros(2, 2), "token_embedding.weight": torch.zeros(2, 2)}, path)
+    scorer = load_clip(path, arch="ViT-B-32")
+    assert created == [("ViT-B-32", str(path))] and scorer.preprocess.crop == 32
+    assert scorer.image_features(torch.rand(3, 3, 16, 24)).shape == (3, 8)
+    assert scorer.text_features(["a cat", "a dog"]).shape == (2, 8)
+    _one_line_error(path, "open_clip cannot load .* as 'ViT-X-99' \\(Model config for ViT-X-99 not found.\\)",
+                    arch="ViT-X-99")
+    _one_line_error(tmp_path, "--clip-arch names an open_clip architecture, but .* is a folder", arch="ViT-B-32")
