@@ -17,7 +17,8 @@ from ...methods.progress import Canceller, cancel_checks
 from ...models.sampling import sample_latents
 from ...patches.patch import META
 from .flows import PatchStack, apply_patches, stack_entries
-from .view import ComfyModelView, cancel_requested, compute_modules, ensure_loaded
+from .flux_view import comfy_view
+from .view import cancel_requested, compute_modules, ensure_loaded
 
 NOT_SET = ("CLIP figures (clip_accuracy, clip_score, neighbour KID): set clip_model to a full CLIP model folder; "
            + HOW_TO_GET.replace("and pass --clip PATH", "and give its path"))
@@ -47,7 +48,7 @@ def clip_figures(model, clip, vae, value, strength: float, clip_model: str, per_
         patcher, text = patched if after else (model, clip)
         with torch.inference_mode(False), torch.no_grad():
             ensure_loaded(patcher)
-            view = ComfyModelView(patcher, text, latent_size=latent_size)
+            view = comfy_view(patcher, text, latent_size=latent_size)
             vae_modules = compute_modules(getattr(vae, "first_stage_model", None))
             with cancel_checks(view.cancel_check_modules() + vae_modules, Canceller(cancel_requested)):
                 latents = sample_latents(view, prompts, torch.arange(len(prompts)), steps, guidance,
@@ -57,5 +58,5 @@ def clip_figures(model, clip, vae, value, strength: float, clip_model: str, per_
 
     evaluation = score_with_clip(draw, scorer, sets, twins, seed)
     evaluation.neighbours_from = source
-    evaluation.cost = estimate_cost(ComfyModelView(model, clip, latent_size=latent_size), sets, sampling)
+    evaluation.cost = estimate_cost(comfy_view(model, clip, latent_size=latent_size), sets, sampling)
     return describe_cost(evaluation.cost, sampling) + "\n" + evaluation.table()
