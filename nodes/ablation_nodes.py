@@ -306,7 +306,8 @@ class MergeAblationPatches:
 
 class AblationReport:
     DESCRIPTION = ("Before/after images of the target, the anchor and surrounding prompts from the same noise, with "
-                   "the patch's metadata.")
+                   "the patch's metadata; with a CLIP model folder, the CLIP figures too (clip_accuracy, clip_score, "
+                   "neighbour KID).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("grid", "metadata")
@@ -330,13 +331,29 @@ class AblationReport:
                 "samples": ("INT", {"default": 2, "min": 1, "max": 8}),
                 "image_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
             },
+            "optional": {
+                "clip_model": ("STRING", {"default": "", "tooltip": "path of a full CLIP model folder (transformers, "
+                                          "e.g. openai/clip-vit-large-patch14) for the CLIP figures; ComfyUI's "
+                                          "clip_vision files are image towers only; empty: no figures"}),
+                "images_per_set": ("INT", {"default": 8, "min": 2, "max": 64,
+                                           "tooltip": "CLIP figures: images per prompt set (more: tighter spreads)"}),
+                "neighbours": ("STRING", {"multiline": True, "default": "",
+                                          "tooltip": "CLIP figures: concepts that should not change, one per line "
+                                                     "(empty: other artists for a style, other members of the "
+                                                     "anchor's class otherwise)"}),
+            },
         }
 
-    def report(self, model, clip, vae, patch, strength, prompts, seed, steps, cfg, samples, image_size):
+    def report(self, model, clip, vae, patch, strength, prompts, seed, steps, cfg, samples, image_size,
+               clip_model="", images_per_set=8, neighbours=""):
+        from ablation_core.backends.comfy.clip_report import clip_figures
+
         prompt_list = backend.report_prompts(patch, prompts)
         image = backend.render_report(model, clip, vae, patch, strength, prompt_list, seed, steps, cfg, samples,
                                       image_size)
-        return (image, backend.describe_text(patch))
+        figures = clip_figures(model, clip, vae, patch, strength, clip_model, images_per_set, neighbours, seed, steps,
+                               cfg, image_size)
+        return (image, backend.describe_text(patch) + "\n\n" + figures)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -166,6 +166,26 @@ def make_preview(id_task: str, name: str | None, size: float, steps: float, seed
     return str(path), f"<p>Preview saved as <code>{html.escape(str(path))}</code>.</p>"
 
 
+def measure_clip(id_task: str, name: str | None, clip_path: str, per_set: float, size: float, steps: float,
+                 seed: float) -> tuple[str]:
+    """CLIP figures for a patch on the loaded model: clip_accuracy, clip_score, neighbour KID (a CLIP folder needed);
+    one HTML output, as A1111's call wrapper expects a sequence whose last item is HTML."""
+    from ablation_core.backends.a1111 import list_patches
+    from ablation_core.backends.a1111.clip_figures import measure_with_clip
+    from ablation_core.errors import AblationError
+    from ablation_core.patches.storage import load_patch
+
+    entry = next((e for e in list_patches(lora_dir(), None) if e.name == name), None)
+    if entry is None:
+        return ("<p>Choose a patch first.</p>",)
+    try:
+        text = measure_with_clip(make_host(), load_patch(entry.path), clip_path or "", int(per_set or 8),
+                                 int(seed or 0), int(steps or 20), int(size or 512))
+    except AblationError as err:
+        return (f"<p class='error'>{html.escape(str(err))}</p>",)
+    return (f"<pre>{html.escape(text)}</pre>",)
+
+
 def interrupt() -> None:
     from modules import shared
 
@@ -244,6 +264,13 @@ def on_ui_tabs():
                 chosen_preview = gr.Image(label="Before / after", type="filepath", interactive=False)
                 draw = gr.Button("Draw a preview on the loaded model", elem_id=f"{TAB_ID}_draw")
                 drawn = gr.HTML()
+        with gr.Accordion("CLIP figures (clip_accuracy, clip_score, neighbour KID)", open=False):
+            with gr.Row():
+                clip_path = gr.Textbox(label="CLIP model folder", placeholder="a full CLIP model (transformers), "
+                                       "e.g. models/clip-vit-large-patch14; clip_vision files are image towers only")
+                clip_per_set = gr.Number(value=8, precision=0, label="Images per prompt set")
+                measure = gr.Button("Measure with CLIP on the loaded model", elem_id=f"{TAB_ID}_measure")
+            measured = gr.HTML()
 
         inputs = [dummy, target, anchor, concept_type, method, preset, steps, seed, resolution, anchor_images,
                   batch_size, storage, name, overwrite, preview, preview_size, preview_steps, robust_rounds]
@@ -254,6 +281,9 @@ def on_ui_tabs():
         chosen.change(fn=show_patch, inputs=[chosen], outputs=[details, chosen_preview])
         draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), **start_js,
                    inputs=[dummy, chosen, preview_size, preview_steps, seed], outputs=[chosen_preview, drawn])
+        measure.click(fn=wrap_gradio_gpu_call(measure_clip, extra_outputs=[]), _js="concept_ablation_start",
+                      inputs=[dummy, chosen, clip_path, clip_per_set, preview_size, preview_steps, seed],
+                      outputs=[measured])
     print(f"Concept Ablation: '{TAB_TITLE}' tab added ({len(names)} patch(es) of this tool in {lora_dir()})")
     return [(tab, TAB_TITLE, TAB_ID)]
 

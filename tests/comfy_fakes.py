@@ -391,6 +391,7 @@ def install(root: Path, monkeypatch) -> ComfyState:
             raise InterruptProcessingException()
 
     model_management.load_models_gpu = load_models_gpu
+    model_management.get_torch_device = lambda: torch.device("cpu")
     model_management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
 
     utils = types.ModuleType("comfy.utils")

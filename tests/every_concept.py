@@ -1,7 +1,7 @@
 """Every entry point on every concept of the toy world: the held-out check on quality settings.
 
-``python -m tests.every_concept [--method trained|closed-form] [--entries api cli node] [--per-set 48] [--out F]
-[--settings KEY=VALUE ...] [--compare-presets default thorough ...]``
+``python -m tests.every_concept [--model toy|toy-flux] [--method trained|closed-form] [--entries api cli node]
+[--per-set 48] [--out F] [--settings KEY=VALUE ...] [--compare-presets default thorough ...]``
 
 For each toy concept (with its suggested anchor) and each entry point, makes a patch the way a user would:
   - ``api``:  ``ablate(load_model("toy"), make_config(target, anchor))`` (closed form:
@@ -9,8 +9,9 @@ For each toy concept (with its suggested anchor) and each entry point, makes a p
   - ``cli``:  ``python -m ablation_core ablate --model toy --target T --anchor A --out P`` in a subprocess (closed
     form: with ``--method closed-form``);
   - ``node``: the Ablate Concept (closed form: Erase Concepts) node's own function on the toy model held as a
-    ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights), with the node's
-    default widgets except target, anchor and kind;
+    ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights; for toy-flux those of
+    ``tests/comfy_flux_fakes.py``, a ComfyUI Flux MODEL and flux CLIP), with the node's default widgets except
+    target, anchor and kind;
 (``--settings`` adds config settings to the api entry's call, ``--compare-presets`` makes and measures each concept
 once per named preset; the api rows count the run's UNet evaluations with a hook),
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
@@ -38,6 +39,11 @@ ENTRIES = ("api", "cli", "node")
 API_SETTINGS: dict[str, object] = {}
 COUNTED: dict[str, int] = {}
 METHODS = ("trained", "closed-form")
+MODEL = ["toy"]  # which toy world: toy or toy-flux (--model)
+
+
+def _network(view):
+    return getattr(view, "unet", None) or view.transformer
 
 
 def patch_from_api(method: str, target: str, anchor: str, folder: Path):
@@ -45,10 +51,10 @@ def patch_from_api(method: str, target: str, anchor: str, folder: Path):
         from ablation_core.methods.closed_form.settings import make_closed_form_config
         from ablation_core.methods.closed_form.solve import erase_closed_form
 
-        return erase_closed_form(load_model("toy"), make_closed_form_config(target, anchor)).patch
-    view = load_model("toy")
+        return erase_closed_form(load_model(MODEL[0]), make_closed_form_config(target, anchor)).patch
+    view = load_model(MODEL[0])
     calls = []
-    handle = view.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    handle = _network(view).register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
         result = ablate(view, make_config(target, anchor, **API_SETTINGS))
     finally:
@@ -59,7 +65,7 @@ def patch_from_api(method: str, target: str, anchor: str, folder: Path):
 
 def patch_from_cli(method: str, target: str, anchor: str, folder: Path):
     out = folder / f"{target.replace(' ', '_')}.safetensors"
-    subprocess.run([sys.executable, "-m", "ablation_core", "ablate", "--model", "toy", "--method", method,
+    subprocess.run([sys.executable, "-m", "ablation_core", "ablate", "--model", MODEL[0], "--method", method,
                     "--target", target, "--anchor", anchor, "--out", str(out), "--overwrite"], check=True,
                    capture_output=True, text=True)
     return load_patch(out)
@@ -73,7 +79,12 @@ def patch_from_node(method: str, target: str, anchor: str, folder: Path):
         fakes.install(folder, monkeypatch)
         import nodes
 
-        model, clip = fakes.make_toy_model_and_clip()
+        if MODEL[0] == "toy-flux":
+            from tests import comfy_flux_fakes
+
+            model, clip = comfy_flux_fakes.make_toy_flux_model_and_clip()
+        else:
+            model, clip = fakes.make_toy_model_and_clip()
         kind = "style" if target in ("van gogh", "monet", "picasso") else "object"
         if method == "closed-form":
             node = nodes.NODE_CLASS_MAPPINGS["EraseConceptsClosedForm"]()
@@ -96,7 +107,7 @@ def _unpatched_samples_cached() -> None:
     cache: dict[tuple, object] = {}
 
     def cached(view, classifier, prompts, seed, steps, guidance):
-        state = float(sum(p.double().sum() for p in view.unet.parameters()))  # the patch changes the weights
+        state = float(sum(p.double().sum() for p in _network(view).parameters()))  # the patch changes the weights
         key = (tuple(prompts), seed, steps, guidance, state)
         if key not in cache:
             cache[key] = real(view, classifier, prompts, seed, steps, guidance)
@@ -108,7 +119,7 @@ def _unpatched_samples_cached() -> None:
 def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None,
         variants: dict[str, dict] | None = None) -> list[dict]:
     """``variants``: api settings by label (each concept is made and measured once per variant)."""
-    view = load_model("toy")
+    view = load_model(MODEL[0])
     rows = []
     variants = variants or {"": dict(API_SETTINGS)}
     if len(variants) > 1:
@@ -155,6 +166,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.every_concept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("toy", "toy-flux"), default="toy")
     parser.add_argument("--method", choices=METHODS, default="trained")
     parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
     parser.add_argument("--concepts", nargs="+", default=None, help="only these (default: every concept)")
@@ -165,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-presets", nargs="+", default=None, metavar="PRESET",
                         help="trained api entry: each concept once per preset (e.g. default thorough fast)")
     args = parser.parse_args(argv)
+    MODEL[0] = args.model
     for item in args.settings:
         key, _, value = item.partition("=")
         try:

@@ -1,6 +1,6 @@
 """Concept-type presets, several targets in one run and an erasure on top of an earlier one, measured on the toy world.
 
-``python -m tests.recipe_cases [--per-set 24] [--out F]``
+``python -m tests.recipe_cases [--model toy|toy-flux] [--per-set 24] [--cases preset three second] [--out F]``
 
 Each case makes a patch through the Python API as a user would (``make_config(..., concept_type=...)``, several
 targets, ``ablate(..., base_patch=first)``) and measures every target it erased with ``evaluate_toy`` (evaluation
@@ -47,8 +47,8 @@ def passed(rows: list[dict]) -> bool:
                and r["surrounding_retained"] >= KEPT_MIN for r in rows)
 
 
-def run(per_set: int, cases: list[str] | None = None) -> list[dict]:
-    view = load_model("toy")
+def run(per_set: int, cases: list[str] | None = None, model: str = "toy") -> list[dict]:
+    view = load_model(model)
     results = []
 
     def record(case: str, pairs: list[tuple[str, str]], patch, seconds: float) -> None:
@@ -68,6 +68,14 @@ def run(per_set: int, cases: list[str] | None = None) -> list[dict]:
         started = time.perf_counter()
         patch = ablate(view, make_config(targets, anchors, concept_type=concept_type)).patch
         record(case, pairs, patch, time.perf_counter() - started)
+    if wanted("three targets in one closed-form solve"):
+        from ablation_core.methods.closed_form.settings import make_closed_form_config
+        from ablation_core.methods.closed_form.solve import erase_closed_form
+
+        pairs = JOINT_CASE[1]
+        started = time.perf_counter()
+        patch = erase_closed_form(view, make_closed_form_config([t for t, _ in pairs], [a for _, a in pairs])).patch
+        record("three targets in one closed-form solve", pairs, patch, time.perf_counter() - started)
 
     if not wanted("second erasure"):
         return results
@@ -93,12 +101,13 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.recipe_cases", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("toy", "toy-flux"), default="toy")
     parser.add_argument("--per-set", type=int, default=24)
     parser.add_argument("--cases", nargs="+", default=None,
                         help="only the cases whose names start so: preset, three, second (default: all)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
-    results = run(args.per_set, args.cases)
+    results = run(args.per_set, args.cases, args.model)
     table = markdown(results)
     print(table)
     if args.out:

@@ -87,3 +87,11 @@ def test_target_prompts_are_twins_of_anchor_prompts():
         "a painting of a river, in the style of Van Gogh"]
     typos = misspellings("Van Gogh", 5, seed=0)
     assert len(typos) == 5 and all(t.lower() != "van gogh" for t in typos)
+
+
+def test_an_sd3_diffusers_folder_is_refused_naming_what_is_supported(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    (tmp_path / "text_encoder").mkdir()
+    with pytest.raises(UnsupportedModelError, match="SD3/SD3.5.*Flux.1"):
+        load_model(tmp_path)

@@ -15,12 +15,19 @@ from ..errors import AblationError
 from ..models.families import Family
 from ..models.flux.text import FluxTextEncoders
 from ..models.flux.transformer import FluxTransformer
+from ..models.fp8 import cast_keeping_fp8
 from ..models.layers import Layer, kohya_key, layer_kind, select_flux_modules
+from ..models.memory import FLUX_WIDTH_X_BLOCKS
 from ..models.schedules import FlowSchedule
 from ..models.view import Conditioning, ModelView
 
 CLIP_END = 49407
 UNET_PREFIX = "lora_unet_"  # kohya's prefix for the diffusion network, which ComfyUI and Forge map for Flux too
+
+
+def flux_activation_scale(hidden_size: int, blocks: int) -> float:
+    """A Flux model's training activations relative to Flux.1's (``models.memory``): width x blocks."""
+    return hidden_size * blocks / FLUX_WIDTH_X_BLOCKS
 
 
 class FluxModelView(ModelView):
@@ -40,12 +47,14 @@ class FluxModelView(ModelView):
         self.guidance_input = bool(transformer.config.guidance_embed)
         self.default_guidance = float(guidance)
         self.latent_channels = transformer.config.in_channels
+        self.activation_scale = flux_activation_scale(transformer.config.hidden_size, len(transformer.double_blocks)
+                                                      + len(transformer.single_blocks))
         self.default_latent_size = default_latent_size
         self.latent_multiple = transformer.config.patch_size
         self._shared_vocabulary: bool | None = None
         for module in (transformer, encoders):
             module.to(self.device).eval().requires_grad_(False)
-        transformer.to(dtype)
+        cast_keeping_fp8(transformer, dtype)
 
     # Text ------------------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Conditioning:

@@ -19,6 +19,7 @@ from ..models.flux.files import build_flux_transformer, flux_transformer_state, 
 from ..models.flux.text import FluxTextEncoders
 from ..models.flux.text_files import load_clip_l, load_t5, load_t5_tokenizer
 from ..models.flux.transformer import FluxTransformer
+from ..models.fp8 import store_fp8
 from ..models.schedules import FlowSchedule
 from ..models.tokenizer import sd_clip_tokenizer
 from .flux import FluxModelView
@@ -48,16 +49,22 @@ def flux_schedule(transformer: FluxTransformer, latent_size: int = DEFAULT_LATEN
     return FlowSchedule(shift=math.exp(mu))
 
 
-def load_toy_flux_view(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FluxModelView:
+FP8_BLOCKS = ("double_blocks.", "single_blocks.")  # fp8 storage: the blocks' Linear weights (all but 0.1 % of them)
+
+
+def load_toy_flux_view(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       fp8: bool = False) -> FluxModelView:
     from ..toy import flux as toy_flux  # the toy world is imported only when asked for
 
     transformer, encoders = toy_flux.load_toy_flux(device, dtype)
+    if fp8:
+        store_fp8(transformer, FP8_BLOCKS)
     return FluxModelView(transformer, encoders, TOY_FLUX, toy_flux.schedule(), device, dtype, source="toy-flux",
                          default_latent_size=16, guidance=toy_flux.DEFAULT_GUIDANCE)
 
 
 def load_flux_view(spec: str | Path, text: FluxTextSources | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.bfloat16) -> FluxModelView:
+                   dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> FluxModelView:
     """A Flux transformer file (or a diffusers Flux folder) with its text encoders, as a ``FluxModelView``."""
     path = Path(spec)
     text = text or FluxTextSources()
@@ -70,6 +77,8 @@ def load_flux_view(spec: str | Path, text: FluxTextSources | None = None, device
         transformer = build_flux_transformer(flux_transformer_state(state), metadata, dtype)
     if text.clip_l is None or text.t5 is None:
         raise UnsupportedModelError(TEXT_HELP)
+    if fp8:  # before the text encoders load, so the peak is the fp8 transformer's plus theirs
+        store_fp8(transformer, FP8_BLOCKS)
     encoders = FluxTextEncoders(load_t5(text.t5, dtype), load_t5_tokenizer(text.t5_tokenizer),
                                 load_clip_l(text.clip_l, dtype), sd_clip_tokenizer(),
                                 SEQUENCE_LENGTH[transformer.config.guidance_embed])

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import UnsupportedModelError
 from ..models.view import ModelView
 
 TOY_FLUX_MODEL = "toy-flux"
@@ -45,17 +46,21 @@ def _transformer_class(folder: Path) -> str | None:
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None, flux_text=None) -> ModelView:
+               prediction_type: str | None = None, flux_text=None, fp8: bool = False) -> ModelView:
     """Load ``toy``, ``toy-flux``, a diffusers folder or a single-file ``.safetensors`` checkpoint. ``flux_text``
-    (a ``FluxTextSources``) says where a Flux transformer file's text encoders are."""
+    (a ``FluxTextSources``) says where a Flux transformer file's text encoders are; ``fp8`` stores a Flux
+    transformer's block weights in fp8 (``models.fp8``)."""
     if str(spec) == TOY_FLUX_MODEL:
         from .flux_loading import load_toy_flux_view
 
-        return load_toy_flux_view(device, dtype)
+        return load_toy_flux_view(device, dtype, fp8)
     if str(spec) not in TOY_MODELS and is_flux(spec):
         from .flux_loading import load_flux_view
 
-        return load_flux_view(spec, flux_text, device, dtype)
+        return load_flux_view(spec, flux_text, device, dtype, fp8)
+    if fp8:
+        raise UnsupportedModelError("--fp8 stores a Flux transformer's weights in fp8; SD models train in their own "
+                                    "dtype (--dtype bf16 or fp16 halves their memory)")
     from .diffusers import load_sd_model
 
     return load_sd_model(spec, device, dtype, prediction_type)

@@ -144,15 +144,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files.check_input_file(args.patch, "patch file")
     if args.grid is not None:
         files.check_output_file(args.grid, (".png",), args.overwrite, "grid image")
-    if args.model in TOY_MODELS:
+    for option, value in (("--neighbours", args.neighbours), ("--clip-arch", args.clip_arch)):
+        if value and not args.clip:
+            raise AblationError(f"{option} belongs to the CLIP figures: add --clip PATH")
+    if args.clip and args.grid is not None:
+        raise AblationError("--grid draws the toy world's classifier evaluation; leave it out with --clip (the "
+                            "apply command draws before/after images on any model)")
+    if args.model in TOY_MODELS and not args.clip:
         checks.check_toy_concepts(args.target, args.anchor)
     patch = load_patch(args.patch)
+    if args.clip:
+        from .clip_eval import load_scorer, run_clip_eval
+
+        scorer = load_scorer(args)
+        return run_clip_eval(args, load_view(args), patch, scorer)
     view = load_view(args)
     if view.family.toy:
         from ..evaluation.toy_eval import evaluate_toy, to_json
 
         with progress_bars() as on_progress:
-            evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set, args.seed,
+            evaluation = evaluate_toy(view, patch, args.target, args.anchor, args.per_set or 48, args.seed,
                                       args.strength, args.grid, on_progress)
             attacks = _attacks(args, view, patch, on_progress)
         if args.json:
@@ -198,6 +209,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, run_closed_form_bench
 
+    if args.arch == "flux":
+        from .bench_flux import run_flux_bench
+
+        report = run_flux_bench()
+        print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+        return 0
     dtype_name = args.dtype
     if dtype_name == "auto" and args.arch != "toy":
         dtype_name = "bf16"  # full-size weights in bf16 on a CPU too: half the memory (SDXL's fp32 weights are 14 GB)

@@ -34,7 +34,8 @@ def load_view(args: argparse.Namespace):
     device, dtype = device_and_dtype(args.device, args.dtype)
     flux_text = FluxTextSources(getattr(args, "clip_l", None), getattr(args, "t5", None),
                                 getattr(args, "t5_tokenizer", None))
-    return load_model(args.model, device, dtype, getattr(args, "prediction_type", None), flux_text)
+    return load_model(args.model, device, dtype, getattr(args, "prediction_type", None), flux_text,
+                      bool(getattr(args, "fp8", False)))
 
 
 def size_text(path: Path) -> str:

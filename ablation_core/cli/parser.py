@@ -53,6 +53,10 @@ def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     flux.add_argument("--t5-tokenizer", default=None,
                       help="a folder with T5's tokenizer (a diffusers Flux repository's tokenizer_2/, or ComfyUI's "
                            "comfy/text_encoders/t5_tokenizer/); no weights file carries it")
+    flux.add_argument("--fp8", action="store_true",
+                      help="store the transformer's block weights in fp8 (e4m3), cast to --dtype one layer at a time: "
+                           "Flux.1's 12B weights in 11 GiB instead of 22 (with --gradient-checkpointing, --lora-rank "
+                           "16 and --offload-text-encoder a run fits a 24 GB card)")
 
 
 def _patch_output_args(parser: argparse.ArgumentParser) -> None:
@@ -206,8 +210,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="how target prompts are phrased on real models (default: object)")
     p.add_argument("--strength", type=checks.finite_float, default=1.0,
                    help="multiplier of the patch's change (default: 1.0)")
-    p.add_argument("--per-set", type=checks.positive_int, default=48,
-                   help="samples per prompt set on the toy world (default: 48)")
+    p.add_argument("--per-set", type=checks.positive_int, default=None,
+                   help="images per prompt set; more for tighter spreads, at a cost printed before it starts "
+                        "(default: 48 on the toy world, 16 with --clip)")
     p.add_argument("--grid", default=None, help="also write a before/after grid image here (toy world; default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace --grid if it exists (default: refuse)")
     p.add_argument("--seed", type=checks.seed, default=0, help="noise seed (default: 0)")
@@ -221,6 +226,28 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="full: the stated budgets of the results table (minutes on a CPU); small: a quick look "
                         "(seconds; figures are rougher) (default: full)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_clip_options(p)
+
+
+def _add_clip_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("CLIP figures (any model: clip_accuracy, clip_score, neighbour_kid)")
+    group.add_argument("--clip", default=None, metavar="PATH",
+                       help="a CLIP model you downloaded: a transformers folder (e.g. `huggingface-cli download "
+                            "openai/clip-vit-large-patch14 --local-dir PATH`), or an open_clip weights file with "
+                            "--clip-arch; nothing is fetched (default: none; real models get model-side gaps only)")
+    group.add_argument("--clip-arch", default=None, metavar="NAME",
+                       help="the open_clip architecture of a --clip weights file, e.g. ViT-H-14 (needs the optional "
+                            "open_clip_torch) (default: none)")
+    group.add_argument("--neighbours", nargs="+", default=None, metavar="CONCEPT",
+                       help="concepts that should not change, e.g. 'Claude Monet' 'Pablo Picasso' (default: a built-in "
+                            "list: other artists for --kind style, other members of the anchor's class otherwise)")
+    group.add_argument("--sampler-steps", type=checks.positive_int, default=25, help="solver steps (default: 25)")
+    group.add_argument("--guidance", type=checks.non_negative_float, default=6.0,
+                       help="classifier-free guidance scale (default: 6.0)")
+    group.add_argument("--batch-size", type=checks.positive_int, default=4,
+                       help="images sampled and decoded at once (default: 4)")
+    group.add_argument("--latent-size", type=checks.positive_int, default=None,
+                       help="image size in latent pixels; smaller is faster (default: the model's own)")
 
 
 def _add_small_commands(sub: argparse._SubParsersAction) -> None:
@@ -264,8 +291,9 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the run (default: 0)")
 
     p = sub.add_parser("bench", help="time an ablation on a random-weight model of the real shape")
-    p.add_argument("--arch", choices=["sd15", "sd2", "sdxl", "toy"], required=True,
-                   help="model shape to build (toy: the embedded toy model)")
+    p.add_argument("--arch", choices=["sd15", "sd2", "sdxl", "toy", "flux"], required=True,
+                   help="model shape to build (toy: the embedded toy model; flux: Flux.1 dev counted on the meta "
+                        "device: FLOPs, UNet evaluations and a 24 GB memory plan, nothing run)")
     p.add_argument("--device", type=checks.device, default="auto", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision (default: bf16; fp32 for the toy model on a CPU)")

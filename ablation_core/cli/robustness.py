@@ -1,7 +1,8 @@
 """The README's robustness table: toy-world concepts x erasure methods x attacks, before and after, with the cost.
 
-``python -m ablation_core.cli.robustness [--concepts nemo "van gogh" ...] [--methods trained trained-robust
-closed-form closed-form-robust] [--rounds 2] [--attack-budget small|full] [--per-set 16] [--preset P] [--out F]``
+``python -m ablation_core.cli.robustness [--model toy|toy-flux] [--concepts nemo "van gogh" ...] [--methods trained
+trained-robust closed-form closed-form-robust] [--rounds 2] [--attack-budget small|full] [--per-set 16] [--preset P]
+[--out F]``
 
 For each concept (default: every concept of the toy world, with its anchor) and each method, erases it from the
 embedded toy model, measures the patch with ``evaluate_toy`` (target, anchor and every neighbour, on the evaluation
@@ -131,7 +132,7 @@ def _earlier_rows(args: argparse.Namespace, budget: dict) -> list[dict]:
     # reports from before the presets were renamed were made with today's "thorough" (then the default)
     same = (report.get("budgets") == budget and report.get("rounds") == args.rounds
             and report.get("per_set") == args.per_set and report.get("seed") == args.seed
-            and report.get("preset", "thorough") == args.preset)
+            and report.get("preset", "thorough") == args.preset and report.get("model", "toy") == args.model)
     if not same:
         raise SystemExit(f"{path} was measured with other settings; remove it or leave out --resume")
     return list(report["rows"])
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ablation_core.cli.robustness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("toy", "toy-flux"), default="toy", help="toy world (default: toy)")
     parser.add_argument("--concepts", nargs="+", default=None,
                         help="toy concepts to erase, each with its own anchor (default: every one)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONCEPTS_BY_NAME]
     if unknown:
         parser.error(f"unknown toy concept {unknown[0]!r}; known: {', '.join(CONCEPTS_BY_NAME)}")
-    view = load_model("toy")
+    view = load_model(args.model)
     budget = {name: budget_of(name, args.attack_budget).as_json() for name in args.attacks}
     rows: list[dict] = _earlier_rows(args, budget) if args.resume and args.out else []
     patch_dir = Path(args.out + "_patches") if args.out else None
@@ -179,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            report = {"attack_budget": args.attack_budget, "budgets": budget, "preset": args.preset,
-                      "rounds": args.rounds,
-                      "per_set": args.per_set, "seed": args.seed, "rows": rows}
+            report = {"model": args.model, "attack_budget": args.attack_budget, "budgets": budget,
+                      "preset": args.preset, "rounds": args.rounds, "per_set": args.per_set,
+                      "seed": args.seed, "rows": rows}
             write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(report, indent=2) + "\n")
             write_text_atomic(Path(args.out).with_suffix(".md"), markdown(rows, budget))
 

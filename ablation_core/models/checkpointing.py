@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# The class every host names its UNet transformer blocks with: diffusers, ComfyUI (comfy.ldm), A1111 (ldm, sgm).
-TRANSFORMER_BLOCK_NAMES = ("BasicTransformerBlock",)
+# The classes every host names its transformer blocks with: diffusers, ComfyUI (comfy.ldm), A1111 (ldm, sgm); Flux
+# (BFL, ComfyUI comfy.ldm.flux, this package) its double and single stream blocks.
+TRANSFORMER_BLOCK_NAMES = ("BasicTransformerBlock", "DoubleStreamBlock", "SingleStreamBlock")
 
 
 def transformer_blocks(unet: nn.Module) -> list[nn.Module]:

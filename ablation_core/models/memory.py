@@ -28,6 +28,13 @@ SAVED_BYTES_PER_PIXEL = {"sd1": 524_000, "sd2": 418_000, "sdxl": 583_000}
 DEFAULT_SAVED_BYTES_PER_PIXEL = 583_000
 SAVED_BYTES_PER_PIXEL_CHECKPOINTED = {"sd1": 163_000, "sd2": 126_000, "sdxl": 80_000}
 DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED = 163_000
+# Flux.1 (full width): joint attention over image and text tokens grows with their square, so the bytes per training
+# row are ``a * tokens + b * tokens**2`` (tokens = (latent / 2)**2 image patches + 512 text tokens), fitted to
+# ``bench --arch flux``'s counts at 512 and 1024 px (33.9 and 245.9 GiB; 1.19 and 6.11 GiB checkpointed).
+FLUX_SAVED_BYTES = (6_930_000, 10_932)
+FLUX_SAVED_BYTES_CHECKPOINTED = (536_000, 193)
+FLUX_TEXT_TOKENS = 512
+FLUX_WIDTH_X_BLOCKS = 3072 * (19 + 38)  # Flux.1's hidden size x its double and single blocks
 FRAMEWORK_BYTES = 1 << 30
 GIB = 1 << 30
 
@@ -50,21 +57,28 @@ class MemoryEstimate:
 
 
 def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dtype,
-                     checkpointing: bool = False) -> int:
+                     checkpointing: bool = False, scale_of_model: float = 1.0) -> int:
+    """What autograd saves for ``batch`` training rows; ``scale_of_model``: the model's width x depth over the
+    measured one's (Flux models narrower or shallower than Flux.1, such as toy-flux)."""
+    scale = torch.empty((), dtype=dtype).element_size() / 2
+    if family == "flux":
+        tokens = (latent_size // 2) ** 2 + FLUX_TEXT_TOKENS
+        linear, square = FLUX_SAVED_BYTES_CHECKPOINTED if checkpointing else FLUX_SAVED_BYTES
+        return int((linear * tokens + square * tokens * tokens) * batch * scale * scale_of_model)
     if checkpointing:
         per_pixel = SAVED_BYTES_PER_PIXEL_CHECKPOINTED.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL_CHECKPOINTED)
     else:
         per_pixel = SAVED_BYTES_PER_PIXEL.get(family, DEFAULT_SAVED_BYTES_PER_PIXEL)
-    scale = torch.empty((), dtype=dtype).element_size() / 2
     return int(per_pixel * latent_size * latent_size * batch * scale)
 
 
 def estimate(family: str, latent_size: int, batch: int, dtype: torch.dtype, trained_parameters: int,
-             weight_parameters: int = 0, checkpointing: bool = False) -> MemoryEstimate:
+             weight_parameters: int = 0, checkpointing: bool = False, scale_of_model: float = 1.0) -> MemoryEstimate:
     """What a run needs beyond what is already loaded (``weight_parameters`` = 0 when the model is in memory)."""
     bytes_per = torch.empty((), dtype=dtype).element_size()
     return MemoryEstimate(weights=weight_parameters * bytes_per,
-                          activations=activation_bytes(family, latent_size, batch, dtype, checkpointing),
+                          activations=activation_bytes(family, latent_size, batch, dtype, checkpointing,
+                                                       scale_of_model),
                           trained=trained_parameters * 4 * 4)
 
 

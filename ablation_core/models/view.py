@@ -112,6 +112,7 @@ class ModelView(ABC):
     context_start_tokens: int = 1  # CLIP starts every sequence with a start token; T5 has none
     context_causal: bool = True  # CLIP's positions see only what comes before them; T5's see the whole prompt
     closed_form_group: str = "kv"  # the parameter group the closed form edits (its patches' metadata)
+    activation_scale: float = 1.0  # training activations over those of the family's measured model (models.memory)
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> Conditioning:

@@ -12,9 +12,11 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PatchError, PatchMismatchError, quoted
+from ..models.fp8 import is_fp8
 from ..models.view import ModelView
 from .patch import AblationPatch, LayerDelta, fingerprint
 
@@ -85,12 +87,21 @@ class AppliedPatch:
 
     def __init__(self, originals: dict[str, tuple[nn.Module, Tensor]]):
         self._originals = originals
+        self._hooks: list = []
+
+    def add_on_top(self, module: nn.Module, dense: Tensor) -> None:
+        """A change applied as a forward hook (``output + x @ dense.T``), for fp8 weights: rounding a small delta
+        into them would lose most of it."""
+        self._hooks.append(module.register_forward_hook(
+            lambda _m, args, out: out + F.linear(args[0], dense.to(args[0].device, args[0].dtype)).to(out.dtype)))
 
     def remove(self) -> None:
         with torch.no_grad():
             for module, original in self._originals.values():
                 module.weight.copy_(original)
-        self._originals = {}
+        for hook in self._hooks:
+            hook.remove()
+        self._originals, self._hooks = {}, []
 
     def __enter__(self) -> AppliedPatch:
         return self
@@ -109,6 +120,9 @@ def apply_patch(view: ModelView, patch: AblationPatch, strength: float = 1.0, st
     try:
         with torch.no_grad():
             for key, (module, dense) in resolved.items():
+                if is_fp8(module.weight) and isinstance(module, nn.Linear):
+                    applied.add_on_top(module, (dense * strength).float())
+                    continue
                 original = module.weight.detach().clone()
                 applied._originals[key] = (module, original)
                 module.weight.add_((dense * strength).to(module.weight.device, module.weight.dtype))

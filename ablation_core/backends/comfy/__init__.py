@@ -14,8 +14,9 @@ from .flows import (
     save_preview,
     stack_entries,
 )
+from .flux_view import ComfyFluxView, comfy_view
 from .view import ComfyModelView, model_family
 
-__all__ = ["PROGRESS_EVENT", "ComfyModelView", "PatchStack", "ablate_concept", "apply_patches", "as_single_patch",
-           "describe_text", "fingerprint_matches", "model_family", "render_report", "report_prompts", "save_preview",
-           "stack_entries"]
+__all__ = ["PROGRESS_EVENT", "ComfyFluxView", "ComfyModelView", "PatchStack", "ablate_concept", "apply_patches",
+           "as_single_patch", "comfy_view", "describe_text", "fingerprint_matches", "model_family", "render_report",
+           "report_prompts", "save_preview", "stack_entries"]

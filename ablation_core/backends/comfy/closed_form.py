@@ -19,7 +19,8 @@ from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_erase_closed_form
 from ...patches.patch import META, AblationPatch
 from .flows import NodeProgress, PatchStack, apply_patches, on_original_weights
-from .view import ComfyModelView, cancel_requested, compute_modules
+from .flux_view import comfy_view
+from .view import cancel_requested, compute_modules
 
 
 class SolveProgress:
@@ -60,7 +61,7 @@ def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = 
     progress = SolveProgress(node_id)
     model, clip, base, prefix = on_original_weights(model, clip, base_patch)
     with torch.inference_mode(False), torch.no_grad():
-        view = ComfyModelView(model, clip, original_weights=True)
+        view = comfy_view(model, clip, original_weights=True)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested,
                                               base_patch=base)
@@ -78,7 +79,7 @@ def fuse(model, clip, patches: list[AblationPatch], weights: list[float],
     """MACE-style fusion of several patches on this base model (see ``methods.closed_form.fusion``)."""
     progress = SolveProgress(node_id)
     with torch.inference_mode(False), torch.no_grad():
-        view = ComfyModelView(model, clip, original_weights=True)
+        view = comfy_view(model, clip, original_weights=True)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             fused = fuse_patches(view, patches, weights, on_progress=progress, should_cancel=cancel_requested)
     progress.finish(describe_merge(fused, len(patches)))

@@ -28,7 +28,8 @@ from ...patches.cache import PatchCache, cache_key
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch
 from . import chain
-from .view import ComfyModelView, cancel_requested, compute_modules, ensure_loaded, make_trainable
+from .flux_view import comfy_view
+from .view import cancel_requested, compute_modules, ensure_loaded, make_trainable
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
     with torch.inference_mode(False), torch.enable_grad():
         trainer = model.clone()
         make_trainable(trainer)
-        view = ComfyModelView(trainer, clip, latent_size=config.latent_size)
+        view = comfy_view(trainer, clip, latent_size=config.latent_size)
         config = resolve_config(config, view.family.name)
         cache = PatchCache(cache_dir) if cache_dir else None
         settings = {k: v for k, v in config.describe().items() if k not in MEMORY_OPTIONS}  # same patch either way
@@ -179,7 +180,7 @@ def summarize(patch: AblationPatch, cached: bool) -> str:
 def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tuple[object, object]:
     """Clones of MODEL and CLIP with the patches added as ComfyUI weight patches (``(delta,)`` = "diff"); the MODEL
     records them (``chain``), after the ones it already carried, so a later erasure can build on them."""
-    view = ComfyModelView(model, clip, original_weights=True)
+    view = comfy_view(model, clip, original_weights=True)
     outputs = {"model": model.clone(), "clip": clip}
     carried = chain.carried(model, clip)
     for patch, strength in entries:
@@ -204,7 +205,7 @@ def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tu
 
 
 def fingerprint_matches(model, clip, patch: AblationPatch) -> bool:
-    return check_fingerprint(patch, ComfyModelView(model, clip, original_weights=True))
+    return check_fingerprint(patch, comfy_view(model, clip, original_weights=True))
 
 
 def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength: float, prompts: list[str],
@@ -217,7 +218,7 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
     with torch.inference_mode(False), torch.no_grad():
         for name, (patcher, text) in {"before": (model, clip), "after": (patched, patched_clip)}.items():
             ensure_loaded(patcher)
-            view = ComfyModelView(patcher, text, latent_size=latent_size)
+            view = comfy_view(patcher, text, latent_size=latent_size)
             vae_modules = compute_modules(getattr(vae, "first_stage_model", None))
             with cancel_checks(view.cancel_check_modules() + vae_modules, Canceller(cancel_requested)):
                 latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,

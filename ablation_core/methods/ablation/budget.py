@@ -31,16 +31,20 @@ def training_passes_per_step(config: AblationConfig) -> int:
     return gradient_passes_per_step(config) + frozen
 
 
-def sampling_passes(config: AblationConfig) -> int:
-    """UNet evaluations per anchor image and solver step: two with classifier-free guidance, one without."""
-    return 1 if unguided(float(config.guidance)) else 2
+def sampling_passes(config: AblationConfig, guidance_input: bool = False) -> int:
+    """UNet evaluations per anchor image and solver step: two with classifier-free guidance, one without, and one
+    on a guidance-distilled model (Flux dev, toy-flux: ``guidance_input``), which takes the scale as an input."""
+    return 1 if guidance_input or unguided(float(config.guidance)) else 2
 
 
-def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None) -> dict[str, int]:
+def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None,
+                     guidance_input: bool = False) -> dict[str, int]:
     """Evaluations per phase of a resolved config (no preserved prompts, no memorized-image filter).
 
-    ``held_out_prompts``: prompts of the check over all targets (default: ``CHECK_PROMPTS`` per target)."""
+    ``held_out_prompts``: prompts of the check over all targets (default: ``CHECK_PROMPTS`` per target);
+    ``guidance_input``: the model is guidance-distilled (``ModelView.guidance_input``)."""
     held_out = held_out_prompts if held_out_prompts is not None else CHECK_PROMPTS * len(config.pairs())
-    return {"anchor_sampling": sampling_passes(config) * int(config.anchor_images) * int(config.sampler_steps),
+    sampling = sampling_passes(config, guidance_input)
+    return {"anchor_sampling": sampling * int(config.anchor_images) * int(config.sampler_steps),
             "training": int(config.steps) * training_passes_per_step(config),
             "check": CHECK_PASSES * SAMPLES_PER_PROMPT * held_out}

@@ -26,7 +26,7 @@ def run_estimate(view: ModelView, config: AblationConfig, layers: list[Layer],
     trained = sum(rank * sum(layer.module.weight.shape[:2]) if rank else layer.module.weight.numel()
                   for layer in layers)
     needed = estimate(view.family.name, latent, rows, view.dtype, trained, weight_parameters,
-                      bool(config.gradient_checkpointing))
+                      bool(config.gradient_checkpointing), view.activation_scale)
     if uses_sampler_states(config):  # x_t and the frozen prediction of every solver step, in the model's dtype
         value_bytes = 2 if view.dtype.itemsize <= 2 else 4
         needed.framework += (2 * int(config.anchor_images) * int(config.sampler_steps) * view.latent_channels
