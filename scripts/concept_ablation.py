@@ -281,7 +281,7 @@ def on_ui_tabs():
         chosen.change(fn=show_patch, inputs=[chosen], outputs=[details, chosen_preview])
         draw.click(fn=wrap_gradio_gpu_call(make_preview, extra_outputs=[None]), **start_js,
                    inputs=[dummy, chosen, preview_size, preview_steps, seed], outputs=[chosen_preview, drawn])
-        measure.click(fn=wrap_gradio_gpu_call(measure_clip, extra_outputs=[]), _js="concept_ablation_start",
+        measure.click(fn=wrap_gradio_gpu_call(measure_clip, extra_outputs=[]), **start_js,
                       inputs=[dummy, chosen, clip_path, clip_per_set, preview_size, preview_steps, seed],
                       outputs=[measured])
     print(f"Concept Ablation: '{TAB_TITLE}' tab added ({len(names)} patch(es) of this tool in {lora_dir()})")

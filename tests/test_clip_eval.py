@@ -285,6 +285,28 @@ def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch
     assert fakes.hooks_left(env.shared.sd_model) == 0
 
 
+def test_forge_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch):
+    """In Forge the figures draw with Forge's own model objects, which are left as they were."""
+    from tests import forge_fakes
+    from tests.test_a1111 import build_tab, form, load_script, press
+
+    lora_dir = tmp_path / "models" / "Lora"
+    lora_dir.mkdir(parents=True)
+    env = forge_fakes.install(monkeypatch, lora_dir)
+    env.script = load_script(monkeypatch)
+    _, buttons = build_tab(env)
+    press(buttons["Ablate"], form("closed form", **{"Draw a before/after preview": False}))
+    engine = env.model_data.sd_model
+    before = forge_fakes.unet_weights(engine)
+    values = {"Patch": "ablate_Van_Gogh_to_painting", "Preview size, px": 32, "Preview steps": 2,
+              "Images per prompt set": 2, "CLIP model folder": str(random_clip)}
+    (message,) = press(buttons["Measure with CLIP on the loaded model"], values)
+    assert "cost: " in message and "clip_accuracy" in message
+    assert buttons["Measure with CLIP on the loaded model"].events["click"]["js"] == "concept_ablation_start"
+    after = forge_fakes.unet_weights(engine)
+    assert all(after[k] is before[k] for k in before)
+
+
 def test_open_clip_files_go_through_open_clip_where_it_is_installed(tmp_path, monkeypatch):
     """The adapter's side of the contract, with a stand-in ``open_clip`` module (the real one is never required)."""
     import sys

@@ -1,4 +1,5 @@
-"""The tab's CLIP figures for a patch on the loaded model: the core's ``score_with_clip``, drawing with A1111's model.
+"""The tab's CLIP figures for a patch on the loaded model: the core's ``score_with_clip``, drawing with the loaded
+model (A1111's or Forge's).
 
 The patched draws run with the patch attached as forward hooks (as the preview does), so the loaded weights never
 change. The CLIP model is a full one (both towers) from a folder the user typed in.
@@ -20,7 +21,6 @@ from ...methods.progress import Canceller, cancel_checks
 from ...models.sampling import sample_latents
 from ...patches.patch import META, AblationPatch
 from .flows import A1111Host, _latent_size
-from .view import A1111ModelView
 
 NOT_SET = "Type the folder of a full CLIP model to measure with; " + HOW_TO_GET.replace(
     "and pass --clip PATH", "and type its path")
@@ -36,7 +36,7 @@ def measure_with_clip(host: A1111Host, patch: AblationPatch, clip_path: str, per
         raise AblationError("this patch names no target and anchor to measure")
     kind = patch.metadata.get(META + "kind", "object")
     kind = kind if kind in ("object", "style", "memorization") else "object"
-    view = A1111ModelView(host.sd_model, autocast=host.autocast)
+    view = host.view()
     scorer = load_clip(clip_path.strip(), view.device, torch.float32)
     latent_size = _latent_size(image_size, view) or view.default_latent_size
     sampling = Sampling(max(int(steps), 1), guidance, 4, latent_size)
@@ -52,6 +52,7 @@ def measure_with_clip(host: A1111Host, patch: AblationPatch, clip_path: str, per
             canceller.check()
             return view.decode(latents).cpu()
 
-    evaluation = score_with_clip(draw, scorer, sets, twins, seed)
+    with view.prepared():  # the checkpoint's own weights (no LoRA of the last generation), Forge's too
+        evaluation = score_with_clip(draw, scorer, sets, twins, seed)
     evaluation.neighbours_from, evaluation.cost = source, estimate_cost(view, sets, sampling)
     return describe_cost(evaluation.cost, sampling) + "\n" + evaluation.table()
