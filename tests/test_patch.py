@@ -224,3 +224,26 @@ def test_saved_patch_gets_the_usual_file_permissions(sd1_result, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_every_save_keeps_the_smaller_of_low_rank_and_exact(tmp_path):
+    """A low-rank delta whose factors hold more numbers than its exact change (the closed form's rank-586 layers of
+    #22) is written exact; a truly low-rank one stays factors; either loads back as the change (fp16 precision)."""
+    torch.manual_seed(0)
+    high = LayerDelta(up=torch.randn(64, 40), down=torch.randn(40, 48), alpha=40.0)  # 40 * 112 > 64 * 48 numbers
+    low = LayerDelta(up=torch.randn(64, 2), down=torch.randn(2, 48), alpha=2.0)
+    patch = AblationPatch({"lora_unet_high": high, "lora_unet_low": low}, {"ss_network_dim": "40"})
+    path = patch.save(tmp_path / "mixed.safetensors")
+    loaded = load_patch(path)
+    assert not loaded.deltas["lora_unet_high"].is_low_rank
+    assert loaded.deltas["lora_unet_low"].is_low_rank and loaded.deltas["lora_unet_low"].rank == 2
+    assert loaded.numel() == 64 * 48 + 2 * (64 + 48)
+    assert loaded.metadata["ss_network_dim"] == "2" and loaded.metadata["ablation.storage"] == "lora"
+    for key, delta in patch.deltas.items():
+        change = delta.full()
+        assert torch.allclose(loaded.deltas[key].full(), change, rtol=2e-3, atol=2e-3 * change.abs().max().item())
+    # a conv LoRA whose factors are larger than its kernel is also written exact, in the kernel's shape
+    conv = LayerDelta(up=torch.randn(8, 8, 1, 1), down=torch.randn(8, 4, 3, 3), alpha=8.0)  # 64 + 288 > 288
+    kernel = load_patch(AblationPatch({"lora_unet_conv": conv}).save(tmp_path / "conv.safetensors"))
+    assert kernel.deltas["lora_unet_conv"].diff.shape == (8, 4, 3, 3)
+    assert kernel.metadata["ablation.storage"] == "diff"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,14 @@ class LayerDelta:
 
     def numel(self) -> int:
         return sum(t.numel() for t in (self.diff, self.up, self.down) if t is not None)
+
+    def smallest(self) -> LayerDelta:
+        """Itself, or its exact change when the low-rank factors hold as many numbers or more (both are stored in
+        the same 16-bit dtype, so the count decides the file size)."""
+        if self.diff is not None or self.up is None or self.down is None:
+            return self
+        exact = self.up.shape[0] * math.prod(self.down.shape[1:])
+        return LayerDelta(diff=self.full()) if self.up.numel() + self.down.numel() >= exact else self
 
 
 def low_rank(delta: Tensor, energy: float = DEFAULT_ENERGY, rank: int | None = None) -> tuple[LayerDelta, float]:
@@ -163,12 +172,22 @@ class AblationPatch:
         return [str(v) for v in values] if isinstance(values, list) else []
 
     # Files ---------------------------------------------------------------------------------------------------
+    def smallest(self) -> AblationPatch:
+        """Each layer as the smaller of its low-rank factors and its exact change (what every save writes)."""
+        patch = AblationPatch({k: d.smallest() for k, d in self.deltas.items()}, dict(self.metadata))
+        if "ss_network_dim" in patch.metadata:
+            rank = str(patch.max_rank)
+            patch.metadata["ss_network_dim"] = patch.metadata["ss_network_alpha"] = rank
+        return patch
+
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        """Write atomically: the file appears complete or not at all (``storage.load_patch`` reads it back)."""
-        metadata = dict(self.metadata)
+        """Write atomically: the file appears complete or not at all (``storage.load_patch`` reads it back). Each
+        layer is written as the smaller of low rank and exact."""
+        patch = self.smallest()
+        metadata = dict(patch.metadata)
         metadata[META + "format_version"] = FORMAT_VERSION
-        metadata[META + "storage"] = "lora" if self.is_low_rank else "diff"
-        tensors = self.state_dict(dtype)
+        metadata[META + "storage"] = "lora" if patch.is_low_rank else "diff"
+        tensors = patch.state_dict(dtype)
         if not tensors:
             raise PatchError("the patch has no deltas to save")
         return save_safetensors_atomic(tensors, path, metadata)
