@@ -74,8 +74,12 @@ def model_text() -> str:
         view = host.view()
     except Exception as err:  # shown in the tab instead of the model's name
         return f"<p>Loaded model: none usable ({html.escape(str(err))})</p>"
+    from ablation_core.backends.a1111.flows import preview_cost_text, preview_defaults
+
+    size, steps = preview_defaults(view)
     return (f"<p>Loaded model: <b>{html.escape(host.model_name or 'unnamed')}</b> ({view.family.title}). "
-            f"Patches are saved into <code>{html.escape(str(host.lora_dir))}</code>.</p>")
+            f"Patches are saved into <code>{html.escape(str(host.lora_dir))}</code>. By default "
+            f"{html.escape(preview_cost_text(view, size, steps))}; the progress bar counts it in the run.</p>")
 
 
 def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, preset: str, steps: float,
@@ -87,7 +91,7 @@ def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, 
 
     request = TabRequest(target or "", anchor or "", concept_type, method, preset, int(steps or 0), int(seed or 0),
                          int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name or "",
-                         bool(overwrite), bool(preview), int(preview_size or 512), int(preview_steps or 20),
+                         bool(overwrite), bool(preview), int(preview_size or 0), int(preview_steps or 0),
                          int(robust_rounds or 0))
     try:
         outcome = run_request(make_host(), request)
@@ -160,7 +164,7 @@ def make_preview(id_task: str, name: str | None, size: float, steps: float, seed
     concept_type = {"style": "style", "memorization": "memorized"}.get(kind, "object")
     try:
         path = render_preview(make_host(), patch, preview_prompts(targets[0], anchors[0], concept_type),
-                              int(seed or 0), int(steps or 20), int(size or 512), entry.path)
+                              int(seed or 0), int(steps or 0), int(size or 0), entry.path)
     except AblationError as err:
         return None, f"<p class='error'>{html.escape(str(err))}</p>"
     return str(path), f"<p>Preview saved as <code>{html.escape(str(path))}</code>.</p>"
@@ -205,7 +209,7 @@ def on_ui_tabs():
     from modules.call_queue import wrap_gradio_gpu_call
 
     from ablation_core.backends.a1111 import COLUMNS, METHODS, ROBUST_HELP, STORAGE
-    from ablation_core.methods.ablation.recipes import CONCEPT_TYPE_HELP, CONCEPT_TYPES
+    from ablation_core.methods.ablation.recipes import AUTO, CONCEPT_TYPE_HELP, CONCEPT_TYPES
     from ablation_core.methods.ablation.settings import PRESET_HELP, PRESET_NAMES
 
     rows, names = browser_rows(check_fit=False)
@@ -219,9 +223,11 @@ def on_ui_tabs():
                 anchor = gr.Textbox(label="Anchor: what it should become", placeholder="painting, cat, ...",
                                     elem_id=f"{TAB_ID}_anchor")
                 with gr.Row():
-                    concept_type = gr.Dropdown(list(CONCEPT_TYPES), value="object", label="Concept type",
-                                               info="; ".join(f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items()
-                                                              if k in ("object", "instance", "style")))
+                    concept_type = gr.Dropdown([AUTO, *CONCEPT_TYPES], value=AUTO, label="Concept type",
+                                               info="auto: guessed from the words ('Van Gogh' -> 'painting' is a "
+                                                    "style), the result says which; " + "; ".join(
+                                                   f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items()
+                                                   if k in ("object", "instance", "style")))
                     method = gr.Radio(list(METHODS), value=METHODS[0], label="Method",
                                       info="trained: the paper's fine-tuning (minutes); closed form: seconds")
                 with gr.Row():
@@ -237,9 +243,12 @@ def on_ui_tabs():
                         batch_size = gr.Number(value=0, precision=0, label="Batch size (0: the preset's)")
                     storage = gr.Radio(list(STORAGE), value=STORAGE[0], label="File")
                     with gr.Row():
-                        preview = gr.Checkbox(value=True, label="Draw a before/after preview")
-                        preview_size = gr.Number(value=512, precision=0, label="Preview size, px")
-                        preview_steps = gr.Number(value=20, precision=0, label="Preview steps")
+                        preview = gr.Checkbox(value=True, label="Draw a before/after preview",
+                                              info="the Refresh button's line says what it costs on this device")
+                        preview_size = gr.Number(value=0, precision=0, label="Preview size, px",
+                                                 info="0: by device (64 px on a CPU, 512 px on a GPU)")
+                        preview_steps = gr.Number(value=0, precision=0, label="Preview steps",
+                                                  info="0: by device (8 on a CPU, 20 on a GPU)")
                 with gr.Row():
                     name = gr.Textbox(label="Save as models/Lora/NAME.safetensors",
                                       placeholder="empty: ablate_<target>_to_<anchor>")

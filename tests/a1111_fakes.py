@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -128,6 +129,7 @@ class FakeState:
     def __init__(self, interrupt_on: str | None = None):
         self.interrupt_on = interrupt_on
         self.texts: list[str] = []
+        self.bar: list[tuple[int, int]] = []  # (sampling_step, sampling_steps) at each text: what the bar showed
         self.begin()
 
     def begin(self, job: str = "(unknown)") -> None:
@@ -135,6 +137,7 @@ class FakeState:
         self.sampling_step = self.sampling_steps = 0
         self.interrupted = self.stopping_generation = self.skipped = False
         self.textinfo = None
+        self.time_start = time.time()
 
     def end(self) -> None:
         self.job, self.job_count = "", 0
@@ -146,6 +149,7 @@ class FakeState:
         super().__setattr__(name, value)
         if name == "textinfo" and value:
             self.texts.append(value)
+            self.bar.append((self.sampling_step, self.sampling_steps))
             if self.interrupt_on and self.interrupt_on in value:
                 self.interrupted = True
 

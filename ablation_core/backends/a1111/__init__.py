@@ -3,10 +3,11 @@
 save patches into the Lora folder; ``library`` is the tab's patch browser.
 A1111 itself is never imported here: the tab (``scripts/concept_ablation.py``) hands in what the flows need."""
 
-from .flows import METHODS, ROBUST_HELP, STORAGE, A1111Host, RunOutcome, StateProgress, TabRequest, run_request
+from .flows import METHODS, ROBUST_HELP, STORAGE, A1111Host, RunOutcome, TabRequest, run_request
 from .library import COLUMNS, PatchEntry, describe, list_patches
+from .progress import RunProgress
 from .view import A1111ModelView, a1111_family, loras_unmerged
 
 __all__ = ["COLUMNS", "METHODS", "ROBUST_HELP", "STORAGE", "A1111Host", "A1111ModelView", "PatchEntry", "RunOutcome",
-           "StateProgress", "TabRequest", "a1111_family", "describe", "list_patches", "loras_unmerged",
+           "RunProgress", "TabRequest", "a1111_family", "describe", "list_patches", "loras_unmerged",
            "run_request"]

@@ -25,15 +25,17 @@ from ...errors import AblationCancelled, AblationError
 from ...evaluation.images import grid, save_image
 from ...files import check_output_file, write_text_atomic
 from ...methods.ablation.adapters import AdapterSet
-from ...methods.ablation.budget import gradient_passes_per_step, sampling_passes, training_passes_per_step
+from ...methods.ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
+from ...methods.ablation.recipes import AUTO, guess_concept_type
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
-from ...methods.closed_form.settings import make_closed_form_config
+from ...methods.closed_form.settings import ClosedFormConfig, make_closed_form_config, resolve_closed_form
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.prompts import check_pair, target_prompts
 from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ...models.sampling import sample_latents
 from ...patches.patch import META, AblationPatch
 from ..forge.view import ForgeModelView, is_forge_model
+from .progress import PROMPT_COST, SOLVE_COST, RunProgress, preview_cost, preview_passes, unet_pass
 from .view import A1111ModelView
 
 WebUIView = A1111ModelView | ForgeModelView
@@ -46,8 +48,7 @@ ROBUST_HELP = ("rounds of attack-and-erase against soft-prompt and token-search 
                "each round costs about one more run, and holds the erasure against recovery attacks")
 SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the Lora tab's names (its network.SdVersion)
 KIND_OF_CONCEPT_TYPE = {"style": "style", "memorized": "memorization"}  # the rest are objects
-PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor images", "train": "Training",
-                "check": "Checking the effect", "solve": "Solving", "preview": "Drawing the before/after preview"}
+CPU_PREVIEW, GPU_PREVIEW = (64, 8), (512, 20)  # the default preview's size (px) and steps, by device
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TabRequest:
 
     target: str
     anchor: str
-    concept_type: str = "object"
+    concept_type: str = AUTO
     method: str = "trained"
     preset: str = "default"
     steps: int = 0
@@ -95,8 +96,8 @@ class TabRequest:
     name: str = ""
     overwrite: bool = False
     preview: bool = True
-    preview_size: int = 512
-    preview_steps: int = 20
+    preview_size: int = 0  # 0: sized to the device (``preview_defaults``)
+    preview_steps: int = 0
     robust_rounds: int = 0
 
 
@@ -108,48 +109,6 @@ class RunOutcome:
     seconds: float
     preview: Path | None = None
     log_lines: list[str] = field(default_factory=list)
-
-
-# Progress ----------------------------------------------------------------------------------------------------
-
-class StateProgress:
-    """Progress into A1111's ``shared.state``: one job whose steps are units of work (an anchor image counts its
-    solver steps with guidance, a training step its batch), so A1111's bar and its ETA move evenly; the phase, the
-    step within it, the loss and the phase's time left go into ``textinfo``."""
-
-    def __init__(self, state: Any, weights: dict[str, float]):
-        self.state, self.weights = state, weights
-        self.offsets: dict[str, float] = {}
-        self.total = 0.0
-        self.phase_totals: dict[str, int] = {}
-        self.state.job_count = 1
-        self.state.job_no = 0
-        self.state.sampling_step = 0
-
-    def plan(self, phase: str, total: int) -> None:
-        """Declare a phase (in order) and how many steps it has."""
-        self.offsets[phase] = self.total
-        self.phase_totals[phase] = total
-        self.total += total * self.weights.get(phase, 0.0)
-        self.state.sampling_steps = max(int(round(self.total)), 1)
-
-    def __call__(self, progress: Progress) -> None:
-        title = PHASE_TITLES.get(progress.phase, progress.phase)
-        if progress.phase in self.offsets:
-            done = self.offsets[progress.phase] + progress.step * self.weights.get(progress.phase, 0.0)
-            self.state.sampling_step = min(int(round(done)), self.state.sampling_steps)
-        text = f"{title}: {progress.step}/{progress.total}"
-        if progress.loss is not None:
-            text += f", loss {progress.loss:.4g}"
-        if progress.eta_seconds is not None and progress.step < progress.total:
-            text += f", {format_seconds(progress.eta_seconds)} left"
-        self.state.job = title
-        self.state.textinfo = text
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
 
 
 # Requests -> configs -----------------------------------------------------------------------------------------
@@ -197,8 +156,33 @@ def preview_prompts(target: str, anchor: str, concept_type: str) -> list[str]:
 
 # The run -----------------------------------------------------------------------------------------------------
 
+def chosen_concept_type(request: TabRequest) -> str:
+    """The request's concept type; ``auto`` guesses it from the words ("Van Gogh" -> "painting": style)."""
+    if request.concept_type == AUTO:
+        return guess_concept_type(request.target, request.anchor)
+    return request.concept_type
+
+
+def preview_defaults(view: WebUIView) -> tuple[int, int]:
+    """The default preview's size (px) and steps: small on a CPU, where a 512 px preview takes minutes."""
+    return CPU_PREVIEW if torch.device(view.device).type == "cpu" else GPU_PREVIEW
+
+
+def preview_settings(request: TabRequest, view: WebUIView) -> tuple[int, int]:
+    size, steps = preview_defaults(view)
+    return int(request.preview_size) or size, int(request.preview_steps) or steps
+
+
+def preview_cost_text(view: WebUIView, size: int, steps: int) -> str:
+    """What a preview costs, said before it runs."""
+    device = "the CPU" if torch.device(view.device).type == "cpu" else f"the {torch.device(view.device).type.upper()}"
+    return (f"the before/after preview ({size} px, {steps} steps) costs {preview_passes(steps)} UNet passes and 4 "
+            f"image decodes on {device}")
+
+
 def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
-    """Ablate (or erase in closed form) on the loaded model, save into the Lora folder, draw the preview."""
+    """Ablate (or erase in closed form) on the loaded model, save into the Lora folder, draw the preview; one
+    progress plan covers all of it."""
     started = time.perf_counter()
     check_pair(request.target, request.anchor)
     if request.method not in METHODS:
@@ -215,12 +199,19 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
     if request.robust_rounds > 0 and not view.token_embedding_modules():
         raise AblationError("robust rounds need gradients through the text encoder, which this program's model does "
                             "not give (Forge encodes prompts under inference mode); set Robust rounds to 0")
+    asked, picked = request.concept_type, chosen_concept_type(request)
+    request = replace(request, concept_type=picked)
+    preview_size, preview_steps = preview_settings(request, view)
+    preview_units = preview_cost(preview_steps, _latent_size(preview_size, view) or view.default_latent_size) \
+        if request.preview else 0.0
+    progress = RunProgress(host.state)
     canceller = Canceller(host.cancelled)
     with view.prepared(), torch.inference_mode(False):
         if request.method == "trained":
-            patch, summary = _trained(host, request, view)
+            patch, summary = _trained(host, request, view, progress, preview_units)
         else:
-            patch, summary = _closed_form(host, request, view)
+            patch, summary = _closed_form(host, request, view, progress, preview_units)
+        summary = f"Concept type: {picked}" + (" (auto)" if asked == AUTO else "") + f". {summary}"
         patch = patch.compressed() if request.storage == "low rank" and not patch.is_low_rank else patch
         patch = patch.scaled(1.0) if request.storage != "low rank" else patch
         patch.metadata.setdefault(META + "base_model_name", host.model_name)
@@ -231,10 +222,13 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
         host.refresh_loras()
         preview = None
         if request.preview:
-            prompts = preview_prompts(request.target, request.anchor, request.concept_type)
+            prompts = preview_prompts(request.target, request.anchor, picked)
+            drawing = time.perf_counter()
             try:
-                preview = render_preview(host, patch, prompts, request.seed, request.preview_steps,
-                                         request.preview_size, path)
+                preview = render_preview(host, patch, prompts, request.seed, preview_steps, preview_size, path,
+                                         progress)
+                summary += (f". The preview ({preview_size} px, {preview_steps} steps) took "
+                            f"{time.perf_counter() - drawing:.1f}s")
             except AblationCancelled:
                 summary += ". The preview was interrupted (the patch is saved)"
     seconds = time.perf_counter() - started
@@ -242,15 +236,11 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
     return RunOutcome(path, patch, summary, seconds, preview)
 
 
-def _trained(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[AblationPatch, str]:
+def _trained(host: A1111Host, request: TabRequest, view: WebUIView, progress: RunProgress,
+             preview_units: float) -> tuple[AblationPatch, str]:
     config = trained_config(request, view)
     view.default_latent_size = config.latent_size or view.default_latent_size
-    per_image = sampling_passes(config) * int(config.sampler_steps)  # UNet passes per anchor image
-    per_step = training_passes_per_step(config) + gradient_passes_per_step(config)  # these also go backward
-    progress = StateProgress(host.state, {"anchors": per_image, "train": per_step, "check": per_image})
-    progress.plan("anchors", int(config.anchor_images))
-    progress.plan("train", int(config.steps))
-    progress.plan("check", 1)
+    plan_trained(progress, config, view.default_latent_size, preview_units)
     result = robust_ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
     check = result.check.get("erased_fraction")
     summary = (f"'{config.target}' -> '{config.anchor}': {config.steps} steps, loss {result.losses[0]:.4g} -> "
@@ -261,14 +251,27 @@ def _trained(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[Abl
     return result.patch, summary
 
 
-def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple[AblationPatch, str]:
+def plan_trained(progress: RunProgress, config: AblationConfig, latent_size: int, preview_units: float) -> None:
+    """Every phase of a trained run and its preview, by cost: passes that go backward count three times."""
+    passes = unet_evaluations(config)
+    prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
+    backward = 2 * gradient_passes_per_step(config) * int(config.steps)
+    progress.plan("prompts", prompts * PROMPT_COST)
+    progress.plan("anchors", passes["anchor_sampling"] * unet_pass(latent_size))
+    progress.plan("train", (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size))
+    progress.plan("check", passes["check"] * unet_pass(latent_size))
+    if preview_units:
+        progress.plan("preview", preview_units)
+
+
+def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView, progress: RunProgress,
+                 preview_units: float) -> tuple[AblationPatch, str]:
     config = make_closed_form_config([request.target], [request.anchor], kind=_kind(request.concept_type),
                                      seed=int(request.seed), robust_rounds=max(int(request.robust_rounds), 0),
                                      extra_metadata={META + "made_in": f"{view.program} tab"})
     view.default_latent_size = _latent_size(request.resolution, view) or view.default_latent_size  # robust rounds
-    progress = StateProgress(host.state, {"prompts": 1.0, "solve": 1.0})
-    result = robust_erase_closed_form(view, config, on_progress=_closed_form_progress(progress),
-                                      should_cancel=host.cancelled)
+    plan_closed_form(progress, resolve_closed_form(config, view.family.name), len(view.layers("kv")), preview_units)
+    result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=host.cancelled)
     stats = result.stats
     summary = (f"'{request.target}' -> '{request.anchor}' in closed form ({result.config.mode}) in "
                f"{result.seconds:.2f}s: the target moved {stats['target_moved_fraction']:.0%} onto the anchor, "
@@ -276,12 +279,12 @@ def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView) -> tuple
     return result.patch, summary
 
 
-def _closed_form_progress(progress: StateProgress) -> Callable[[Progress], None]:
-    def report(update: Progress) -> None:
-        if update.phase not in progress.offsets:
-            progress.plan(update.phase, update.total)
-        progress(update)
-    return report
+def plan_closed_form(progress: RunProgress, config: ClosedFormConfig, layers: int, preview_units: float) -> None:
+    prompts = len(config.preserved_prompts or ()) + 2 * int(config.prompts_per_target) * len(config.targets)
+    progress.plan("prompts", prompts * PROMPT_COST)
+    progress.plan("solve", max(layers, 1) * SOLVE_COST)
+    if preview_units:
+        progress.plan("preview", preview_units)
 
 
 # Files beside the patch --------------------------------------------------------------------------------------
@@ -306,15 +309,18 @@ def write_card(path: Path, patch: AblationPatch, family: str) -> Path:
 
 
 def render_preview(host: A1111Host, patch: AblationPatch, prompts: list[str], seed: int, steps: int,
-                   image_size: int, path: Path) -> Path:
+                   image_size: int, path: Path, progress: RunProgress | None = None) -> Path:
     """Before/after images from the same noise, the patch applied through forward hooks (the weights stay as they
-    are); saved as ``NAME.preview.png``, which the Lora tab shows as the card's picture."""
+    are); saved as ``NAME.preview.png``, which the Lora tab shows as the card's picture. ``progress``: the run's
+    plan, with the preview in it (else the preview is a run of its own)."""
     view = host.view()
-    latent_size = _latent_size(image_size, view) or view.default_latent_size
+    size, default_steps = preview_defaults(view)
+    latent_size = _latent_size(int(image_size) or size, view) or view.default_latent_size
     view.default_latent_size = latent_size
-    steps = max(int(steps), 1)
-    progress = StateProgress(host.state, {"preview": 1.0})
-    progress.plan("preview", 2 * steps)
+    steps = max(int(steps) or default_steps, 1)
+    if progress is None:
+        progress = RunProgress(host.state)
+        progress.plan("preview", preview_cost(steps, latent_size))
     adapters = AdapterSet.of_patch(view, patch)
     index = torch.arange(len(prompts))
     images = {}

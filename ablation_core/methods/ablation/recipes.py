@@ -48,6 +48,26 @@ def overlapping(target: str, anchor: str) -> bool:
     return bool(words) and all(word in words for word in re.findall(r"\w+", anchor.lower()))
 
 
+AUTO = "auto"
+STYLE_ANCHORS = frozenset(("painting", "paintings", "art", "artwork", "artworks", "style", "drawing", "illustration",
+                           "sketch", "artist", "painter", "photograph", "photography", "print", "poster", "comic",
+                           "anime", "watercolor", "oil painting", "digital art", "an artwork", "a painting"))
+INAPPROPRIATE_TARGETS = frozenset(("nudity", "nude", "naked", "nsfw", "violence", "gore", "blood", "sexual",
+                                   "porn", "explicit"))
+
+
+def guess_concept_type(target: str, anchor: str) -> str:
+    """``auto``'s choice from the words: an art anchor ("Van Gogh" -> "painting") is a style; a target that contains
+    its anchor ("Grumpy Cat" -> "cat") an instance; nudity, violence and their like inappropriate; else an object."""
+    target_words, anchor_text = set(re.findall(r"\w+", target.lower())), " ".join(anchor.lower().split())
+    if target_words & INAPPROPRIATE_TARGETS:
+        return "inappropriate"
+    if anchor_text in STYLE_ANCHORS or anchor_text.split()[-1:] in (["painting"], ["style"], ["art"]) \
+            or "style" in target_words:
+        return "style"
+    return "instance" if overlapping(target, anchor) else "object"
+
+
 def recipe_values(concept_type: str, pairs: list[tuple[str, str]]) -> dict[str, object]:
     """The settings ``concept_type`` gives for these (target, anchor) pairs."""
     values = dict(RECIPES[concept_type])
