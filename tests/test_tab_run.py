@@ -119,4 +119,9 @@ def test_the_tab_defaults_to_auto_and_says_what_it_picked(a1111):  # noqa: F811
     del values["Concept type"]  # untouched: the dropdown's default
     *_, message = press(buttons["Ablate"], values)
     assert "Concept type: style (auto)" in message
-    assert load_patch(a1111.lora_dir / f"{PATCH}.safetensors").metadata["ablation.kind"] == "style"
+    patch = load_patch(a1111.lora_dir / f"{PATCH}.safetensors")
+    assert patch.metadata["ablation.kind"] == "style"
+    # the closed form's low-rank solve is stored as the smaller of its factors and its exact change, layer by layer
+    for delta in patch.deltas.values():
+        exact = delta.full().numel()
+        assert delta.numel() < exact if delta.is_low_rank else delta.numel() == exact
