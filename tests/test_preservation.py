@@ -19,9 +19,9 @@ def test_frechet_distance_of_gaussians_with_one_covariance_is_the_squared_mean_s
     shift = torch.tensor([3.0, 0, 0, 0, 0, 4.0], dtype=torch.float64)
     assert pres.frechet_distance(samples, samples) == pytest.approx(0.0, abs=1e-6)
     assert pres.frechet_distance(samples, samples + shift) == pytest.approx(25.0, rel=1e-6)
-    # a wider spread with the same mean: (2 - 1)^2 per dimension
-    assert pres.frechet_distance(samples, 2 * samples) == pytest.approx(float(torch.diag(torch.cov(samples.T)).sum()),
-                                                                  rel=1e-6)
+    # a wider spread about the same mean: tr(S + 4S - 2 * 2S) = tr(S)
+    centred = samples - samples.mean(0)
+    assert pres.frechet_distance(centred, 2 * centred) == pytest.approx(float(torch.cov(centred.T).trace()), rel=1e-6)
     # fewer samples than dimensions: still finite and zero on itself
     few = samples[:5, :]
     assert pres.frechet_distance(few, few) == pytest.approx(0.0, abs=1e-6)
@@ -42,43 +42,39 @@ def test_scale_and_change_on_constructed_samples():
 
 
 @pytest.fixture(scope="module")
-def toy_view():
-    return load_model("toy")
+def evaluations():
+    """Snoopy -> dog measured for three patches: that erasure at strength 0 (nothing changes), that erasure, and
+    one that erases a neighbour of snoopy (bird, a word no other concept's name holds) on purpose."""
+    view = load_model("toy")
+    fair = erase_closed_form(view, make_closed_form_config("snoopy", "dog")).patch
+    harmful = erase_closed_form(view, make_closed_form_config("bird", "car")).patch
+    return {"untouched": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, strength=0.0),
+            "kept": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, seed=3),
+            "kept again": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, seed=3),
+            "plain": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, seed=3, preservation=False),
+            "damaged": evaluate_toy(view, harmful, "snoopy", "dog", per_set=PER_SET, seed=3)}
 
 
-@pytest.fixture(scope="module")
-def patches(toy_view):
-    """An erasure of the evaluated target, and one that erases a neighbour of it (cat, for snoopy) on purpose."""
-    fair = erase_closed_form(toy_view, make_closed_form_config("snoopy", "dog")).patch
-    harmful = erase_closed_form(toy_view, make_closed_form_config("cat", "car")).patch
-    return fair, harmful
-
-
-def test_figures_are_zero_for_a_patch_that_changes_nothing_and_grow_when_a_neighbour_is_harmed(toy_view, patches):
-    fair, harmful = patches
-    untouched = evaluate_toy(toy_view, fair, "snoopy", "dog", per_set=PER_SET, strength=0.0).preservation
+def test_figures_are_zero_for_a_patch_that_changes_nothing_and_grow_when_a_neighbour_is_harmed(evaluations):
+    untouched = evaluations["untouched"].preservation
     assert untouched is not None and untouched.change_worst == 0.0 and untouched.fid == pytest.approx(0.0, abs=1e-9)
     assert untouched.fid_floor > 0, "two noise seeds of the same model differ: the floor is above zero"
     assert any(name.startswith("unrelated") for name in untouched.change), "unrelated concepts are measured too"
-
-    damaged = evaluate_toy(toy_view, harmful, "snoopy", "dog", per_set=PER_SET).preservation
-    kept = evaluate_toy(toy_view, fair, "snoopy", "dog", per_set=PER_SET).preservation
-    assert damaged.worst_set == "surrounding: cat"
-    assert damaged.change["surrounding: cat"] > 2 * kept.change["surrounding: cat"]
+    damaged, kept = evaluations["damaged"].preservation, evaluations["kept"].preservation
+    assert damaged.worst_set == "surrounding: bird"
+    assert damaged.change["surrounding: bird"] > 2 * kept.change["surrounding: bird"]
     assert damaged.change_worst > kept.change_worst and damaged.change_mean > kept.change_mean
     assert damaged.fid > kept.fid and damaged.fid > damaged.fid_floor
 
 
-def test_figures_are_deterministic_by_seed_and_reported(toy_view, patches):
-    fair, _ = patches
-    first = evaluate_toy(toy_view, fair, "snoopy", "dog", per_set=PER_SET, seed=3)
-    second = evaluate_toy(toy_view, fair, "snoopy", "dog", per_set=PER_SET, seed=3)
+def test_figures_are_deterministic_by_seed_and_reported(evaluations):
+    first, second = evaluations["kept"], evaluations["kept again"]
     assert first.preservation.as_json() == second.preservation.as_json()
     reported = first.as_json()["preservation"]
     assert set(reported) >= {"neighbour_change", "neighbour_fid", "scale"}
-    assert reported["neighbour_change"]["worst_set"] in reported["neighbour_change"]["per_set"]
-    assert "preservation: neighbour change" in first.table() and reported["neighbour_change"]["worst_set"] in \
-        first.table()
-    plain = evaluate_toy(toy_view, fair, "snoopy", "dog", per_set=PER_SET, seed=3, preservation=False)
+    worst = reported["neighbour_change"]["worst_set"]
+    assert worst in reported["neighbour_change"]["per_set"]
+    assert "preservation: neighbour change" in first.table() and worst in first.table()
+    plain = evaluations["plain"]
     assert plain.preservation is None and "preservation" not in plain.as_json()
     assert [s.shown_after for s in plain.sets] == [s.shown_after for s in first.sets[:len(plain.sets)]]
