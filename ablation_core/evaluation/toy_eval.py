@@ -133,11 +133,11 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
 
     report = on_progress or no_progress
     classifier = load_toy_classifier()
-    sets = toy_prompt_sets(target, anchor, per_set, seed, unrelated=preservation,
-                           erased=tuple(patch.listed("targets")))
+    erased = {t.lower().strip() for t in patch.listed("targets")}  # a joint patch's other targets are meant to change
+    sets = toy_prompt_sets(target, anchor, per_set, seed, unrelated=preservation, erased=tuple(erased))
     results, rows, labels = [], [], []
     features: dict[str, tuple] = {}
-    preserved = [s for s in sets if s.name.startswith(PRESERVED)] if preservation else []
+    preserved = [s for s in sets if s.name.startswith(PRESERVED) and s.concept not in erased] if preservation else []
     total = 2 * len(sets) + len(preserved)
     report(Progress("evaluate", 0, total))
     for index, prompt_set in enumerate(sets):
