@@ -90,8 +90,9 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     concept = CONCEPTS_BY_NAME.get(target)
     neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (target, anchor)]
 
-    def captions(name: str, count: int = per_set) -> list[str]:
+    def captions(name: str, count: int = per_set, avoid: tuple[str, ...] = ()) -> list[str]:
         found = captions_of(name, "eval")
+        found = [p for p in found if not any(_names(p, a) for a in avoid)] or found
         return [found[i % len(found)] for i in range(count)]
 
     target_prompts = captions(target)
@@ -105,10 +106,20 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     for name in neighbours:
         sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
     if unrelated:
-        skipped = {target, anchor, *neighbours, *(e.lower().strip() for e in erased)}
-        for name in [c.name for c in CONCEPTS if c.name not in skipped]:
-            sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour)))
+        gone = (target, *(e.lower().strip() for e in erased))
+        skipped = {anchor, *neighbours, *gone}
+        for name in [c.name for c in CONCEPTS if c.name not in skipped]:  # "a monet painting of a tree" is no
+            sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))  # tree -> car's
     return sets
+
+
+def _names(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept`` itself, not only inside a longer concept's name ("grumpy cat" for cat)."""
+    from ..methods.prompts import mentions
+    from ..toy.prompts import KNOWN
+
+    longer = [k for k in KNOWN if k != concept and mentions(k, concept)]
+    return mentions(prompt, concept) and not any(mentions(prompt, k) for k in longer)
 
 
 @torch.no_grad()
