@@ -78,3 +78,16 @@ def test_figures_are_deterministic_by_seed_and_reported(evaluations):
     plain = evaluations["plain"]
     assert plain.preservation is None and "preservation" not in plain.as_json()
     assert [s.shown_after for s in plain.sets] == [s.shown_after for s in first.sets[:len(plain.sets)]]
+
+
+def test_unrelated_sets_leave_out_what_the_patch_erases():
+    from ablation_core.evaluation.toy_eval import toy_prompt_sets
+
+    sets = toy_prompt_sets("tree", "car", per_set=8, unrelated=True, erased=("tree", "snoopy"))
+    unrelated = {s.concept: s.prompts for s in sets if s.name.startswith("unrelated")}
+    assert {"van gogh", "grumpy cat", "nemo"} <= set(unrelated) and "snoopy" not in unrelated
+    assert not any("tree" in p or "snoopy" in p for prompts in unrelated.values() for p in prompts)
+    cat_sets = toy_prompt_sets("cat", "dog", per_set=8, unrelated=True)
+    assert all("grumpy cat" in p for s in cat_sets if s.concept == "grumpy cat" for p in s.prompts)
+    plain = [s.name for s in toy_prompt_sets("tree", "car", per_set=8)]
+    assert plain == [s.name for s in sets][:len(plain)], "the unrelated sets come after the usual ones"
