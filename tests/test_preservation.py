@@ -3,6 +3,9 @@ on purpose, the same for the same seed; and the measures themselves on construct
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -47,7 +50,9 @@ def evaluations():
     one that erases a neighbour of snoopy (bird, a word no other concept's name holds) on purpose."""
     view = load_model("toy")
     fair = erase_closed_form(view, make_closed_form_config("snoopy", "dog")).patch
-    harmful = erase_closed_form(view, make_closed_form_config("bird", "car")).patch
+    # it says it erases snoopy (a patch's own targets are left out of the figures: they are meant to change)
+    bird = erase_closed_form(view, make_closed_form_config("bird", "car")).patch
+    harmful = replace(bird, metadata={**bird.metadata, "ablation.targets": json.dumps(["snoopy"])})
     return {"untouched": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, strength=0.0),
             "kept": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, seed=3),
             "kept again": evaluate_toy(view, fair, "snoopy", "dog", per_set=PER_SET, seed=3),
@@ -65,6 +70,7 @@ def test_figures_are_zero_for_a_patch_that_changes_nothing_and_grow_when_a_neigh
     assert damaged.change["surrounding: bird"] > 2 * kept.change["surrounding: bird"]
     assert damaged.change_worst > kept.change_worst and damaged.change_mean > kept.change_mean
     assert damaged.fid > kept.fid and damaged.fid > damaged.fid_floor
+    assert "surrounding: snoopy" not in kept.change and "unrelated: snoopy" not in kept.change
 
 
 def test_figures_are_deterministic_by_seed_and_reported(evaluations):
