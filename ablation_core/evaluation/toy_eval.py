@@ -106,10 +106,11 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     for name in neighbours:
         sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
     if unrelated:
+        # without captions naming an erased concept: "a monet painting of a tree" is meant to change with tree
         gone = (target, *(e.lower().strip() for e in erased))
         skipped = {anchor, *neighbours, *gone}
-        for name in [c.name for c in CONCEPTS if c.name not in skipped]:  # "a monet painting of a tree" is no
-            sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))  # tree -> car's
+        for name in [c.name for c in CONCEPTS if c.name not in skipped]:
+            sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))
     return sets
 
 
