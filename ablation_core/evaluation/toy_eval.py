@@ -81,7 +81,8 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
                     erased: tuple[str, ...] = ()) -> list[PromptSet]:
     """Target, misspelt-target, anchor and neighbour prompts in the evaluation templates of the toy world; with
     ``unrelated``, also every other erasable concept (as many samples as a neighbour) but the ``erased`` ones (the
-    other targets of a joint patch: they are meant to change)."""
+    other targets of a joint patch: they are meant to change), whose names the neighbours' and unrelated prompts
+    avoid too."""
     from ..toy.concepts import CONCEPTS, CONCEPTS_BY_NAME, axis_of
     from ..toy.prompts import captions_of
 
@@ -103,11 +104,12 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
         sets.append(PromptSet("misspelt target", target, misspelt))
     sets.append(PromptSet("anchor", anchor, captions(anchor)))
     per_neighbour = max(min(16, per_set), per_set // max(1, len(neighbours)))
+    # kept sets leave out captions naming an erased concept: "a monet painting of a tree" is meant to change with
+    # tree, "a van gogh painting of a car" with a joint patch's van gogh
+    gone = (target, *(e.lower().strip() for e in erased))
     for name in neighbours:
-        sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
+        sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour, gone)))
     if unrelated:
-        # without captions naming an erased concept: "a monet painting of a tree" is meant to change with tree
-        gone = (target, *(e.lower().strip() for e in erased))
         skipped = {anchor, *neighbours, *gone}
         for name in [c.name for c in CONCEPTS if c.name not in skipped]:
             sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))
