@@ -58,9 +58,9 @@ class Preservation:
         }
 
     def summary_line(self) -> str:
-        floor = "" if self.fid_floor is None else f" (noise floor {self.fid_floor:.3f})"
+        floor = "" if self.fid_floor is None else f" (noise floor {self.fid_floor:.2g})"
         return (f"preservation: neighbour change mean {self.change_mean:.3f}, worst {self.change_worst:.3f} "
-                f"({self.worst_set}, '{self.worst_prompt}'); neighbour FID {self.fid:.3f}{floor}; 1.0 = the typical "
+                f"({self.worst_set}, '{self.worst_prompt}'); neighbour FID {self.fid:.2g}{floor}; 1.0 = the typical "
                 f"distance between two concepts' samples, {self.samples} samples")
 
 
