@@ -4,6 +4,10 @@ Samples prompts of four sets (target, misspelt target, anchor, surrounding conce
 patched model with the same noise, and lets the toy world's classifier say what each image shows. The figures are
 fractions of samples, so "target recognised 3 %" means 3 of 100 target-prompt images still show the target.
 
+Beside the yes/no figures, ``preservation`` holds the sensitive ones (``preservation.py``): how far the samples of
+the neighbours and of unrelated concepts moved in the classifier's features, and a Frechet distance with its noise
+floor. The unrelated concepts are sampled for them ("unrelated: ..." rows; the summary's figures leave them out).
+
 Nothing here is measured on what an ablation trained on: the prompts use the evaluation half of the toy world's
 caption templates (ablation runs use the other half, ``toy.prompts``), and the noise seeds start at
 ``EVAL_SEED_OFFSET`` past the run's seed.
@@ -23,8 +27,11 @@ from ..models.view import ModelView
 from ..patches.apply import apply_patch
 from ..patches.patch import AblationPatch
 from .images import grid, save_image
+from .preservation import Preservation, PreservedSamples, classifier_features, concept_scale, measure_preservation
 
 EVAL_SEED_OFFSET = 10_000
+FLOOR_SEED_OFFSET = 5_000  # the preservation figures' second draw of the unpatched model
+PRESERVED = ("surrounding", "unrelated")
 GRID_SAMPLES = 6
 
 
@@ -50,10 +57,13 @@ class Evaluation:
     anchor: str
     sets: list[SetResult]
     summary: dict[str, float] = field(default_factory=dict)
+    preservation: Preservation | None = None
 
     def as_json(self) -> dict:
-        return {"target": self.target, "anchor": self.anchor, **self.summary,
-                "sets": [asdict(s) for s in self.sets]}
+        found = {"target": self.target, "anchor": self.anchor, **self.summary, "sets": [asdict(s) for s in self.sets]}
+        if self.preservation is not None:
+            found["preservation"] = self.preservation.as_json()
+        return found
 
     def table(self) -> str:
         lines = [f"Ablation '{self.target}' -> '{self.anchor}' (fraction of samples showing the concept)",
@@ -62,12 +72,18 @@ class Evaluation:
             lines.append(f"{s.name:<24}{s.concept:<14}{s.shown_before:>8.1%}{s.shown_after:>8.1%}{s.samples:>9}")
         lines.append("")
         lines += [f"{k:<30}{v:.3f}" for k, v in self.summary.items()]
+        if self.preservation is not None:
+            lines.append(self.preservation.summary_line())
         return "\n".join(lines)
 
 
-def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) -> list[PromptSet]:
-    """Target, misspelt-target, anchor and neighbour prompts in the evaluation templates of the toy world."""
-    from ..toy.concepts import CONCEPTS_BY_NAME, axis_of
+def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, unrelated: bool = False,
+                    erased: tuple[str, ...] = ()) -> list[PromptSet]:
+    """Target, misspelt-target, anchor and neighbour prompts in the evaluation templates of the toy world; with
+    ``unrelated``, also every other erasable concept (as many samples as a neighbour) but the ``erased`` ones (the
+    other targets of a joint patch: they are meant to change), whose names the neighbours' and unrelated prompts
+    avoid too."""
+    from ..toy.concepts import CONCEPTS, CONCEPTS_BY_NAME, axis_of
     from ..toy.prompts import captions_of
 
     target, anchor = target.lower().strip(), anchor.lower().strip()
@@ -75,8 +91,9 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) 
     concept = CONCEPTS_BY_NAME.get(target)
     neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (target, anchor)]
 
-    def captions(name: str, count: int = per_set) -> list[str]:
+    def captions(name: str, count: int = per_set, avoid: tuple[str, ...] = ()) -> list[str]:
         found = captions_of(name, "eval")
+        found = [p for p in found if not any(_names(p, a) for a in avoid)] or found
         return [found[i % len(found)] for i in range(count)]
 
     target_prompts = captions(target)
@@ -87,9 +104,25 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0) 
         sets.append(PromptSet("misspelt target", target, misspelt))
     sets.append(PromptSet("anchor", anchor, captions(anchor)))
     per_neighbour = max(min(16, per_set), per_set // max(1, len(neighbours)))
+    # kept sets leave out captions naming an erased concept: "a monet painting of a tree" is meant to change with
+    # tree, "a van gogh painting of a car" with a joint patch's van gogh
+    gone = (target, *(e.lower().strip() for e in erased))
     for name in neighbours:
-        sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour)))
+        sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour, gone)))
+    if unrelated:
+        skipped = {anchor, *neighbours, *gone}
+        for name in [c.name for c in CONCEPTS if c.name not in skipped]:
+            sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))
     return sets
+
+
+def _names(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept`` itself, not only inside a longer concept's name ("grumpy cat" for cat)."""
+    from ..methods.prompts import mentions
+    from ..toy.prompts import KNOWN
+
+    longer = [k for k in KNOWN if k != concept and mentions(k, concept)]
+    return mentions(prompt, concept) and not any(mentions(prompt, k) for k in longer)
 
 
 @torch.no_grad()
@@ -102,19 +135,24 @@ def _classify_samples(view: ModelView, classifier, prompts: list[str], seed: int
 
 def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str, per_set: int = 48, seed: int = 0,
                  strength: float = 1.0, grid_path: str | None = None,
-                 on_progress: ProgressFn | None = None) -> Evaluation:
+                 on_progress: ProgressFn | None = None, preservation: bool = True) -> Evaluation:
     """Sample every prompt set before and after the patch (same noise) and classify; optionally draw the grid.
 
-    ``on_progress`` gets ("evaluate", sets done, sets total) after each set, before and after.
+    With ``preservation`` the unrelated concepts are sampled too, and the preserved sets once more from a second
+    noise seed (the Frechet distance's floor): about half as many samples again. ``on_progress`` gets
+    ("evaluate", passes done, passes total) after each set's pass, before and after (and for the floor).
     """
     from ..toy.classifier import load_toy_classifier
     from ..toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     report = on_progress or no_progress
     classifier = load_toy_classifier()
-    sets = toy_prompt_sets(target, anchor, per_set, seed)
+    erased = {t.lower().strip() for t in patch.listed("targets")}  # a joint patch's other targets are meant to change
+    sets = toy_prompt_sets(target, anchor, per_set, seed, unrelated=preservation, erased=tuple(erased))
     results, rows, labels = [], [], []
-    total = 2 * len(sets)
+    features: dict[str, tuple] = {}
+    preserved = [s for s in sets if s.name.startswith(PRESERVED) and s.concept not in erased] if preservation else []
+    total = 2 * len(sets) + len(preserved)
     report(Progress("evaluate", 0, total))
     for index, prompt_set in enumerate(sets):
         noise_seed = seed + EVAL_SEED_OFFSET + index
@@ -127,6 +165,9 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
                                                     DEFAULT_STEPS, DEFAULT_GUIDANCE)
         report(Progress("evaluate", 2 * index + 2, total))
         measured = len(prompt_set.prompts)
+        if preservation:
+            features[prompt_set.name] = (classifier_features(classifier, before_images[:measured]),
+                                         classifier_features(classifier, after_images[:measured]))
         results.append(SetResult(prompt_set.name, prompt_set.concept, _shown(before[:measured], prompt_set.concept),
                                  _shown(after[:measured], prompt_set.concept), measured))
         if grid_path:
@@ -134,10 +175,34 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
             labels += [f"{prompt_set.name}, before\n'{prompt_set.prompts[0]}'",
                        f"{prompt_set.name}, after\n'{prompt_set.prompts[0]}'"]
     evaluation = Evaluation(target, anchor, results, _summary(results))
+    if preserved:
+        evaluation.preservation = _preservation(view, classifier, sets, preserved, features, seed,
+                                                lambda done: report(Progress("evaluate", 2 * len(sets) + done, total)))
     if grid_path:
         columns = [f"noise {i + 1}" for i in range(GRID_SAMPLES)]
         save_image(grid(rows, labels, columns, cell=64), grid_path)
     return evaluation
+
+
+def _preservation(view: ModelView, classifier, sets: list[PromptSet], preserved: list[PromptSet],
+                  features: dict[str, tuple], seed: int, done) -> Preservation:
+    """The sensitive figures: the scale from every set's before samples (by concept), the preserved sets' changes,
+    and their before samples drawn again from other noise (the Frechet distance's floor)."""
+    from ..toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    by_concept: dict[str, list] = {}
+    for prompt_set in sets:
+        by_concept.setdefault(prompt_set.concept, []).append(features[prompt_set.name][0])
+    scale = concept_scale({name: torch.cat(found) for name, found in by_concept.items()})
+    floor = []
+    for index, prompt_set in enumerate(preserved):
+        noise_seed = seed + EVAL_SEED_OFFSET + FLOOR_SEED_OFFSET + index
+        images = sample_latents(view, prompt_set.prompts, torch.arange(len(prompt_set.prompts)), DEFAULT_STEPS,
+                                DEFAULT_GUIDANCE, 64, noise_seed)
+        floor.append(classifier_features(classifier, images))
+        done(index + 1)
+    samples = [PreservedSamples(s.name, s.concept, s.prompts, *features[s.name]) for s in preserved]
+    return measure_preservation(samples, scale, torch.cat(floor), features.get("anchor"))
 
 
 def _shows(prediction, concept: str) -> bool:

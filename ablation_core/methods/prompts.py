@@ -111,11 +111,15 @@ def without_targets(prompts: list[str], targets: list[str]) -> list[str]:
     return kept or list(prompts)
 
 
-def prompts_for(anchor: str, listed: tuple[str, ...] | list[str], kind: Kind) -> list[str]:
+def prompts_for(anchor: str, listed: tuple[str, ...] | list[str], kind: Kind,
+                others: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The prompts of a list that belong to ``anchor``: for objects, those that mention it (the target is swapped in
-    for it); styles and memorized images take every prompt."""
+    for it); styles and memorized images take every prompt, except, in a joint run whose list holds the other pairs'
+    prompts too, those that name another pair's anchor (``others``): "a photo of a dog" belongs to snoopy -> dog, not
+    to van gogh -> painting (every prompt is kept when all of them name one)."""
     if kind != "object":
-        return list(listed)
+        own = [p for p in listed if not any(mentions(p, o) for o in others if o.lower() != anchor.lower())]
+        return own or list(listed)
     chosen = [p for p in listed if mentions(p, anchor)]
     if not chosen:
         raise PromptError(f"none of the anchor prompts mention the anchor '{anchor}' (e.g. '{listed[0]}'); every "

@@ -1,10 +1,16 @@
 """After training: did the run change the model? Measured on prompts the run did not train on.
 
-``target_anchor_gap``: how far the target prompt's noise prediction is from its anchor twin's (the frozen model's),
-relative to how far the anchor's is from the unconditional prediction. Before the run it is the concept's own
-signal; after it, what is left of it. ``erased_fraction`` = 1 - after / before: near 1 when the target now behaves
+``target_anchor_gap``: how far the target prompt's noise prediction is from its anchor twin's, relative to how far
+the anchor's is from the unconditional prediction. Before the run it is the concept's own signal; after it, what is
+left of it: the target's prediction against the anchor's as the patched model now makes it (the target should behave
+like the anchor does, and where the anchor itself moved, measuring against its old prediction would count the
+anchor's move as the target's failure). ``erased_fraction`` = 1 - after / before: near 1 when the target now behaves
 like its anchor, near 0 when the run barely changed anything (then the caller warns, saying what to try).
 ``anchor_drift``: how much the anchor's own prediction moved, on the same scale (should stay near 0).
+
+Each target is measured on the anchor images drawn for its own pair, with its own anchor's prompts: in a joint run
+(snoopy -> dog, van gogh -> painting, bird -> fish) a check of van gogh on photos of dogs, or with "a photo of a dog"
+as a painting's prompt, read -54 % for a run that erased van gogh (issue 25).
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[
     one), and their target twins."""
     seen = set(trained_on)
     targets = [t for t, _ in config.pairs()]
+    others = [a for _, a in config.pairs()]
     found = []
     for (target, anchor), kind in zip(config.pairs(), config.kinds()):
         if config.held_out_prompts:
-            candidates = prompt_lib.prompts_for(anchor, config.held_out_prompts, kind)
+            candidates = prompt_lib.prompts_for(anchor, config.held_out_prompts, kind, others)
         else:
             candidates = [p for p in prompt_lib.anchor_prompt_bank(anchor, kind) if p not in seen]
-        candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, kind)
+        candidates = candidates or prompt_lib.prompts_for(anchor, trained_on, kind, others)
         # as in training: an anchor prompt naming another target of the run would measure that one's erasure too
         candidates = prompt_lib.without_targets(candidates, targets)
         anchors = random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
@@ -62,7 +69,8 @@ def combine(checks: dict[str, dict[str, float]]) -> dict[str, object]:
 def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig, latents: Tensor,
                    anchor_prompts: list[str], target_prompts: list[str],
                    base: AdapterSet | None = None) -> dict[str, float]:
-    """The held-out gaps before and after (adapters switched off and on), from the run's own anchor latents.
+    """The held-out gaps before and after (adapters switched off and on), from the run's own anchor latents: those
+    of this pair's anchor (``pair_latents``), so the noisy images are ones the anchor prompts describe.
 
     "Before" is the original model: an earlier patch the run built on (``base``) is switched off too, so the
     figures are the effect of everything the resulting patch holds."""
@@ -91,7 +99,7 @@ def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig
         target_after = _eps(view, x, tt, view.encode(targets[chunk]))
         totals["scale"] += float((anchor_before - unconditional).square().sum())
         totals["gap_before"] += float((target_before - anchor_before).square().sum())
-        totals["gap_after"] += float((target_after - anchor_before).square().sum())
+        totals["gap_after"] += float((target_after - anchor_after).square().sum())
         totals["drift"] += float((anchor_after - anchor_before).square().sum())
     scale = max(totals["scale"], 1e-12)
     before, after = totals["gap_before"] / scale, totals["gap_after"] / scale
@@ -103,6 +111,15 @@ def measure_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig
         "erased_fraction": round(1 - after / before, 4) if before > 0 else 0.0,
         "anchor_drift": round(totals["drift"] / scale, 6),
     }
+
+
+def pair_latents(latents: Tensor, image_prompt: Tensor, prompt_pair: list[int], pair: int) -> Tensor:
+    """The anchor images drawn for pair ``pair``'s prompts (``prompt_pair[i]``: the pair of anchor prompt ``i``).
+
+    In a joint run the images are shuffled across pairs; measuring "van gogh" on photos of fish drawn for
+    bird -> fish gives a gap that says nothing about van gogh (it read -54 % on a run that erased it)."""
+    own = torch.tensor([prompt_pair[i] == pair for i in image_prompt.tolist()], dtype=torch.bool)
+    return latents[own.to(latents.device)] if bool(own.any()) else latents
 
 
 def _eps(view: ModelView, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

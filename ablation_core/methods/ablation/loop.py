@@ -27,7 +27,7 @@ from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
 from .adapters import AdapterSet
-from .check import combine, held_out_pairs, measure_effect, weak_effect_warning
+from .check import combine, held_out_pairs, measure_effect, pair_latents, weak_effect_warning
 from .fits import check_run_fits
 from .metadata import build_metadata
 from .objectives import ablation_loss, model_rows, regularization_loss
@@ -95,18 +95,26 @@ def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressF
     return Conditioning.cat(parts)
 
 
-def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
-    """Anchor prompts of every pair, and their target twins: ``variants`` blocks of the same length (the targets,
-    then each misspelling), so target prompt ``i + v * len(anchors)`` is the twin of anchor prompt ``i``."""
+def _anchors_by_pair(config: AblationConfig) -> list[list[str]]:
+    """Each pair's anchor prompts, in the order of ``config.pairs()``."""
     listed = config.anchor_prompts
     anchors_by_pair = []
     kinds = config.kinds()
+    others = [a for _, a in config.pairs()]
     for index, (_, anchor) in enumerate(config.pairs()):
-        user = prompt_lib.prompts_for(anchor, listed, kinds[index]) if listed else None
+        user = prompt_lib.prompts_for(anchor, listed, kinds[index], others) if listed else None
         chosen = prompt_lib.choose_anchor_prompts(anchor, kinds[index], config.anchor_prompt_count,
                                                   config.seed + index, user)
         anchors_by_pair.append(prompt_lib.without_targets(chosen, [t for t, _ in config.pairs()])
                                if config.extra_pairs else chosen)
+    return anchors_by_pair
+
+
+def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
+    """Anchor prompts of every pair, and their target twins: ``variants`` blocks of the same length (the targets,
+    then each misspelling), so target prompt ``i + v * len(anchors)`` is the twin of anchor prompt ``i``."""
+    anchors_by_pair = _anchors_by_pair(config)
+    kinds = config.kinds()
     typos = [prompt_lib.misspellings(t, config.misspelled_targets, config.seed) for t, _ in config.pairs()]
     anchors = [p for prompts in anchors_by_pair for p in prompts]
     targets: list[str] = []
@@ -209,10 +217,11 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             canceller.phase = "checking the result"
             report(Progress("check", 0, 1))
             checks = {}
+            prompt_pair = [pair for pair, prompts in enumerate(_anchors_by_pair(config)) for _ in prompts]
             with _oom_guard(), view.uncached_text():
-                for target, check_anchors, check_targets in held_out_pairs(config, anchor_prompts):
-                    checks[target] = measure_effect(view, adapters, config, latents, check_anchors, check_targets,
-                                                    base)
+                for pair, (target, check_anchors, check_targets) in enumerate(held_out_pairs(config, anchor_prompts)):
+                    own = pair_latents(latents, image_prompt, prompt_pair, pair)
+                    checks[target] = measure_effect(view, adapters, config, own, check_anchors, check_targets, base)
             check = combine(checks)
             report(Progress("check", 1, 1))
         warning = weak_effect_warning(check, config)
