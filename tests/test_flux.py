@@ -246,3 +246,9 @@ def test_robust_rounds_run_on_flux_for_both_methods(flux_view):
     solved = robust_erase_closed_form(flux_view, make_closed_form_config(["grumpy cat"], ["cat"], robust_rounds=1),
                                 budget=budget)
     assert set(solved.patch.deltas) == {"lora_unet_txt_in", "lora_unet_vector_in_in_layer"}
+
+
+def test_the_embedding_group_trains_txt_in_and_vector_in_whole(flux_view):
+    result = ablate(flux_view, make_config("grumpy cat", "cat", group="embedding", **TINY))
+    assert sorted(result.patch.deltas) == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
+    assert all((delta.full().abs().sum(dim=1) > 0).all() for delta in result.patch.deltas.values())

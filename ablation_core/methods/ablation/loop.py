@@ -67,9 +67,10 @@ def _check_prompts(view: ModelView, config: AblationConfig) -> None:
 
 
 def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationConfig) -> dict[str, Tensor]:
-    """The embedding group changes only the rows of the targets' own words (not the anchors' or the template's)."""
+    """The embedding group changes only the rows of the targets' own words (not the anchors' or the template's) of
+    each token-embedding table; other layers of the group (Flux's ``txt_in`` and ``vector_in``) change whole."""
     masks = {}
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(layer for layer in layers if layer.kind == "embedding"):
         rows: set[int] = set()
         for target, anchor in config.pairs():
             own = set(view.token_ids(target)[index]) - set(view.token_ids(anchor)[index])
