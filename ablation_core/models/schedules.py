@@ -85,6 +85,12 @@ class EpsSchedule(Schedule):
     def noise_target(self, x0: Tensor, noise: Tensor) -> Tensor:
         return noise
 
+    def noise_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """A v-prediction model's output as the noise it implies, ``sqrt(acp) v + sqrt(1 - acp) x_t`` (float32, on
+        ``v``'s device): how the SD2 768-v views give ``predict`` its noise."""
+        acp = self.alphas_cumprod.to(v.device, torch.float32)[t.to(v.device)].view(-1, 1, 1, 1)
+        return acp.sqrt() * v.float() + (1 - acp).sqrt() * x_t.to(v.device).float()
+
     def x0_from(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
         alpha, sigma = self.coefficients(t.cpu())
         return (x_t.float() - _per_sample(sigma, x_t) * prediction.float()) / _per_sample(alpha, x_t)

@@ -68,7 +68,6 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
     """While a block runs with gradients, autograd keeps copies of the stream tensor the block adds to in place
     (the second argument of a double block, the first of a single block) instead of the tensor itself."""
     watched: list[int] = []
-    stack = contextlib.ExitStack()
 
     def pack(tensor: Tensor) -> Tensor:
         if watched and tensor.untyped_storage().data_ptr() in watched:
@@ -88,11 +87,10 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
     for block in blocks:
         handles.append(block.register_forward_pre_hook(enter))
         handles.append(block.register_forward_hook(leave))
-    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
     try:
-        yield
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
     finally:
-        stack.close()
         for handle in handles:
             handle.remove()
 

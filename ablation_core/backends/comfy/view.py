@@ -212,8 +212,7 @@ class ComfyModelView(ModelView):
                                    context=cond.context.to(self.device, self.dtype), transformer_options=options,
                                    **extra)
         if self.v_prediction:
-            acp = self.alphas_cumprod.to(out.device, torch.float32)[t].view(-1, 1, 1, 1)
-            out = acp.sqrt() * out.float() + (1 - acp).sqrt() * x_t.float()
+            out = self.schedule.noise_from_v(x_t, t, out)
         return out
 
     def _layer(self, key: str, module: nn.Module, state_key: tuple[str, str]) -> Layer:

@@ -170,8 +170,7 @@ class ForgeModelView(ModelView):
         out = self.diffusion_model(x_t.to(self.device, self.dtype), t.to(self.device).float(),
                                    context=cond.context.to(self.device, self.dtype), transformer_options={}, **extra)
         if self.v_prediction:
-            acp = self.alphas_cumprod.to(out.device, torch.float32)[t.to(out.device)].view(-1, 1, 1, 1)
-            out = acp.sqrt() * out.float() + (1 - acp).sqrt() * x_t.to(out.device).float()
+            out = self.schedule.noise_from_v(x_t, t, out)
         return out.to(self.dtype)
 
     def transformer_blocks(self) -> list[nn.Module]:
