@@ -228,6 +228,22 @@ def test_the_attacks_write_into_both_flux_encoders(flux_view, name):
         assert torch.equal(weight, before[key]), key
 
 
+def test_a_prompts_ids_encode_exactly_as_the_prompt_in_both_encoders(flux_view):
+    from ablation_core.methods.robust.adversary import prompt_ids
+    from ablation_core.methods.robust.token_hook import encode_ids, encode_with, initial_vector
+
+    prompt = "an image of a grumpy cat"
+    plain = flux_view.encode([prompt])
+    from_ids = encode_ids(flux_view, torch.tensor([prompt_ids(flux_view, prompt)]))
+    assert torch.equal(from_ids.context, plain.context)  # T5's encoder calls its own embedding module
+    assert torch.equal(from_ids.extra["pooled"], plain.extra["pooled"])  # CLIP pools at the end token
+    vectors = [vector + 1.0 for vector in initial_vector(flux_view, "dog")]
+    injected = encode_with(flux_view, ["an image of a sks"], vectors)
+    unchanged = flux_view.encode(["an image of a sks"])
+    assert not torch.allclose(injected.context, unchanged.context)
+    assert not torch.allclose(injected.extra["pooled"], unchanged.extra["pooled"])
+
+
 def test_ids_in_clip_layout_become_t5_layout_for_the_sequence_encoder(flux_view):
     ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
     t5, clip = flux_view.encoder_ids(ids)

@@ -65,7 +65,7 @@ class FluxModelView(ModelView):
         return list(self.encoders.words(text))
 
     def token_embedding_modules(self) -> list[nn.Module]:
-        return [self.encoders.t5.get_input_embeddings(), self.encoders.clip.get_input_embeddings()]
+        return [t5_token_embedding(self.encoders.t5), self.encoders.clip.get_input_embeddings()]
 
     def encoder_ids(self, ids: Tensor) -> list[Tensor]:
         """CLIP's layout for CLIP; for T5 the same tokens without the start token, its end token and its padding
@@ -132,3 +132,10 @@ class FluxModelView(ModelView):
             raise NotImplementedError("no VAE was loaded with this Flux model, so latents cannot become images")
         with torch.no_grad():
             return ((self.vae(latents.to(self.dtype)).float() + 1) / 2).clamp(0, 1)
+
+
+def t5_token_embedding(t5: nn.Module) -> nn.Module:
+    """The embedding module T5's encoder calls. transformers 5 ties ``shared`` and ``encoder.embed_tokens`` by their
+    weight, not as one module, so a hook on ``get_input_embeddings()`` (``shared``) would never run."""
+    encoder = t5.get_encoder() if hasattr(t5, "get_encoder") else None
+    return getattr(encoder, "embed_tokens", None) or t5.get_input_embeddings()

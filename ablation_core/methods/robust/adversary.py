@@ -3,7 +3,8 @@
 Both searches minimise the diffusion loss of the model as it is (patched or not) on images of the target that the
 unpatched model drew, as the attacks of the literature do:
   - ``invert_embedding``: textual inversion (Circumventing Concept Erasure): one new token embedding per text
-    encoder, read at a placeholder word, trained with Adam on those images;
+    encoder, read at a placeholder word, trained with Adam on those images (each encoder's rate scaled to the spread
+    of its token table);
   - ``search_tokens``: a discrete search over the whole vocabulary (UnlearnDiffAtk, P4D): from the target prompt,
     each iteration ranks every token at each searched position by the loss gradient with respect to a one-hot choice
     (HotFlip), tries a batch of single-token swaps from the top ranks on the same noisy images, and keeps the best.
@@ -55,13 +56,24 @@ def _noised(view: ModelView, latents: Tensor, generator: torch.Generator) -> tup
     return view.schedule.noisy(x0, noise, t), t, view.schedule.noise_target(x0, noise)
 
 
+CLIP_EMBEDDING_STD = 0.02  # the spread of CLIP's token table (its initialisation) that learning rates are set for
+
+
+def embedding_scales(view: ModelView) -> list[float]:
+    """Each text encoder's token-table spread against CLIP's. Adam moves each coordinate by about the learning rate
+    per step whatever the gradient's size, so a rate set for CLIP's table (std 0.02) hardly moves a vector in T5's
+    (std about 1 in the toy, larger in T5-XXL): the rate is scaled by the table's own spread."""
+    return [max(float(table.float().std()) / CLIP_EMBEDDING_STD, 1e-3) for table in embedding_tables(view)]
+
+
 def invert_embedding(view: ModelView, latents: Tensor, prompts: list[str], init_words: str, steps: int,
                      learning_rate: float, batch_size: int, seed: int, on_step: StepFn | None = None) -> Inversion:
     """Textual inversion: the placeholder embedding that best denoises ``latents`` (image ``i`` captioned
     ``prompts[i]``, each carrying the placeholder word) on the model as it is; starts from ``init_words``."""
     generator = torch.Generator().manual_seed(seed)
     vectors = [v.to(view.device).requires_grad_(True) for v in initial_vector(view, init_words)]
-    optimizer = torch.optim.Adam(vectors, lr=learning_rate)
+    optimizer = torch.optim.Adam([{"params": [vector], "lr": learning_rate * scale}
+                                  for vector, scale in zip(vectors, embedding_scales(view))])
     losses = []
     with torch.enable_grad():
         for step in range(steps):

@@ -116,7 +116,16 @@ def encode_ids(view: ModelView, ids: Tensor, one_hot: Tensor | None = None,
                positions: list[int] | None = None) -> Conditioning:
     """Token id sequences ([batch, length], start and end tokens included) encoded as they are."""
     with injected(view, ids=ids, one_hot=one_hot, positions=positions):
-        return view.encode([""] * ids.shape[0])
+        return view.encode([_same_length_prompt(row) for row in ids.tolist()])
+
+
+def _same_length_prompt(row: list[int]) -> str:
+    """A prompt of as many one-token words as ``row`` has between its start and end tokens. The hook rewrites every
+    embedding, but an encoder also reads its own ids outside the embedding (CLIP's pooled output is taken at the end
+    token), so the prompt encoded must put the end token where ``row`` does."""
+    body = row[1:]
+    length = body.index(END_TOKEN) if END_TOKEN in body else len(body)
+    return " ".join([PLACEHOLDER] * length)
 
 
 def prompt_ids(view: ModelView, prompt: str, length: int = 77) -> list[int]:
