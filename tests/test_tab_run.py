@@ -92,6 +92,30 @@ def test_forge_shares_the_plan(forge):
     assert fractions[0] > 0 and fractions == sorted(fractions) and fractions[-1] > 0.99
 
 
+@pytest.mark.parametrize("env", ["a1111", "forge"])
+def test_a_repeated_closed_form_plans_only_the_prompts_it_encodes(env, request):
+    """The real Forge, pressing Ablate again for the same concept: the prompts' moments came from the process's
+    cache in 4 s and the preview took 56 s of 62, yet the plan gave the prompts 66 % and the ETA said 2-6 s while
+    the preview drew. The plan now counts only the prompts the run will encode."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    host = request.getfixturevalue(env)
+    MOMENT_CACHE.clear()
+    _, buttons = build_tab(host)
+    first_preview = []
+    for name in ("first", "second"):
+        start = len(host.state.texts)
+        *_, message = press(buttons["Ablate"], form("closed form", **{"Save as models/Lora/NAME.safetensors": name}))
+        assert (host.lora_dir / f"{name}.safetensors").exists(), message
+        texts, fractions = host.state.texts[start:], bar_fractions(host.state)[start:]
+        assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] > 0.99
+        first_preview.append(next(f for t, f in zip(texts, fractions) if t.startswith("Drawing the before/after")))
+    assert MOMENT_CACHE.misses and MOMENT_CACHE.hits >= MOMENT_CACHE.misses  # the second run encoded no chunk
+    # the prompts are most of the first plan; in the second only their probes are left, and the preview's share grows
+    assert first_preview[0] > 0.9 and 1 - first_preview[1] > 5 * (1 - first_preview[0]), first_preview
+    MOMENT_CACHE.clear()
+
+
 def test_the_default_preview_is_sized_to_the_device_and_its_cost_said_first(a1111):  # noqa: F811
     assert preview_defaults(types.SimpleNamespace(device=torch.device("cpu"))) == (64, 8)
     assert preview_defaults(types.SimpleNamespace(device=torch.device("cuda", 0))) == (512, 20)
