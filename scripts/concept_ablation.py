@@ -22,6 +22,11 @@ import ablation_core  # noqa: F401  (see the module docstring)
 
 TAB_ID = "concept_ablation"
 TAB_TITLE = "Ablate Concept"
+# A1111 and Forge keep every control's first default in ui-config.json, keyed by tab and label, and give it back on
+# the next start over the code's default. The controls whose default changed carry a new label, so that a tab opened
+# before (saved "object", 512 px, 20 steps) starts at the new defaults; any default saved under these labels is kept.
+LABELS = {"concept_type": "Concept type (auto: guessed)", "preview_size": "Preview size, px (0: by device)",
+          "preview_steps": "Preview steps (0: by device)"}
 
 
 # What the tab's events call ------------------------------------------------------------------------------------
@@ -223,9 +228,9 @@ def on_ui_tabs():
                 anchor = gr.Textbox(label="Anchor: what it should become", placeholder="painting, cat, ...",
                                     elem_id=f"{TAB_ID}_anchor")
                 with gr.Row():
-                    concept_type = gr.Dropdown([AUTO, *CONCEPT_TYPES], value=AUTO, label="Concept type",
-                                               info="auto: guessed from the words ('Van Gogh' -> 'painting' is a "
-                                                    "style), the result says which; " + "; ".join(
+                    concept_type = gr.Dropdown([AUTO, *CONCEPT_TYPES], value=AUTO, label=LABELS["concept_type"],
+                                               info="'Van Gogh' -> 'painting' is a style; the result says which "
+                                                    "type was picked; " + "; ".join(
                                                    f"{k}: {v}" for k, v in CONCEPT_TYPE_HELP.items()
                                                    if k in ("object", "instance", "style")))
                     method = gr.Radio(list(METHODS), value=METHODS[0], label="Method",
@@ -245,10 +250,10 @@ def on_ui_tabs():
                     with gr.Row():
                         preview = gr.Checkbox(value=True, label="Draw a before/after preview",
                                               info="the Refresh button's line says what it costs on this device")
-                        preview_size = gr.Number(value=0, precision=0, label="Preview size, px",
-                                                 info="0: by device (64 px on a CPU, 512 px on a GPU)")
-                        preview_steps = gr.Number(value=0, precision=0, label="Preview steps",
-                                                  info="0: by device (8 on a CPU, 20 on a GPU)")
+                        preview_size = gr.Number(value=0, precision=0, label=LABELS["preview_size"],
+                                                 info="64 px on a CPU, 512 px on a GPU")
+                        preview_steps = gr.Number(value=0, precision=0, label=LABELS["preview_steps"],
+                                                  info="8 on a CPU, 20 on a GPU")
                 with gr.Row():
                     name = gr.Textbox(label="Save as models/Lora/NAME.safetensors",
                                       placeholder="empty: ablate_<target>_to_<anchor>")

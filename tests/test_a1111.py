@@ -31,6 +31,9 @@ from tests import a1111_fakes as fakes
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "concept_ablation.py"
 # Tiny settings: two training steps on two anchor images of 32 px (the fake UNet never downsamples).
+# the labels of the controls whose default changed (the script's LABELS; see there why they are new)
+CONCEPT_TYPE, PREVIEW_SIZE, PREVIEW_STEPS = ("Concept type (auto: guessed)", "Preview size, px (0: by device)",
+                                            "Preview steps (0: by device)")
 TINY = {"steps": 2, "anchor_images": 2, "batch_size": 1, "resolution": 32, "preview_size": 32, "preview_steps": 2}
 
 
@@ -80,11 +83,11 @@ def press(button: fakes.Component, values: dict[str, object]) -> tuple:
 
 def form(method: str = "trained", **overrides) -> dict[str, object]:
     values = {"Target: the concept to remove": "Van Gogh", "Anchor: what it should become": "painting",
-              "Concept type": "style", "Method": method, "Preset": "fast", "Steps (0: the preset's)": TINY["steps"],
+              CONCEPT_TYPE: "style", "Method": method, "Preset": "fast", "Steps (0: the preset's)": TINY["steps"],
               "Training resolution, px (0: the model's)": TINY["resolution"],
               "Anchor images (0: the preset's)": TINY["anchor_images"],
-              "Batch size (0: the preset's)": TINY["batch_size"], "Preview size, px": TINY["preview_size"],
-              "Preview steps": TINY["preview_steps"]}
+              "Batch size (0: the preset's)": TINY["batch_size"], PREVIEW_SIZE: TINY["preview_size"],
+              PREVIEW_STEPS: TINY["preview_steps"]}
     values.update(overrides)
     return values
 
@@ -94,7 +97,7 @@ def form(method: str = "trained", **overrides) -> dict[str, object]:
 def test_tab_builds_with_every_control(a1111):
     tab, buttons = build_tab(a1111)
     labels = {c.kwargs.get("label") for c in fakes.Component.created}
-    for label in ("Target: the concept to remove", "Anchor: what it should become", "Concept type", "Method",
+    for label in ("Target: the concept to remove", "Anchor: what it should become", CONCEPT_TYPE, "Method",
                   "Preset", "Steps (0: the preset's)", "Seed"):
         assert label in labels
     methods = next(c for c in fakes.Component.created if c.kwargs.get("label") == "Method").args[0]
@@ -292,7 +295,7 @@ def test_draw_preview_for_a_patch_made_elsewhere(a1111):
     run_request(host, TabRequest("Van Gogh", "painting", "style", "closed form", preview=False))
     _, buttons = build_tab(a1111)
     image, message = press(buttons["Draw a preview on the loaded model"],
-                           {"Patch": "ablate_Van_Gogh_to_painting", "Preview size, px": 32, "Preview steps": 2})
+                           {"Patch": "ablate_Van_Gogh_to_painting", PREVIEW_SIZE: 32, PREVIEW_STEPS: 2})
     assert image and Path(image).exists() and "Preview saved" in message
 
 

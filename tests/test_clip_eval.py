@@ -266,7 +266,7 @@ def test_report_node_shows_the_figures_or_how_to_get_them(random_clip, tmp_path,
 def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch):
     from ablation_core.backends.a1111.flows import A1111Host, TabRequest, run_request
     from tests import a1111_fakes as fakes
-    from tests.test_a1111 import build_tab, load_script, press
+    from tests.test_a1111 import PREVIEW_SIZE, PREVIEW_STEPS, build_tab, load_script, press
 
     lora_dir = tmp_path / "models" / "Lora"
     lora_dir.mkdir(parents=True)
@@ -276,7 +276,7 @@ def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch
     run_request(host, TabRequest("Van Gogh", "painting", "style", "closed form", preview=False))
     _, buttons = build_tab(env)
     button = buttons["Measure with CLIP on the loaded model"]
-    values = {"Patch": "ablate_Van_Gogh_to_painting", "Preview size, px": 32, "Preview steps": 2,
+    values = {"Patch": "ablate_Van_Gogh_to_painting", PREVIEW_SIZE: 32, PREVIEW_STEPS: 2,
               "Images per prompt set": 2}
     (message,) = press(button, {**values, "CLIP model folder": ""})
     assert "huggingface-cli download" in message
@@ -288,7 +288,7 @@ def test_a1111_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch
 def test_forge_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch):
     """In Forge the figures draw with Forge's own model objects, which are left as they were."""
     from tests import forge_fakes
-    from tests.test_a1111 import build_tab, form, load_script, press
+    from tests.test_a1111 import PREVIEW_SIZE, PREVIEW_STEPS, build_tab, form, load_script, press
 
     lora_dir = tmp_path / "models" / "Lora"
     lora_dir.mkdir(parents=True)
@@ -298,7 +298,7 @@ def test_forge_tab_measures_a_patch_with_clip(random_clip, tmp_path, monkeypatch
     press(buttons["Ablate"], form("closed form", **{"Draw a before/after preview": False}))
     engine = env.model_data.sd_model
     before = forge_fakes.unet_weights(engine)
-    values = {"Patch": "ablate_Van_Gogh_to_painting", "Preview size, px": 32, "Preview steps": 2,
+    values = {"Patch": "ablate_Van_Gogh_to_painting", PREVIEW_SIZE: 32, PREVIEW_STEPS: 2,
               "Images per prompt set": 2, "CLIP model folder": str(random_clip)}
     (message,) = press(buttons["Measure with CLIP on the loaded model"], values)
     assert "cost: " in message and "clip_accuracy" in message

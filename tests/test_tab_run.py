@@ -15,7 +15,9 @@ from ablation_core.backends.a1111.progress import SCALE, RunProgress
 from ablation_core.methods.ablation.recipes import guess_concept_type
 from ablation_core.methods.progress import Progress
 from tests import a1111_fakes, forge_fakes
-from tests.test_a1111 import a1111, build_tab, form, load_script, press  # noqa: F401  (a1111 is a fixture)
+from tests.test_a1111 import CONCEPT_TYPE, a1111, build_tab, form, load_script, press  # noqa: F401  (a fixture)
+from tests.test_a1111 import PREVIEW_SIZE as SIZE
+from tests.test_a1111 import PREVIEW_STEPS as STEPS
 
 PATCH = "ablate_Van_Gogh_to_painting"
 
@@ -90,6 +92,30 @@ def test_forge_shares_the_plan(forge):
     assert fractions[0] > 0 and fractions == sorted(fractions) and fractions[-1] > 0.99
 
 
+@pytest.mark.parametrize("env", ["a1111", "forge"])
+def test_a_repeated_closed_form_plans_only_the_prompts_it_encodes(env, request):
+    """The real Forge, pressing Ablate again for the same concept: the prompts' moments came from the process's
+    cache in 4 s and the preview took 56 s of 62, yet the plan gave the prompts 66 % and the ETA said 2-6 s while
+    the preview drew. The plan now counts only the prompts the run will encode."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    host = request.getfixturevalue(env)
+    MOMENT_CACHE.clear()
+    _, buttons = build_tab(host)
+    first_preview = []
+    for name in ("first", "second"):
+        start = len(host.state.texts)
+        *_, message = press(buttons["Ablate"], form("closed form", **{"Save as models/Lora/NAME.safetensors": name}))
+        assert (host.lora_dir / f"{name}.safetensors").exists(), message
+        texts, fractions = host.state.texts[start:], bar_fractions(host.state)[start:]
+        assert all(b >= a for a, b in zip(fractions, fractions[1:])) and fractions[-1] > 0.99
+        first_preview.append(next(f for t, f in zip(texts, fractions) if t.startswith("Drawing the before/after")))
+    assert MOMENT_CACHE.misses and MOMENT_CACHE.hits >= MOMENT_CACHE.misses  # the second run encoded no chunk
+    # the prompts are most of the first plan; in the second only their probes are left, and the preview's share grows
+    assert first_preview[0] > 0.9 and 1 - first_preview[1] > 5 * (1 - first_preview[0]), first_preview
+    MOMENT_CACHE.clear()
+
+
 def test_the_default_preview_is_sized_to_the_device_and_its_cost_said_first(a1111):  # noqa: F811
     assert preview_defaults(types.SimpleNamespace(device=torch.device("cpu"))) == (64, 8)
     assert preview_defaults(types.SimpleNamespace(device=torch.device("cuda", 0))) == (512, 20)
@@ -97,10 +123,33 @@ def test_the_default_preview_is_sized_to_the_device_and_its_cost_said_first(a111
     assert "64 px, 8 steps" in line and "64 UNet passes" in line and "the CPU" in line
     _, buttons = build_tab(a1111)
     sizes = {c.kwargs.get("label"): c.kwargs.get("value") for c in a1111_fakes.Component.created}
-    assert sizes["Preview size, px"] == 0 and sizes["Preview steps"] == 0  # 0: by device
-    *_, message = press(buttons["Ablate"], form("closed form", **{"Preview size, px": 0, "Preview steps": 0}))
+    assert sizes[SIZE] == 0 and sizes[STEPS] == 0  # 0: by device
+    *_, message = press(buttons["Ablate"], form("closed form", **{SIZE: 0, STEPS: 0}))
     assert "The preview (64 px, 8 steps) took" in message
     assert (a1111.lora_dir / f"{PATCH}.preview.png").exists()
+
+
+def saved_defaults(settings: dict[str, object]) -> dict[str, object]:
+    """A1111's and Forge's ``ui_loadsave.UiLoadsave.add_component``: a value saved in ui-config.json under
+    ``TAB/LABEL/value`` replaces the control's default on the next start; what the controls then show, by label."""
+    shown = {}
+    for component in a1111_fakes.Component.created:
+        label = component.kwargs.get("label")
+        if label is not None:
+            shown[label] = settings.get(f"concept_ablation/{label}/value", component.kwargs.get("value"))
+    return shown
+
+
+def test_defaults_saved_by_an_older_tab_do_not_hide_the_new_ones(a1111):  # noqa: F811
+    # what the real Forge's ui-config.json held from the tab before #22 item 5 (its first defaults, saved on start)
+    old = {"concept_ablation/Concept type/value": "object", "concept_ablation/Preview size, px/value": 512,
+           "concept_ablation/Preview steps/value": 20, "concept_ablation/Method/value": "trained"}
+    _, buttons = build_tab(a1111)
+    shown = saved_defaults(old)
+    assert (shown[CONCEPT_TYPE], shown[SIZE], shown[STEPS]) == ("auto", 0, 0)
+    *_, message = press(buttons["Ablate"], form("closed form", **{label: shown[label]
+                                                                  for label in (CONCEPT_TYPE, SIZE, STEPS)}))
+    assert "Concept type: style (auto)" in message and "The preview (64 px, 8 steps) took" in message
 
 
 @pytest.mark.parametrize(("target", "anchor", "picked"), [
@@ -113,10 +162,10 @@ def test_auto_guesses_the_concept_type_from_the_words(target, anchor, picked):
 
 def test_the_tab_defaults_to_auto_and_says_what_it_picked(a1111):  # noqa: F811
     _, buttons = build_tab(a1111)
-    dropdown = next(c for c in a1111_fakes.Component.created if c.kwargs.get("label") == "Concept type")
+    dropdown = next(c for c in a1111_fakes.Component.created if c.kwargs.get("label") == CONCEPT_TYPE)
     assert dropdown.kwargs["value"] == "auto" and dropdown.args[0][0] == "auto"
     values = form("closed form")
-    del values["Concept type"]  # untouched: the dropdown's default
+    del values[CONCEPT_TYPE]  # untouched: the dropdown's default
     *_, message = press(buttons["Ablate"], values)
     assert "Concept type: style (auto)" in message
     patch = load_patch(a1111.lora_dir / f"{PATCH}.safetensors")

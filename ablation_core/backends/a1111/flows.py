@@ -28,7 +28,9 @@ from ...methods.ablation.adapters import AdapterSet
 from ...methods.ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
 from ...methods.ablation.recipes import AUTO, guess_concept_type
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
+from ...methods.closed_form.embeddings import prompts_to_encode
 from ...methods.closed_form.settings import ClosedFormConfig, make_closed_form_config, resolve_closed_form
+from ...methods.closed_form.solve import _prompt_pairs as closed_form_prompt_pairs
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.prompts import check_pair, target_prompts
 from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
@@ -270,7 +272,7 @@ def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView, progress
                                      seed=int(request.seed), robust_rounds=max(int(request.robust_rounds), 0),
                                      extra_metadata={META + "made_in": f"{view.program} tab"})
     view.default_latent_size = _latent_size(request.resolution, view) or view.default_latent_size  # robust rounds
-    plan_closed_form(progress, resolve_closed_form(config, view.family.name), len(view.layers("kv")), preview_units)
+    plan_closed_form(progress, resolve_closed_form(config, view.family.name), view, preview_units)
     result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=host.cancelled)
     stats = result.stats
     summary = (f"'{request.target}' -> '{request.anchor}' in closed form ({result.config.mode}) in "
@@ -279,10 +281,13 @@ def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView, progress
     return result.patch, summary
 
 
-def plan_closed_form(progress: RunProgress, config: ClosedFormConfig, layers: int, preview_units: float) -> None:
-    prompts = len(config.preserved_prompts or ()) + 2 * int(config.prompts_per_target) * len(config.targets)
-    progress.plan("prompts", prompts * PROMPT_COST)
-    progress.plan("solve", max(layers, 1) * SOLVE_COST)
+def plan_closed_form(progress: RunProgress, config: ClosedFormConfig, view: WebUIView, preview_units: float) -> None:
+    """The prompts' share counts only those whose moments the process has not kept from an earlier run (a second
+    run on the same model encodes only its probes, and its preview is then most of its time)."""
+    targets, anchors = closed_form_prompt_pairs(config)
+    prompts = prompts_to_encode(view, targets, anchors, list(config.preserved_prompts or ()))
+    progress.plan("prompts", max(prompts, 1) * PROMPT_COST)
+    progress.plan("solve", max(len(view.layers("kv")), 1) * SOLVE_COST)
     if preview_units:
         progress.plan("preview", preview_units)
 

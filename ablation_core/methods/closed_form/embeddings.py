@@ -98,6 +98,15 @@ class MomentCache:
             self.put(key, value)
         return value
 
+    def holds(self, key: tuple) -> bool:
+        """Whether ``key`` has an entry (no hit or miss is counted)."""
+        return key in self.entries
+
+    def holds_prompts(self, kind: str, *prompt_lists: list[str]) -> bool:
+        """Whether some entry has these prompts, whatever text encoder made it (no probe is encoded)."""
+        prompts = tuple(tuple(p) for p in prompt_lists)
+        return any(k[0] == kind and k[1] == prompts for k in self.entries)
+
     def get(self, key: tuple) -> tuple[Tensor, ...] | None:
         value = self.entries.get(key)
         if value is None:
@@ -127,6 +136,23 @@ class MomentCache:
 
 
 MOMENT_CACHE = MomentCache()
+
+
+def prompts_to_encode(view: ModelView, target_prompts: list[str], anchor_prompts: list[str],
+                      preserved_prompts: list[str]) -> int:
+    """About how many prompts a solve of these prompts will encode (for progress plans; a repeated run encodes little
+    more than its probes): each prompt of a chunk ``MOMENT_CACHE`` does not hold, one (its probe) for a chunk it
+    holds, chunked as ``pair_moments`` and ``preserved_moments`` chunk them. The target chunks and the first
+    preserved chunk are keyed in full (a few probe prompts); the other preserved chunks count as held when the first
+    one is and some entry has their prompts."""
+    count = 0
+    for start in range(0, len(target_prompts), CHUNK):
+        targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
+        count += 1 if MOMENT_CACHE.holds(MOMENT_CACHE.key(view, "pairs", targets, anchors)) else 2 * len(targets)
+    chunks = [preserved_prompts[start:start + CHUNK] for start in range(0, len(preserved_prompts), CHUNK)]
+    if chunks and MOMENT_CACHE.holds(MOMENT_CACHE.key(view, "preserved", chunks[0])):
+        return count + 1 + sum(1 if MOMENT_CACHE.holds_prompts("preserved", c) else len(c) for c in chunks[1:])
+    return count + sum(len(c) for c in chunks)
 
 
 def _ids(view: ModelView, prompt: str) -> list[int]:
