@@ -25,6 +25,11 @@ CORE_WIDGETS = {
     "ImageBatch": 0,
     "LoraLoader": 3,
     "LoraLoaderModelOnly": 2,
+    "UNETLoader": 2,
+    "DualCLIPLoader": 4,  # clip_name1, clip_name2, type, device
+    "VAELoader": 1,
+    "FluxGuidance": 1,
+    "EmptySD3LatentImage": 3,
 }
 
 
@@ -90,3 +95,18 @@ def test_mass_erasure_lists_about_ten_styles_and_compares_before_and_after():
     assert models == {"CheckpointLoaderSimple", "EraseConceptsClosedForm"}
     assert len({json.dumps(s["widgets_values"]) for s in samplers}) == 1  # same seed and settings
     assert any(node["type"] == "SaveAblationPatch" for node in nodes.values())
+
+
+def test_flux_workflow_loads_flux_and_compares_with_the_original_from_the_same_seed():
+    workflow = json.loads((WORKFLOWS[0].parent / "flux_ablate_then_generate.json").read_text())
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    types = {node["type"] for node in nodes.values()}
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "EmptySD3LatentImage"} <= types
+    (dual,) = [node for node in nodes.values() if node["type"] == "DualCLIPLoader"]
+    assert dual["widgets_values"][2] == "flux"
+    sources = {link[0]: link for link in workflow["links"]}
+    samplers = [node for node in nodes.values() if node["type"] == "KSampler"]
+    models = {nodes[sources[s["inputs"][0]["link"]][1]]["type"] for s in samplers}
+    assert models == {"UNETLoader", "EraseConceptsClosedForm"}
+    assert len({json.dumps(s["widgets_values"]) for s in samplers}) == 1
+    assert all(s["widgets_values"][3] == 1.0 for s in samplers)  # Flux dev: guidance is an input, no CFG
