@@ -10,6 +10,7 @@ pooled CLIP vector.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -78,7 +79,8 @@ class ModelSamplingFlux(nn.Module):
 
 class FluxBaseModel(fakes.BaseModel):
     def __init__(self, diffusion_model: ComfyFlux, shift: float):
-        super().__init__(diffusion_model, model_type=fakes.ModelType.FLOW, latent_channels=3)
+        super().__init__(diffusion_model, model_type=fakes.ModelType.FLOW,
+                         latent_channels=diffusion_model.params.in_channels)
         self.model_sampling = ModelSamplingFlux(shift)
 
 
@@ -118,8 +120,11 @@ class FluxCLIP:
 
 
 def make_flux(seed: int = 3, shift: float = 0.0) -> tuple[fakes.ModelPatcher, FluxCLIP, FluxTransformer]:
-    """A ComfyUI MODEL and CLIP of the toy-flux architecture with random weights, and the transformer they wrap."""
-    transformer, encoders = toy_flux.build_toy_flux(seed=seed)
+    """A ComfyUI MODEL and CLIP of the toy-flux architecture with random weights, and the transformer they wrap;
+    16 latent channels as Flux.1's (the toy world's 3 would make the view read the toy's settings)."""
+    _, encoders = toy_flux.build_toy_flux(seed=seed)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer(dataclasses.replace(toy_flux.TOY_FLUX_CONFIG, in_channels=16))
     transformer.eval().requires_grad_(False)
     encoders.eval().requires_grad_(False)
     model = fakes.ModelPatcher(FluxBaseModel(ComfyFlux(transformer), shift))

@@ -45,7 +45,7 @@ def test_the_view_sees_flux_layers_and_predicts_as_our_own_flux_view(comfy):
     prompts = ["a photo of a cat", "a painting of a dog in the style of van gogh"]
     cond, reference = view.encode(prompts).with_guidance(4.0), ours.encode(prompts).with_guidance(4.0)
     torch.testing.assert_close(cond.context, reference.context)
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([900, 300])
+    x, t = torch.randn(2, 16, 16, 16), torch.tensor([900, 300])
     with torch.no_grad():
         torch.testing.assert_close(view.predict(x, t, cond), ours.predict(x, t, reference))
     assert view.token_ids("grumpy cat") == ours.token_ids("grumpy cat")

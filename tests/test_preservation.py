@@ -70,16 +70,21 @@ def test_figures_are_zero_for_a_patch_that_changes_nothing_and_grow_when_a_neigh
     assert damaged.change["surrounding: bird"] > 2 * kept.change["surrounding: bird"]
     assert damaged.change_worst > kept.change_worst and damaged.change_mean > kept.change_mean
     assert damaged.fid > kept.fid and damaged.fid > damaged.fid_floor
+    assert untouched.drift["prediction_drift"] == pytest.approx(0.0, abs=1e-9)
+    assert damaged.drift["prediction_drift_worst"] > 2 * kept.drift["prediction_drift_worst"]
+    assert "bird" in damaged.drift["prediction_drift_worst_prompt"]
 
 
 def test_figures_are_deterministic_by_seed_and_reported(evaluations):
     first, second = evaluations["kept"], evaluations["kept again"]
     assert first.preservation.as_json() == second.preservation.as_json()
     reported = first.as_json()["preservation"]
-    assert set(reported) >= {"neighbour_change", "neighbour_fid", "scale"}
+    assert set(reported) >= {"neighbour_change", "neighbour_fid", "prediction_drift", "scale"}
+    assert set(reported["prediction_drift"]) == {"mean", "worst", "worst_prompt"}
     worst = reported["neighbour_change"]["worst_set"]
     assert worst in reported["neighbour_change"]["per_set"]
     assert "preservation: neighbour change" in first.table() and worst in first.table()
+    assert "prediction drift" in first.table()
     plain = evaluations["plain"]
     assert plain.preservation is None and "preservation" not in plain.as_json()
     assert [s.shown_after for s in plain.sets] == [s.shown_after for s in first.sets[:len(plain.sets)]]

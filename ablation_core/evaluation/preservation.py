@@ -10,6 +10,8 @@ smaller moves first, in the classifier's penultimate features (the 128-d vector 
 - ``neighbour_fid``: the Frechet distance between the before and after sample sets of those concepts (pooled), in the
   same features, over ``scale`` squared. Its ``floor`` is the same distance between the before samples and before
   samples from a second noise seed: what two draws of the unchanged model already differ by at these sample counts.
+- ``prediction_drift`` (model side, ``model_metrics.prediction_gaps``): the squared change of the noise prediction
+  for those prompts over the squared target-anchor gap, on the same noisy images; mean and worst prompt.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Preservation:
     fid_floor: float | None
     samples: int
     anchor_change: float | None = None
+    drift: dict | None = None
 
     def as_json(self) -> dict:
         return {
@@ -54,6 +57,9 @@ class Preservation:
             "neighbour_fid": {"value": round(self.fid, 4),
                               "floor": None if self.fid_floor is None else round(self.fid_floor, 4)},
             "anchor_change": None if self.anchor_change is None else round(self.anchor_change, 4),
+            "prediction_drift": None if self.drift is None else {
+                "mean": round(self.drift["prediction_drift"], 4), "worst": round(self.drift["prediction_drift_worst"], 4),
+                "worst_prompt": self.drift["prediction_drift_worst_prompt"]},
             "scale": round(self.scale, 4), "samples": self.samples,
         }
 
@@ -61,7 +67,14 @@ class Preservation:
         floor = "" if self.fid_floor is None else f" (noise floor {self.fid_floor:.2g})"
         return (f"preservation: neighbour change mean {self.change_mean:.3f}, worst {self.change_worst:.3f} "
                 f"({self.worst_set}, '{self.worst_prompt}'); neighbour FID {self.fid:.2g}{floor}; 1.0 = the typical "
-                f"distance between two concepts' samples, {self.samples} samples")
+                f"distance between two concepts' samples, {self.samples} samples" + self._drift_text())
+
+    def _drift_text(self) -> str:
+        if self.drift is None:
+            return ""
+        return (f"; prediction drift mean {self.drift['prediction_drift']:.3f}, worst "
+                f"{self.drift['prediction_drift_worst']:.3f} ('{self.drift['prediction_drift_worst_prompt']}'; 1.0 = "
+                "the target-anchor gap)")
 
 
 @torch.no_grad()

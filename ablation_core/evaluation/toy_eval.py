@@ -178,6 +178,7 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
     if preserved:
         evaluation.preservation = _preservation(view, classifier, sets, preserved, features, seed,
                                                 lambda done: report(Progress("evaluate", 2 * len(sets) + done, total)))
+        evaluation.preservation.drift = _prediction_drift(view, patch, sets, preserved, seed, strength)
     if grid_path:
         columns = [f"noise {i + 1}" for i in range(GRID_SAMPLES)]
         save_image(grid(rows, labels, columns, cell=64), grid_path)
@@ -203,6 +204,20 @@ def _preservation(view: ModelView, classifier, sets: list[PromptSet], preserved:
         done(index + 1)
     samples = [PreservedSamples(s.name, s.concept, s.prompts, *features[s.name]) for s in preserved]
     return measure_preservation(samples, scale, torch.cat(floor), features.get("anchor"))
+
+
+DRIFT_PROMPTS = 8  # target/anchor twins whose gap scales the drift (each on 4 noisy images)
+
+
+def _prediction_drift(view: ModelView, patch: AblationPatch, sets: list[PromptSet], preserved: list[PromptSet],
+                      seed: int, strength: float) -> dict:
+    """``prediction_drift`` of the preserved sets' prompts (the first few of each), over the target-anchor gap."""
+    from .model_metrics import prediction_gaps
+
+    by_name = {s.name: s.prompts for s in sets}
+    unrelated = [p for s in preserved for p in s.prompts[:2]]
+    return prediction_gaps(view, patch, by_name["target"][:DRIFT_PROMPTS], by_name["anchor"][:DRIFT_PROMPTS], seed,
+                           strength=strength, unrelated_prompts=unrelated)
 
 
 def _shows(prediction, concept: str) -> bool:

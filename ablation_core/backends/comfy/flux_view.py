@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import AblationError
-from ...models.families import FLUX
+from ...models.families import FLUX, TOY_FLUX, is_toy_shape
 from ...models.layers import Layer, kohya_key, select_flux_modules
 from ...models.schedules import FlowSchedule
 from ...models.view import Conditioning, PromptCache
@@ -107,7 +107,6 @@ class ComfyFluxView(ComfyModelView):
         self.model = patcher.model
         self.diffusion_model = self.model.diffusion_model
         params = getattr(self.diffusion_model, "params", None)
-        self.family = FLUX
         self.dtype = getattr(self.model, "manual_cast_dtype", None) or self.model.get_dtype()
         self.device = next(self.diffusion_model.parameters()).device
         mu = float(getattr(self.model.model_sampling, "shift", 1.15))
@@ -115,6 +114,9 @@ class ComfyFluxView(ComfyModelView):
         self.guidance_input = bool(getattr(params, "guidance_embed", True))
         self.default_guidance = DEFAULT_GUIDANCE
         self.latent_channels = self.model.latent_format.latent_channels
+        # the toy-flux world held as a ComfyUI MODEL (RGB pixels from a 64-wide context) reads the toy's settings
+        context_dim = int(self.diffusion_model.txt_in.in_features)
+        self.family = TOY_FLUX if is_toy_shape(self.latent_channels, context_dim) else FLUX
         self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE
         self.latent_multiple = int(getattr(params, "patch_size", 2))
         self.activation_scale = flux_activation_scale(int(getattr(params, "hidden_size", 3072)),
