@@ -58,7 +58,8 @@ class Preservation:
                               "floor": None if self.fid_floor is None else round(self.fid_floor, 4)},
             "anchor_change": None if self.anchor_change is None else round(self.anchor_change, 4),
             "prediction_drift": None if self.drift is None else {
-                "mean": round(self.drift["prediction_drift"], 4), "worst": round(self.drift["prediction_drift_worst"], 4),
+                "mean": round(self.drift["prediction_drift"], 4),
+                "worst": round(self.drift["prediction_drift_worst"], 4),
                 "worst_prompt": self.drift["prediction_drift_worst_prompt"]},
             "scale": round(self.scale, 4), "samples": self.samples,
         }
