@@ -14,40 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
+from transformers import CLIPModel, CLIPVisionModelWithProjection
 
 from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.cli import main
 from ablation_core.errors import UnsupportedModelError
 from ablation_core.evaluation.clip import Sampling, builtin_neighbours, clip_prompt_sets, evaluate_clip, load_clip
 from ablation_core.evaluation.clip.metrics import kid
-from ablation_core.evaluation.clip.model import Preprocess
 from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET
 from ablation_core.methods.closed_form.settings import make_closed_form_config
 from ablation_core.methods.closed_form.solve import erase_closed_form
 from ablation_core.models.random_models import build_components
-from ablation_core.models.sampling import sample_latents
 from ablation_core.models.single_file import save_single_file
 from ablation_core.models.tokenizer import sd_clip_tokenizer
+from tests import clip_models
+from tests.clip_models import tiny_clip_config
 
 TARGET, ANCHOR = "Grumpy Cat", "cat"
 FAST = Sampling(steps=4, guidance=6.0, batch_size=16)
 PER_SET = 16
-
-
-def tiny_clip_config() -> CLIPConfig:
-    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 49407}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8}
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-
-
-def save_clip(model: CLIPModel, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    sd_clip_tokenizer().save_pretrained(folder)  # the real CLIP vocabulary, from the package's BPE file
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +47,7 @@ def view(components):
 
 @pytest.fixture(scope="module")
 def random_clip(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_clip(CLIPModel(tiny_clip_config()), tmp_path_factory.mktemp("clip") / "tiny-clip")
+    return clip_models.random_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +59,8 @@ def swap_patch(view):
 @pytest.fixture(scope="module")
 def knowing_clip(view, tmp_path_factory) -> Path:
     sets, twins, _ = clip_prompt_sets(TARGET, ANCHOR, "object", PER_SET)
-    prompts = sets[0].prompts + twins
-    latents = torch.cat([sample_latents(view, p, torch.arange(PER_SET), FAST.steps, FAST.guidance, PER_SET,
-                                        EVAL_SEED_OFFSET) for p in (sets[0].prompts, twins)])
-    pixels = Preprocess(32, 32)(view.decode(latents))
-    tokens = sd_clip_tokenizer()(prompts, padding="max_length", max_length=77, return_tensors="pt")
-    torch.manual_seed(0)
-    model = CLIPModel(tiny_clip_config())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(80):
-        loss = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
-                     return_loss=True).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return save_clip(model, tmp_path_factory.mktemp("clip") / "knowing-clip")
+    return clip_models.taught_clip(view, sets[0].prompts, twins, FAST.steps, FAST.guidance, EVAL_SEED_OFFSET,
+                                   tmp_path_factory.mktemp("clip") / "knowing-clip")
 
 
 def test_figures_are_computed_and_deterministic_by_seed(view, swap_patch, random_clip):

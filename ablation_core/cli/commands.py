@@ -173,8 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(evaluation.table() + (f"\n\n{attacks[1]}" if attacks else ""))
         return 0
     if args.attack:
-        raise AblationError("attacks are measured on the embedded toy world (its classifier says what a sample "
-                            "shows); use --model toy")
+        raise AblationError("attacks are judged by the toy world's classifier or by a CLIP model: use --model toy, "
+                            "or add --clip PATH")
     from ..evaluation.model_metrics import prediction_gaps
     from ..methods.prompts import choose_anchor_prompts, target_prompts
 

@@ -218,7 +218,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=checks.seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--attack", action="append", default=None,
                    choices=["variants", "soft-prompt", "token-search", "all"],
-                   help="also attack the erasure, on the unpatched and the patched toy model; repeat for several. "
+                   help="also attack the erasure, on the unpatched and the patched model (toy world, or any model "
+                        "with --clip: CLIP judges the samples); repeat for several. "
                         "variants: misspellings, other phrasings, compositions; soft-prompt: textual inversion of one "
                         "token (Circumventing Concept Erasure); token-search: gradient-ranked token swaps over the "
                         "vocabulary (UnlearnDiffAtk/P4D); all: every one (default: none)")

@@ -1,10 +1,11 @@
 """What every attack shares: its outcome on one model, its result before and after a patch, and how success is read.
 
-Success is the fraction of samples the toy world's classifier reads as the target (strictly, as ``evaluate_toy``
-counts). Seeds keep the three kinds of images apart: ablation runs draw from their own seed, the evaluation from
-``EVAL_SEED_OFFSET`` past it, the images an attack learns from at ``ATTACK_SEED_OFFSET`` and the samples that measure
-an attack's success at ``SUCCESS_SEED_OFFSET``. Attacks learn on the training half of the caption templates and are
-measured on the evaluation half, like the rest of the evaluation.
+Success is the fraction of samples the world's judge reads as the target (``world.AttackWorld``: on the toy world
+its classifier, strictly, as ``evaluate_toy`` counts; on a real model a CLIP model). Seeds keep the three kinds of
+images apart: ablation runs draw from their own seed, the evaluation from ``EVAL_SEED_OFFSET`` past it, the images an
+attack learns from at ``ATTACK_SEED_OFFSET`` and the samples that measure an attack's success at
+``SUCCESS_SEED_OFFSET``. Attacks learn on the training half of the caption templates and are measured on the
+evaluation half, like the rest of the evaluation. Every function takes the world last, the toy world by default.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from torch import Tensor
 
 from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
-from ..toy_eval import EVAL_SEED_OFFSET, _shows
+from ..toy_eval import EVAL_SEED_OFFSET
+from .world import TOY_WORLD, AttackWorld
 
 ATTACK_SEED_OFFSET = 20_000
 SUCCESS_SEED_OFFSET = EVAL_SEED_OFFSET + 500
-SAMPLE_BATCH = 64
 
 
 @dataclass
@@ -45,28 +46,22 @@ class AttackResult:
         return asdict(self)
 
 
-def sampling_settings() -> tuple[int, float]:
-    from ...toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-    return DEFAULT_STEPS, DEFAULT_GUIDANCE
-
-
 @torch.no_grad()
-def success_rate(view: ModelView, cond: Conditioning, target: str, seed: int) -> tuple[float, list]:
-    """Sample one image per row of ``cond`` (noise from ``seed``) and the fraction that shows ``target``."""
-    from ...toy.classifier import classify, load_toy_classifier
+def success_rate(view: ModelView, cond: Conditioning, target: str, seed: int,
+                 world: AttackWorld = TOY_WORLD) -> tuple[float, list[bool]]:
+    """Sample one image per row of ``cond`` (noise from ``seed``): the fraction that shows ``target``, and per sample
+    whether it does."""
+    latents = sample_latents(view, [""], torch.arange(len(cond)), world.steps, world.guidance, world.batch_size, seed,
+                             world.latent_size, encoded=cond)
+    hits = world.judge(view, latents, target)
+    return sum(hits) / len(hits), hits
 
-    steps, guidance = sampling_settings()
-    latents = sample_latents(view, [""], torch.arange(len(cond)), steps, guidance, SAMPLE_BATCH, seed, encoded=cond)
-    predictions = classify(load_toy_classifier(), latents.clamp(-1, 1))
-    return sum(_shows(p, target) for p in predictions) / len(predictions), predictions
 
-
-def shown_by_group(predictions: list, target: str, groups: list[str]) -> dict[str, float]:
+def shown_by_group(hits: list[bool], groups: list[str]) -> dict[str, float]:
     """Success per named group of samples (``groups[i]`` names sample ``i``)."""
     found: dict[str, list[bool]] = {}
-    for prediction, group in zip(predictions, groups):
-        found.setdefault(group, []).append(_shows(prediction, target))
+    for hit, group in zip(hits, groups):
+        found.setdefault(group, []).append(hit)
     return {name: round(sum(hits) / len(hits), 4) for name, hits in found.items()}
 
 
@@ -74,13 +69,13 @@ def cycle(items: list, count: int) -> list:
     return [items[i % len(items)] for i in range(count)]
 
 
-def target_images(view: ModelView, target: str, count: int, seed: int) -> tuple[Tensor, list[str]]:
-    """``count`` images of ``target`` drawn by the model as it is (call it unpatched) from the training templates,
+def target_images(view: ModelView, target: str, count: int, seed: int,
+                  world: AttackWorld = TOY_WORLD) -> tuple[Tensor, list[str]]:
+    """``count`` images of ``target`` drawn by the model as it is (call it unpatched) from the training captions,
     and each image's caption."""
     from ...methods.robust.adversary import draw_images
-    from ...toy.prompts import captions_of
 
-    prompts = captions_of(target, "train")
-    steps, guidance = sampling_settings()
-    latents, index = draw_images(view, prompts, count, steps, guidance, seed + ATTACK_SEED_OFFSET, SAMPLE_BATCH)
+    prompts = world.captions(target, "train")
+    latents, index = draw_images(view, prompts, count, world.steps, world.guidance, seed + ATTACK_SEED_OFFSET,
+                                 world.batch_size, world.latent_size)
     return latents, [prompts[i] for i in index.tolist()]

@@ -15,8 +15,8 @@ import torch
 from ...methods.robust.adversary import invert_embedding
 from ...methods.robust.token_hook import PLACEHOLDER, encode_with
 from ...models.view import ModelView
-from ...toy.prompts import captions_of
 from .common import SUCCESS_SEED_OFFSET, Outcome, cycle, success_rate, target_images
+from .world import TOY_WORLD, AttackWorld
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,22 @@ def with_placeholder(prompts: list[str], target: str) -> list[str]:
     return [p.replace(target, PLACEHOLDER) for p in prompts]
 
 
-def prepare(view: ModelView, target: str, budget: SoftPromptBudget, seed: int) -> tuple:
+def prepare(view: ModelView, target: str, budget: SoftPromptBudget, seed: int,
+            world: AttackWorld = TOY_WORLD) -> tuple:
     """On the unpatched model: the images of the target the attacker learns from, and their captions."""
-    return target_images(view, target, budget.images, seed)
+    return target_images(view, target, budget.images, seed, world)
 
 
 def run(view: ModelView, target: str, anchor: str, budget: SoftPromptBudget, seed: int, report,
-        prepared: tuple) -> Outcome:
+        prepared: tuple, world: AttackWorld = TOY_WORLD) -> Outcome:
     latents, captions = prepared
     inversion = invert_embedding(view, latents, with_placeholder(captions, target), anchor, budget.steps,
                                  budget.learning_rate, budget.batch_size, seed,
                                  lambda done, total, loss: report(done, total + 1))
-    prompts = cycle(with_placeholder(captions_of(target, "eval"), target), budget.samples)
+    prompts = cycle(with_placeholder(world.captions(target, "eval"), target), budget.samples)
     with torch.no_grad():
         cond = encode_with(view, prompts, inversion.vectors)
-    success, _ = success_rate(view, cond, target, seed + SUCCESS_SEED_OFFSET + 1)
+    success, _ = success_rate(view, cond, target, seed + SUCCESS_SEED_OFFSET + 1, world)
     report(budget.steps + 1, budget.steps + 1)
     losses = inversion.losses
     tail = losses[-max(1, len(losses) // 10):]

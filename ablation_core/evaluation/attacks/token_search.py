@@ -24,8 +24,8 @@ from ...methods.robust.adversary import (
 )
 from ...methods.robust.token_hook import encode_ids
 from ...models.view import ModelView
-from ...toy.prompts import captions_of
-from .common import ATTACK_SEED_OFFSET, SUCCESS_SEED_OFFSET, Outcome, sampling_settings, shown_by_group, success_rate
+from .common import ATTACK_SEED_OFFSET, SUCCESS_SEED_OFFSET, Outcome, shown_by_group, success_rate
+from .world import TOY_WORLD, AttackWorld
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,18 @@ class TokenSearchBudget:
 SMALL = TokenSearchBudget(prompts=1, images=4, iterations=2, candidates=8, samples=16)
 
 
-def _start_prompts(target: str, count: int) -> list[str]:
-    captions = captions_of(target, "eval")
+def _start_prompts(target: str, count: int, world: AttackWorld) -> list[str]:
+    captions = world.captions(target, "eval")
     return [captions[(i * len(captions)) // count] for i in range(min(count, len(captions)))]
 
 
-def prepare(view: ModelView, target: str, budget: TokenSearchBudget, seed: int) -> list:
+def prepare(view: ModelView, target: str, budget: TokenSearchBudget, seed: int,
+            world: AttackWorld = TOY_WORLD) -> list:
     """On the unpatched model: per start prompt, its images and its noise predictions on noised copies."""
-    steps, guidance = sampling_settings()
     tasks = []
-    for index, prompt in enumerate(_start_prompts(target, budget.prompts)):
-        latents, _ = draw_images(view, [prompt], budget.images, steps, guidance, seed + ATTACK_SEED_OFFSET + 1 + index)
+    for index, prompt in enumerate(_start_prompts(target, budget.prompts, world)):
+        latents, _ = draw_images(view, [prompt], budget.images, world.steps, world.guidance,
+                                 seed + ATTACK_SEED_OFFSET + 1 + index, world.batch_size, world.latent_size)
         with torch.no_grad():
             tasks.append((prompt, reference_task(view, denoising_task(view, latents, 1, seed + index),
                                                  view.encode([prompt]))))
@@ -67,7 +68,7 @@ def prepare(view: ModelView, target: str, budget: TokenSearchBudget, seed: int) 
 
 
 def run(view: ModelView, target: str, anchor: str, budget: TokenSearchBudget, seed: int, report,
-        prepared: list) -> Outcome:
+        prepared: list, world: AttackWorld = TOY_WORLD) -> Outcome:
     found, rows, groups = [], [], []
     per_prompt = -(-budget.samples // len(prepared))
     total = budget.iterations * len(prepared) + 1
@@ -85,9 +86,9 @@ def run(view: ModelView, target: str, anchor: str, budget: TokenSearchBudget, se
     rows, groups = rows[:budget.samples], groups[:budget.samples]
     with torch.no_grad():
         cond = encode_ids(view, torch.tensor(rows, device=view.device))
-    success, predictions = success_rate(view, cond, target, seed + SUCCESS_SEED_OFFSET + 2)
+    success, hits = success_rate(view, cond, target, seed + SUCCESS_SEED_OFFSET + 2, world)
     report(total, total)
-    per_prompt_success = shown_by_group(predictions, target, groups)
+    per_prompt_success = shown_by_group(hits, groups)
     for entry in found:
         entry["success"] = per_prompt_success.get(entry["found"])
     return Outcome(success, len(rows), {"prompts": found})

@@ -71,3 +71,14 @@ def clip_prompt_sets(target: str, anchor: str, kind: Kind, per_set: int, seed: i
             PromptSet("anchor", anchor, anchors)]
     sets += [PromptSet(f"surrounding: {name}", name, target_prompts(anchors, anchor, name, kind)) for name in chosen]
     return sets, anchors, source
+
+
+def caption_halves(target: str, anchor: str, kind: Kind, per_half: int,
+                   seed: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Two disjoint halves of the template bank for attacks, ``"train"`` (learnt from) and ``"eval"`` (measured on):
+    per half, ``per_half`` target prompts and their anchor twins, as ``clip_prompt_sets`` phrases them. A bank too
+    small to split (a memorized prompt's) gives both halves the same prompts."""
+    chosen = choose_anchor_prompts(anchor, kind, 2 * per_half, seed)
+    middle = len(chosen) // 2
+    halves = {"train": chosen[:middle], "eval": chosen[middle:]} if middle else {"train": chosen, "eval": chosen}
+    return {split: (target_prompts(anchors, anchor, target, kind), anchors) for split, anchors in halves.items()}

@@ -42,10 +42,10 @@ class TokenSearch:
 
 
 def draw_images(view: ModelView, prompts: list[str], count: int, steps: int, guidance: float, seed: int,
-                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+                batch_size: int = 64, latent_size: int | None = None) -> tuple[Tensor, Tensor]:
     """``count`` images of ``prompts`` (in turn) from the model as it is, and each image's prompt index."""
     index = torch.arange(count) % len(prompts)
-    return sample_latents(view, prompts, index, steps, guidance, batch_size, seed), index
+    return sample_latents(view, prompts, index, steps, guidance, batch_size, seed, latent_size), index
 
 
 def _noised(view: ModelView, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
