@@ -138,3 +138,18 @@ def test_eval_with_clip_prints_the_attacks_and_their_json(components, swap_patch
     out = capsys.readouterr().out
     assert out.index("cost:") < out.index("attacks' cost:") < out.index("clip_accuracy") < out.index("Attacks (")
     assert "nearer the target prompt than its anchor twin" in out and "\nvariants" in out
+
+
+def test_eval_without_clip_reports_the_model_side_gaps_and_the_prediction_drift(components, swap_patch, tmp_path,
+                                                                                capsys):
+    checkpoint = tmp_path / "tiny_sd1.safetensors"
+    save_single_file(components, checkpoint)
+    patch_file = swap_patch.save(tmp_path / "swap.safetensors")
+    command = ["eval", "--model", str(checkpoint), "--patch", str(patch_file), "--target", TARGET, "--anchor", ANCHOR]
+    assert main([*command, "--json"]) == 0
+    gaps = json.loads(capsys.readouterr().out)
+    assert gaps["target_anchor_gap_after"] < gaps["target_anchor_gap_before"]
+    assert gaps["prediction_drift_worst"] >= gaps["prediction_drift"] >= 0
+    assert ANCHOR not in gaps["prediction_drift_worst_prompt"].split()  # a neighbour's prompt, not the anchor's
+    assert main(command) == 0
+    assert "prediction_drift_worst_prompt: " in capsys.readouterr().out

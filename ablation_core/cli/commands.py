@@ -180,9 +180,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     anchors = choose_anchor_prompts(args.anchor, args.kind, 8, args.seed)
     targets = target_prompts(anchors, args.anchor, args.target, args.kind)
-    gaps = prediction_gaps(view, patch, targets, anchors, args.seed, strength=args.strength)
-    print(json.dumps(gaps, indent=2) if args.json else "\n".join(f"{k}: {v:.4f}" for k, v in gaps.items()))
+    gaps = prediction_gaps(view, patch, targets, anchors, args.seed, strength=args.strength,
+                           unrelated_prompts=_neighbour_prompts(args, anchors))
+    print(json.dumps(gaps, indent=2) if args.json else "\n".join(
+        f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in gaps.items()))
     return 0
+
+
+def _neighbour_prompts(args: argparse.Namespace, anchors: list[str]) -> list[str] | None:
+    """The anchor prompts with a built-in neighbour in the target's place (other artists for a style, other members
+    of the anchor's class for an object), for the prediction drift; None for a memorized prompt."""
+    from ..evaluation.clip.prompts import builtin_neighbours
+    from ..methods.prompts import target_prompts
+
+    names = builtin_neighbours(args.target, args.anchor, args.kind)[0]
+    return [p for name in names for p in target_prompts(anchors[:2], args.anchor, name, args.kind)] or None
 
 
 def _attacks(args: argparse.Namespace, view, patch, on_progress) -> tuple[dict, str] | None:
