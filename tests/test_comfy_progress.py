@@ -137,3 +137,17 @@ def test_a_phase_run_again_takes_its_next_planned_occurrence_and_the_eta_is_the_
     assert plan.current == "prompts #2"
     assert plan.advance(Progress("train", 1, 2)) == pytest.approx(0.9)
     assert plan.advance(Progress("check", 1, 1)) == 1.0  # never planned: joins the end
+
+
+def test_a_robust_run_plans_its_rounds_and_each_one_moves_the_bar(comfy, watch, monkeypatch):  # noqa: F811
+    node = _nodes()["AblateConcept"]()
+    node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), use_cache=False, robust_rounds=1,
+                unique_id="6")
+    watch.check_one_monotone_bar()
+    events = [e for e in watch.events() if e["phase"] != "done"]
+    assert events[0]["phase"] == "preserved", "the kept concepts' prompts are encoded first, and say so"
+    assert "adversary images" in {e["phase"] for e in events}
+    starts = [i for i, e in enumerate(events) if e["phase"] == "train" and e["step"] == 0]
+    assert len(starts) == 2, "two trainings: the run and its round"
+    second = [e["fraction"] for e in events[starts[1]:] if e["phase"] == "train"]
+    assert second[-1] > second[0] and second[-1] < 1, "the round's training moves the bar, within the plan"

@@ -2,8 +2,8 @@
 
 The solve needs only the text encoder (to embed the prompts) and the K/V weights as they were loaded, so nothing is
 moved to the GPU for it; the result is applied to a clone of the MODEL as ComfyUI weight patches, as every other
-patch is. Encoding the prompts is the whole cost (seconds on a GPU, a minute or more for long lists on a CPU), so it
-drives ComfyUI's progress bar and the node's status line, and Cancel is checked inside the text encoder.
+patch is. Encoding the prompts is nearly the whole cost, so they move ComfyUI's bar every few prompts (the node's
+one plan: prompts, then the solve or, fusing, each layer's), and Cancel is checked inside the text encoder.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, render reports.
+"""What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, save, render reports.
 
-Progress goes to ComfyUI's bar and, as websocket events, to the web extension's loss chart; Cancel is ComfyUI's own
+Progress goes to one ComfyUI bar per node over the node's whole plan and, as websocket events, to the web
+extension's loss chart and status line (``progress``); Cancel is ComfyUI's own
 interrupt, checked between steps and inside the forward of the UNet, the text encoder (and the VAE for reports), so
 it stops a CPU run within about a second wherever it is.
 """
