@@ -76,7 +76,7 @@ def test_progress_reports_loss_and_eta(sd1_view):
     seen: list[Progress] = []
     ablate(sd1_view, tiny_config(steps=3), on_progress=seen.append)
     train = [p for p in seen if p.phase == "train"]
-    assert [p.step for p in train] == [1, 2, 3] and all(p.loss is not None for p in train)
+    assert [p.step for p in train] == [0, 1, 2, 3] and all(p.loss is not None for p in train[1:])  # 0: it began
     assert train[-1].eta_seconds == 0 and any(p.phase == "anchors" for p in seen)
     phases = list(dict.fromkeys(p.phase for p in seen))
     assert phases == ["prompts", "anchors", "train", "check"]

@@ -29,7 +29,10 @@ PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor image
                 "check": "Checking the effect", "solve": "Solving", "preview": "Drawing the before/after preview",
                 "patch": "Building the patch", "cache": "Keeping the result in the cache",
                 "adversary images": "Drawing the adversary's images", "fuse": "Fusing the layers",
-                "compress": "Compressing to low rank", "write": "Writing the file", "apply": "Applying the patch"}
+                "compress": "Compressing to low rank", "write": "Writing the file",
+                "preserved": "Encoding the concepts to keep", "before prompts": "Encoding prompts (before)",
+                "before": "Drawing the images before", "after prompts": "Encoding prompts (after)",
+                "after": "Drawing the images after"}
 
 
 def unet_pass(latent_size: int) -> float:
