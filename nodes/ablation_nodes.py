@@ -215,13 +215,12 @@ class SaveAblationPatch:
                                      "tooltip": "low rank: share of the change's energy kept by the SVD"}),
             },
             "optional": {"preview": ("IMAGE", {"tooltip": "saved beside the patch as <name>.preview.png"})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def save(self, patch, filename_prefix, folder, storage, energy, preview=None):
-        single = backend.as_single_patch(patch)
-        if storage == self.STORAGE[0]:
-            single = single.compressed(energy)
-        path = single.save(next_free_path(folder, filename_prefix))
+    def save(self, patch, filename_prefix, folder, storage, energy, preview=None, unique_id=None):
+        path = backend.save_patch(patch, next_free_path(folder, filename_prefix),
+                                  energy if storage == self.STORAGE[0] else None, node_id=unique_id)
         if preview is not None:
             backend.save_preview(preview, path.with_suffix(".preview.png"))
         return {"ui": {"text": [f"saved {path.name} ({folder})"]}}
@@ -342,15 +341,16 @@ class AblationReport:
                                                      "(empty: other artists for a style, other members of the "
                                                      "anchor's class otherwise)"}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def report(self, model, clip, vae, patch, strength, prompts, seed, steps, cfg, samples, image_size,
-               clip_model="", images_per_set=8, neighbours=""):
+               clip_model="", images_per_set=8, neighbours="", unique_id=None):
         from ablation_core.backends.comfy.clip_report import clip_figures
 
         prompt_list = backend.report_prompts(patch, prompts)
         image = backend.render_report(model, clip, vae, patch, strength, prompt_list, seed, steps, cfg, samples,
-                                      image_size)
+                                      image_size, node_id=unique_id)
         figures = clip_figures(model, clip, vae, patch, strength, clip_model, images_per_set, neighbours, seed, steps,
                                cfg, image_size)
         return (image, backend.describe_text(patch) + "\n\n" + figures)

@@ -16,8 +16,11 @@ from .ablation_nodes import CATEGORY, PATCH_TYPE, ROBUST_TOOLTIP
 class EraseConceptsClosedForm:
     DESCRIPTION = ("Erases many concepts at once without training: each target's cross-attention keys and values "
                    "are mapped onto its anchor's in closed form (UCE/MACE; SPEED's null-space mode keeps the "
-                   "preserved concepts exactly). The cost is encoding prompts with CLIP: seconds on a GPU, on a CPU "
-                   "about a minute plus a few seconds per concept. The input model is left untouched.")
+                   "preserved concepts exactly). The cost is encoding prompts with CLIP: 48 per concept, and the "
+                   "first time in a session a bank of 204 everyday ones. On a CPU that takes minutes: measured with "
+                   "SD1.5's shapes in float32 on one shared CPU core, 1 concept in 82 s and 10 in 186 s (ten took "
+                   "232 s in ComfyUI 0.3.64 on a CPU); not measured on a GPU. The progress bar says the time left. "
+                   "The input model is left untouched.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", PATCH_TYPE)
     RETURN_NAMES = ("model", "patch")

@@ -370,7 +370,8 @@ class ComfyState:
         self.loaded: list = []
         self.interrupt_after: int | None = None
         self.interrupt_checks = 0
-        self.progress: list[tuple[int, int]] = []
+        self.progress: list[tuple[int, int]] = []  # every update of every bar: (value, total)
+        self.bars: list[int] = []  # the total of each bar made
         self.messages: list[tuple[str, dict]] = []
 
 
@@ -399,6 +400,7 @@ def install(root: Path, monkeypatch) -> ComfyState:
     class ProgressBar:
         def __init__(self, total, node_id=None):
             self.total, self.current, self.node_id = total, 0, node_id
+            state.bars.append(total)
 
         def update_absolute(self, value, total=None, preview=None):
             self.total = total if total is not None else self.total

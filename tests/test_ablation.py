@@ -13,6 +13,7 @@ from ablation_core.errors import (
     PromptError,
     TrainingDivergedError,
 )
+from ablation_core.methods import phases
 from ablation_core.methods.ablation.adapters import AdapterSet
 from ablation_core.models.layers import GROUPS
 
@@ -76,7 +77,7 @@ def test_progress_reports_loss_and_eta(sd1_view):
     seen: list[Progress] = []
     ablate(sd1_view, tiny_config(steps=3), on_progress=seen.append)
     train = [p for p in seen if p.phase == "train"]
-    assert [p.step for p in train] == [1, 2, 3] and all(p.loss is not None for p in train)
+    assert [p.step for p in train] == [0, 1, 2, 3] and all(p.loss is not None for p in train[1:])  # 0: it began
     assert train[-1].eta_seconds == 0 and any(p.phase == "anchors" for p in seen)
     phases = list(dict.fromkeys(p.phase for p in seen))
     assert phases == ["prompts", "anchors", "train", "check"]
@@ -91,9 +92,9 @@ def test_anchor_sampling_reports_and_cancels_within_a_batch(sd1_view):
     ablate(sd1_view, config, on_progress=seen.append)
     anchors = [p.step for p in seen if p.phase == "anchors"]
     assert anchors == [1, 2, 3, 4] and all(p.total == 4 for p in seen if p.phase == "anchors")
-    checks = iter(range(100))
-    with pytest.raises(AblationCancelled, match="sampling anchor images"):
-        ablate(sd1_view, config, should_cancel=lambda: next(checks) >= 2)
+    checks, entered = iter(range(100)), []  # the second check once sampling began: inside the batch
+    with phases.listening(entered.append), pytest.raises(AblationCancelled, match="sampling anchor images"):
+        ablate(sd1_view, config, should_cancel=lambda: "sampling anchor images" in entered and next(checks) >= 1)
 
 
 def test_cancel_stops_and_leaves_model_untouched(sd1_view):

@@ -15,6 +15,7 @@ import torch
 from ablation_core import AblationPatch, Conditioning, LayerDelta, load_patch, make_config
 from ablation_core.backends import comfy as backend
 from ablation_core.errors import AblationError, UnsupportedModelError
+from ablation_core.methods.run_plan import SCALE
 from ablation_core.patches.patch import META, fingerprint
 from tests import comfy_fakes as fakes
 
@@ -197,7 +198,7 @@ def test_ablate_node_trains_under_inference_mode_and_leaves_the_input_model_alon
     assert comfy.loaded and all(force for _, force in comfy.loaded)
     assert comfy.progress[-1] == (comfy.progress[-1][1], comfy.progress[-1][1])
     events = [data for event, data in comfy.messages if event == backend.PROGRESS_EVENT]
-    assert [e["phase"] for e in events if e["phase"] == "train"] == ["train"] * TINY["steps"]
+    assert [e["step"] for e in events if e["phase"] == "train"] == list(range(TINY["steps"] + 1))  # 0: it began
     assert events[-1]["phase"] == "done" and events[-1]["node"] == "7"
 
 
@@ -455,7 +456,7 @@ def test_closed_form_node_shows_progress_then_its_summary(comfy):
     assert prompts[-1]["eta"] is not None and prompts[-1]["eta"] >= 0
     assert [e["phase"] for e in events][-2:] == ["solve", "done"]
     assert events[-1]["summary"] == output["ui"]["text"][0]
-    assert comfy.progress[-1] == (prompts[0]["total"], prompts[0]["total"])
+    assert comfy.progress[-1] == (SCALE, SCALE)  # one bar over the whole node (test_comfy_progress)
 
 
 def test_closed_form_node_is_cancelled_inside_the_text_encoder(comfy, monkeypatch):

@@ -14,7 +14,8 @@ const CHART_HEIGHT = 110;
 const TEXT_LINE = 14;
 const MAX_TEXT_LINES = 24;
 // Nodes of ours that may run for a while without the chart: they say "starting..." until their first progress event.
-const LONG_RUNNING = new Set(["EraseConceptsClosedForm", "MergeAblationPatches"]);
+const LONG_RUNNING = new Set(["EraseConceptsClosedForm", "MergeAblationPatches", "SaveAblationPatch",
+  "AblationReport"]);
 
 function nodeById(id) {
   return id == null ? null : app.graph.getNodeById(Number(id));
@@ -128,16 +129,25 @@ function ablateNodes() {
   return (app.graph?._nodes ?? []).filter((node) => node.ablation);
 }
 
-// Nodes without the chart (Erase Concepts, fusion): one status line while they run, then the summary.
+// The whole node's share done and time left, from its one progress plan (every event carries both).
+function runShare(detail) {
+  const share = detail.fraction == null ? "" : `${Math.floor(detail.fraction * 100)}%`;
+  return [share, formatEta(detail.eta)].filter(Boolean).join(", ");
+}
+
+// "Encoding prompts 24/400 (6%, 1m 12s left)": a phase's own count, then the node's.
+function phaseLine(detail) {
+  const run = runShare(detail);
+  return `${detail.title ?? detail.phase} ${detail.step}/${detail.total}${run ? ` (${run})` : ""}`;
+}
+
+// Nodes without the chart (Erase Concepts, fusion, Save, Report): one status line while they run, then the summary.
 function showStatus(node, detail) {
-  const eta = formatEta(detail.eta);
-  if (detail.phase === "prompts") {
-    setText(node, `encoding prompts ${detail.step}/${detail.total}${eta ? `  ${eta}` : ""}`);
-  } else if (detail.phase === "solve") {
-    setText(node, `solving: layer ${detail.step}/${detail.total}`);
-  } else if (detail.phase === "done") {
+  if (detail.phase === "done") {
     node.ablationRun = { running: false, stopped: false };
-    if (detail.summary) setText(node, detail.summary);
+    setText(node, detail.summary || "");
+  } else {
+    setText(node, phaseLine(detail));
   }
 }
 
@@ -147,22 +157,14 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
   if (!node?.ablation) return;
   const state = node.ablation;
   Object.assign(state, { running: detail.phase !== "done", stopped: false });
-  if (detail.phase === "prompts") {
-    Object.assign(state, { losses: [], activity: `encoding prompts ${detail.step}/${detail.total}` });
-    state.status = state.activity;
-  } else if (detail.phase === "anchors") {
+  if (detail.phase === "train") {
     if (detail.step <= 1) state.losses = [];
-    state.activity = `sampling anchor images ${detail.step}/${detail.total}`;
-    state.status = `${state.activity}  ${formatEta(detail.eta)}`.trim();
-  } else if (detail.phase === "train") {
-    if (detail.step === 1) state.losses = [];
-    state.losses.push(detail.loss);
+    if (detail.loss != null) state.losses.push(detail.loss);
     state.total = detail.total;
     state.activity = `step ${detail.step}/${detail.total}`;
-    state.status = `${state.activity}  loss ${detail.loss.toPrecision(4)}  ${formatEta(detail.eta)}`;
-  } else if (detail.phase === "check") {
-    state.activity = "checking the result on held-out prompts";
-    state.status = `${state.activity}...`;
+    const loss = detail.loss != null ? `  loss ${detail.loss.toPrecision(4)}` : "";
+    const run = runShare(detail);
+    state.status = `${state.activity}${loss}${run ? `  (${run})` : ""}`;
   } else if (detail.phase === "done") {
     // The full curve: a live run's own losses, or the one stored in a cached patch (not only first and last).
     if (detail.losses?.length) state.losses = detail.losses;
@@ -170,6 +172,11 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
     const last = state.losses.length ? state.losses[state.losses.length - 1].toPrecision(4) : "?";
     state.status = detail.cached ? `reused cached result (final loss ${last})` : `done, final loss ${last}`;
     if (detail.summary) setText(node, detail.summary);
+  } else {
+    // prompts, anchor images, the held-out check, a robust round's adversary, writing the cache: the curve stays
+    if (detail.phase === "prompts" && detail.step === 0) state.losses = [];
+    state.activity = phaseLine(detail);
+    state.status = state.activity;
   }
   node.setDirtyCanvas(true, true);
 });

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,12 +136,16 @@ class AblationPatch:
     def base_fingerprint(self) -> str | None:
         return self.metadata.get(META + "base_fingerprint")
 
-    def compressed(self, energy: float = DEFAULT_ENERGY, rank: int | None = None) -> AblationPatch:
-        """A low-rank copy (SVD per layer); records the largest relative error in the metadata."""
+    def compressed(self, energy: float = DEFAULT_ENERGY, rank: int | None = None,
+                   on_layer: Callable[[int, int], None] | None = None) -> AblationPatch:
+        """A low-rank copy (SVD per layer); records the largest relative error in the metadata. ``on_layer(done,
+        total)`` after each layer (an SD1 K/V patch's SVDs take seconds on a CPU)."""
         deltas, errors = {}, []
         for key, delta in self.deltas.items():
             deltas[key], error = low_rank(delta.full(), energy, rank)
             errors.append(error)
+            if on_layer is not None:
+                on_layer(len(deltas), len(self.deltas))
         metadata = dict(self.metadata)
         metadata[META + "low_rank_max_relative_error"] = f"{max(errors, default=0.0):.6g}"
         metadata[META + "low_rank_energy"] = "" if rank else f"{energy:g}"

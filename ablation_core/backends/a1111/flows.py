@@ -24,20 +24,18 @@ from PIL import Image
 from ...errors import AblationCancelled, AblationError
 from ...evaluation.images import grid, save_image
 from ...files import check_output_file, write_text_atomic
+from ...methods import run_plan
 from ...methods.ablation.adapters import AdapterSet
-from ...methods.ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
 from ...methods.ablation.recipes import AUTO, guess_concept_type
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
-from ...methods.closed_form.embeddings import prompts_to_encode
 from ...methods.closed_form.settings import ClosedFormConfig, make_closed_form_config, resolve_closed_form
-from ...methods.closed_form.solve import _prompt_pairs as closed_form_prompt_pairs
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.prompts import check_pair, target_prompts
 from ...methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ...models.sampling import sample_latents
 from ...patches.patch import META, AblationPatch
 from ..forge.view import ForgeModelView, is_forge_model
-from .progress import PROMPT_COST, SOLVE_COST, RunProgress, preview_cost, preview_passes, unet_pass
+from .progress import RunProgress, preview_cost, preview_passes
 from .view import A1111ModelView
 
 WebUIView = A1111ModelView | ForgeModelView
@@ -214,12 +212,15 @@ def run_request(host: A1111Host, request: TabRequest) -> RunOutcome:
         else:
             patch, summary = _closed_form(host, request, view, progress, preview_units)
         summary = f"Concept type: {picked}" + (" (auto)" if asked == AUTO else "") + f". {summary}"
-        patch = patch.compressed() if request.storage == "low rank" and not patch.is_low_rank else patch
+        if request.storage == "low rank" and not patch.is_low_rank:
+            patch = patch.compressed(on_layer=lambda done, total: progress(Progress("compress", done, total)))
         patch = patch.scaled(1.0) if request.storage != "low rank" else patch
         patch.metadata.setdefault(META + "base_model_name", host.model_name)
         patch.metadata["ss_output_name"] = name  # what <lora:NAME:1> and model sites call it
         canceller.check()  # an Interrupt that came during the last step still writes nothing
+        progress(Progress("write", 0, 1))
         patch.save(path)
+        progress(Progress("write", 1, 1))
         write_card(path, patch, view.family.name)
         host.refresh_loras()
         preview = None
@@ -242,7 +243,8 @@ def _trained(host: A1111Host, request: TabRequest, view: WebUIView, progress: Ru
              preview_units: float) -> tuple[AblationPatch, str]:
     config = trained_config(request, view)
     view.default_latent_size = config.latent_size or view.default_latent_size
-    plan_trained(progress, config, view.default_latent_size, preview_units)
+    plan_trained(progress, config, view.default_latent_size, preview_units, view.family.name,
+                 len(view.layers(config.group)) if request.storage == "low rank" else 0)
     result = robust_ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
     check = result.check.get("erased_fraction")
     summary = (f"'{config.target}' -> '{config.anchor}': {config.steps} steps, loss {result.losses[0]:.4g} -> "
@@ -253,17 +255,11 @@ def _trained(host: A1111Host, request: TabRequest, view: WebUIView, progress: Ru
     return result.patch, summary
 
 
-def plan_trained(progress: RunProgress, config: AblationConfig, latent_size: int, preview_units: float) -> None:
-    """Every phase of a trained run and its preview, by cost: passes that go backward count three times."""
-    passes = unet_evaluations(config)
-    prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
-    backward = 2 * gradient_passes_per_step(config) * int(config.steps)
-    progress.plan("prompts", prompts * PROMPT_COST)
-    progress.plan("anchors", passes["anchor_sampling"] * unet_pass(latent_size))
-    progress.plan("train", (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size))
-    progress.plan("check", passes["check"] * unet_pass(latent_size))
-    if preview_units:
-        progress.plan("preview", preview_units)
+def plan_trained(progress: RunProgress, config: AblationConfig, latent_size: int, preview_units: float,
+                 family: str = "sd1", compress_layers: int = 0) -> None:
+    """Every phase of a trained run (``run_plan.plan_trained``), saving the patch and its preview, by cost."""
+    run_plan.plan_trained(progress, config, latent_size, family)
+    _plan_saving(progress, compress_layers, preview_units)
 
 
 def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView, progress: RunProgress,
@@ -282,12 +278,18 @@ def _closed_form(host: A1111Host, request: TabRequest, view: WebUIView, progress
 
 
 def plan_closed_form(progress: RunProgress, config: ClosedFormConfig, view: WebUIView, preview_units: float) -> None:
-    """The prompts' share counts only those whose moments the process has not kept from an earlier run (a second
-    run on the same model encodes only its probes, and its preview is then most of its time)."""
-    targets, anchors = closed_form_prompt_pairs(config)
-    prompts = prompts_to_encode(view, targets, anchors, list(config.preserved_prompts or ()))
-    progress.plan("prompts", max(prompts, 1) * PROMPT_COST)
-    progress.plan("solve", max(len(view.layers("kv")), 1) * SOLVE_COST)
+    """``run_plan.plan_closed_form``: the prompts' share counts only those whose moments the process has not kept
+    from an earlier run (a second run on the same model encodes only its probes, and its preview is then most of its
+    time); then writing the patch and the preview."""
+    run_plan.plan_closed_form(progress, config, len(view.layers("kv")), view.default_latent_size, view)
+    _plan_saving(progress, 0, preview_units)  # the solve is low rank already
+
+
+def _plan_saving(progress: RunProgress, compress_layers: int, preview_units: float) -> None:
+    """The low-rank compression (when the patch is dense and low rank was asked), writing the file, the preview."""
+    if compress_layers:
+        run_plan.plan_compress(progress, compress_layers)
+    run_plan.plan_write(progress, 1.0)
     if preview_units:
         progress.plan("preview", preview_units)
 

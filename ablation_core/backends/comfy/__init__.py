@@ -11,6 +11,7 @@ from .flows import (
     fingerprint_matches,
     render_report,
     report_prompts,
+    save_patch,
     save_preview,
     stack_entries,
 )
@@ -19,4 +20,4 @@ from .view import ComfyModelView, model_family
 
 __all__ = ["PROGRESS_EVENT", "ComfyFluxView", "ComfyModelView", "PatchStack", "ablate_concept", "apply_patches",
            "as_single_patch", "comfy_view", "describe_text", "fingerprint_matches", "model_family", "render_report",
-           "report_prompts", "save_preview", "stack_entries"]
+           "report_prompts", "save_patch", "save_preview", "stack_entries"]

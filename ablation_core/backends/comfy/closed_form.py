@@ -2,54 +2,26 @@
 
 The solve needs only the text encoder (to embed the prompts) and the K/V weights as they were loaded, so nothing is
 moved to the GPU for it; the result is applied to a clone of the MODEL as ComfyUI weight patches, as every other
-patch is. Encoding the prompts is the whole cost (seconds on a GPU, a minute or more for long lists on a CPU), so it
-drives ComfyUI's progress bar and the node's status line, and Cancel is checked inside the text encoder.
+patch is. Encoding the prompts is nearly the whole cost, so they move ComfyUI's bar every few prompts (the node's
+one plan: prompts, then the solve or, fusing, each layer's), and Cancel is checked inside the text encoder.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
-from ...methods.closed_form.fusion import fuse_patches
-from ...methods.closed_form.settings import ClosedFormConfig
-from ...methods.progress import Canceller, Progress, cancel_checks
+from ...methods.closed_form.fusion import fuse_patches, fusion_prompts
+from ...methods.closed_form.settings import ClosedFormConfig, resolve_closed_form
+from ...methods.progress import Canceller, cancel_checks
 from ...methods.robust.rounds import robust_erase_closed_form
+from ...methods.run_plan import PROMPT_COST, SVD_COST, plan_closed_form
 from ...patches.patch import META, AblationPatch
-from .flows import NodeProgress, PatchStack, apply_patches, on_original_weights
+from .flows import PatchStack, apply_patches, on_original_weights
 from .flux_view import comfy_view
+from .progress import NodeProgress
 from .view import cancel_requested, compute_modules
-
-
-class SolveProgress:
-    """ComfyUI's progress bar over the prompts being encoded, and the same steps (with an ETA) as websocket events
-    for the web extension's status line; ``finish`` sends the summary."""
-
-    def __init__(self, node_id: str | None):
-        import comfy.utils
-
-        self.node_id, self.bar = node_id, comfy.utils.ProgressBar(1)
-        self.run: tuple[str, int, float, int] | None = None  # phase, total, when and at which step it was first seen
-        self.last_step = 0
-
-    def __call__(self, progress: Progress) -> None:
-        now = time.perf_counter()
-        if self.run is None or self.run[:2] != (progress.phase, progress.total) or progress.step <= self.last_step:
-            self.run = (progress.phase, progress.total, now, progress.step)  # a new phase, or the next patch's prompts
-        self.last_step = progress.step
-        _, _, started, first = self.run
-        eta = None
-        if progress.step > first and now > started:
-            eta = (now - started) / (progress.step - first) * (progress.total - progress.step)
-        if progress.phase == "prompts":
-            self.bar.update_absolute(progress.step, progress.total)
-        NodeProgress._send({"node": self.node_id, "phase": progress.phase, "step": progress.step,
-                            "total": progress.total, "loss": None, "eta": eta})
-
-    def finish(self, summary: str) -> None:
-        NodeProgress._send({"node": self.node_id, "phase": "done", "cached": False, "losses": [], "summary": summary})
 
 
 def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = None,
@@ -58,10 +30,12 @@ def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = 
 
     As ``flows.ablate_concept``: on a MODEL that carries our patches (or with ``base_patch``) the solve starts from
     the original weights plus those patches, and the patch holds every change with the original fingerprint."""
-    progress = SolveProgress(node_id)
+    progress = NodeProgress(node_id)  # ComfyUI's bar for the whole node, from its first second
     model, clip, base, prefix = on_original_weights(model, clip, base_patch)
     with torch.inference_mode(False), torch.no_grad():
         view = comfy_view(model, clip, original_weights=True)
+        layers = sum(len(layers) for layers in view.closed_form_layers().values())
+        plan_closed_form(progress, resolve_closed_form(config, view.family.name), layers, view.default_latent_size)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested,
                                               base_patch=base)
@@ -77,9 +51,12 @@ def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = 
 def fuse(model, clip, patches: list[AblationPatch], weights: list[float],
          node_id: str | None = None) -> AblationPatch:
     """MACE-style fusion of several patches on this base model (see ``methods.closed_form.fusion``)."""
-    progress = SolveProgress(node_id)
+    progress = NodeProgress(node_id)  # ComfyUI's bar for the whole node, from its first second
     with torch.inference_mode(False), torch.no_grad():
         view = comfy_view(model, clip, original_weights=True)
+        pairs, preserved = fusion_prompts(view, patches)
+        progress.plan("prompts", (sum(len(t) for t, _ in pairs) + len(preserved)) * PROMPT_COST)
+        progress.plan("fuse", sum(len(layers) for layers in view.closed_form_layers().values()) * SVD_COST)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             fused = fuse_patches(view, patches, weights, on_progress=progress, should_cancel=cancel_requested)
     progress.finish(describe_merge(fused, len(patches)))

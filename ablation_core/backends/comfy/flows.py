@@ -1,6 +1,7 @@
-"""What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, render reports.
+"""What the nodes call: ablate in ComfyUI, apply/stack patches as ComfyUI weight patches, save, render reports.
 
-Progress goes to ComfyUI's bar and, as websocket events, to the web extension's loss chart; Cancel is ComfyUI's own
+Progress goes to one ComfyUI bar per node over the node's whole plan and, as websocket events, to the web
+extension's loss chart and status line (``progress``); Cancel is ComfyUI's own
 interrupt, checked between steps and inside the forward of the UNet, the text encoder (and the VAE for reports), so
 it stops a CPU run within about a second wherever it is.
 """
@@ -22,54 +23,26 @@ from ...evaluation.images import grid, save_image, to_pil
 from ...methods.ablation.settings import MEMORY_OPTIONS, AblationConfig, resolve_config
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_ablate
-from ...models.sampling import sample_latents
+from ...methods.run_plan import (
+    DECODE_COST,
+    PROMPT_COST,
+    plan_compress,
+    plan_trained,
+    plan_write,
+    unet_pass,
+)
+from ...models.sampling import sample_latents, unguided
+from ...models.view import Conditioning
 from ...patches.apply import check_fingerprint, resolve
 from ...patches.cache import PatchCache, cache_key
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch
 from . import chain
 from .flux_view import comfy_view
+from .progress import PROGRESS_EVENT, NodeProgress  # noqa: F401  (PROGRESS_EVENT: the package's name for it)
 from .view import cancel_requested, compute_modules, ensure_loaded, make_trainable
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVENT = "concept_ablation.progress"
-
-
-# Progress ----------------------------------------------------------------------------------------------------
-
-class NodeProgress:
-    """ComfyUI's progress bar plus a websocket message per step (the web extension draws the loss curve).
-
-    The bar runs over anchor images first, then training steps.
-    """
-
-    def __init__(self, node_id: str | None, anchor_images: int, train_steps: int):
-        import comfy.utils
-
-        self.node_id, self.anchor_images = node_id, anchor_images
-        self.total = anchor_images + train_steps
-        self.bar = comfy.utils.ProgressBar(self.total)
-
-    def __call__(self, progress: Progress) -> None:
-        if progress.phase in ("anchors", "train"):  # the bar covers anchor images, then training steps
-            value = progress.step if progress.phase == "anchors" else self.anchor_images + progress.step
-            self.bar.update_absolute(value, self.total)
-        self._send({"node": self.node_id, "phase": progress.phase, "step": progress.step, "total": progress.total,
-                    "loss": progress.loss, "eta": progress.eta_seconds})
-
-    def finish(self, losses: list[float], cached: bool, summary: str = "") -> None:
-        self.bar.update_absolute(self.total, self.total)
-        self._send({"node": self.node_id, "phase": "done", "cached": cached, "losses": losses, "summary": summary})
-
-    @staticmethod
-    def _send(data: dict) -> None:
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        if getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_sync(PROGRESS_EVENT, data)
 
 
 # Flows the nodes call ----------------------------------------------------------------------------------------
@@ -107,6 +80,7 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
 
     When the MODEL already carries our patches (``chain``), or ``base_patch`` is given, the run trains on the
     original weights with those patches as its base: the patch holds every change, with the original fingerprint."""
+    progress = NodeProgress(node_id)  # ComfyUI's bar for the whole node, from its first second
     model, clip, base, prefix = on_original_weights(model, clip, base_patch)
     with torch.inference_mode(False), torch.enable_grad():
         trainer = model.clone()
@@ -118,22 +92,27 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
         settings.update({"base_patch": chain.digest(base)} if base is not None else {})
         key = cache_key(view, str(config.group), settings) if cache else None
         patch = cache.get(key) if cache else None
-        progress = NodeProgress(node_id, int(config.anchor_images), int(config.steps))
         if patch is None:
+            plan_trained(progress, config, config.latent_size or view.default_latent_size, view.family.name)
+            if cache:
+                plan_write(progress, 4 * sum(layer.weight.numel() for layer in view.layers(config.group)) / 2**20)
             started = time.perf_counter()
             result = robust_ablate(view, config, on_progress=progress, should_cancel=cancel_requested,
                                    base_patch=base)
             patch = result.patch
             log.info("concept ablation finished in %.1fs", time.perf_counter() - started)
             if cache:
+                progress(Progress("write", 0, 1))
                 cache.put(key, patch)
+                progress(Progress("write", 1, 1))
             summary = prefix + summarize(patch, cached=False)
-            progress.finish(result.losses, cached=False, summary=summary)
+            losses, cached = result.losses, False
         else:
             log.info("concept ablation: reusing the cached patch for these settings (%s)", key)
             summary = prefix + summarize(patch, cached=True)
-            progress.finish(stored_loss_curve(patch), cached=True, summary=summary)
+            losses, cached = stored_loss_curve(patch), True
     model_out, clip_out = apply_patches(model, clip, [(patch, 1.0)])
+    progress.finish(summary, losses, cached)
     return model_out, clip_out, patch, summary
 
 
@@ -209,11 +188,17 @@ def fingerprint_matches(model, clip, patch: AblationPatch) -> bool:
 
 
 def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength: float, prompts: list[str],
-                  seed: int, steps: int, guidance: float, samples: int, image_size: int) -> Tensor:
+                  seed: int, steps: int, guidance: float, samples: int, image_size: int,
+                  node_id: str | None = None) -> Tensor:
     """Before/after images for each prompt, sampled from the same noise; a grid as an IMAGE tensor [1, H, W, 3]."""
-    patched, patched_clip = apply_patches(model, clip, stack_entries(value, strength))
+    progress = NodeProgress(node_id)
     latent_size = max(image_size // 8, 1)
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples)
+    draw = len(prompt_index) * max(steps, 1) * (1 if unguided(guidance) else 2) * unet_pass(latent_size)
+    for name in ("before", "after"):  # each: the prompts, then the images with their decoding
+        progress.plan(f"{name} prompts", len(prompts) * PROMPT_COST)
+        progress.plan(name, draw + len(prompt_index) * DECODE_COST * unet_pass(latent_size))
+    patched, patched_clip = apply_patches(model, clip, stack_entries(value, strength))
     images = {}
     with torch.inference_mode(False), torch.no_grad():
         for name, (patcher, text) in {"before": (model, clip), "after": (patched, patched_clip)}.items():
@@ -221,16 +206,54 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
             view = comfy_view(patcher, text, latent_size=latent_size)
             vae_modules = compute_modules(getattr(vae, "first_stage_model", None))
             with cancel_checks(view.cancel_check_modules() + vae_modules, Canceller(cancel_requested)):
+                cond = Conditioning.cat([view.encode([p]) for p in _reporting(prompts, progress, f"{name} prompts")])
                 latents = sample_latents(view, prompts, prompt_index, steps, guidance, len(prompt_index), seed,
-                                         latent_size, on_progress=lambda done, total: cancel_requested())
+                                         latent_size, _sampler_steps(progress, name, steps), cond)
                 images[name] = view.decode_with(vae, latents).cpu()
+                progress(Progress(name, 1, 1))
     rows = []
     for p in range(len(prompts)):
         cells = slice(p * samples, (p + 1) * samples)
         rows.append([*images["before"][cells], *images["after"][cells]])
     columns = [f"before #{i + 1}" for i in range(samples)] + [f"after #{i + 1}" for i in range(samples)]
     picture = grid(rows, prompts, columns, cell=max(64, min(image_size, 256)))
+    progress.finish()
     return torch.from_numpy(np.array(picture)).float().div(255).unsqueeze(0)
+
+
+def _sampler_steps(progress: NodeProgress, phase: str, steps: int):
+    """``sample_latents``' callback: a cancel check and a report per solver step (images done, in steps)."""
+    def on_step(done: float, total: int) -> None:
+        cancel_requested()
+        progress(Progress(phase, int(round(done * steps)), total * steps + 1))  # the decoding is the last step
+
+    return on_step
+
+
+def _reporting(items: list, progress: NodeProgress, phase: str):
+    """``items`` one by one, reporting (phase, done, total) before each and after the last."""
+    for index, item in enumerate(items):
+        progress(Progress(phase, index, len(items)))
+        yield item
+    progress(Progress(phase, len(items), len(items)))
+
+
+def save_patch(value: AblationPatch | PatchStack, path: str | Path, energy: float | None,
+               node_id: str | None = None) -> Path:
+    """Save Ablation Patch: one patch (a stack summed), compressed to low rank when ``energy`` is given (an SVD per
+    layer: seconds for an SD1 K/V patch on a CPU), then written; ComfyUI's bar follows both."""
+    progress = NodeProgress(node_id)
+    single = as_single_patch(value)
+    if energy is not None:
+        plan_compress(progress, len(single.deltas))
+    plan_write(progress, 2 * single.numel() / 2**20)  # 16-bit numbers
+    if energy is not None:
+        progress(Progress("compress", 0, len(single.deltas)))
+        single = single.compressed(energy, on_layer=progress.step("compress"))
+    progress(Progress("write", 0, 1))
+    written = single.save(path)
+    progress.finish(f"saved {written.name}")
+    return written
 
 
 def report_prompts(value: AblationPatch | PatchStack, extra: str) -> list[str]:

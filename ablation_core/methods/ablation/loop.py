@@ -37,7 +37,7 @@ from .settings import AblationConfig, check_config, resolve_for_view
 
 log = logging.getLogger(__name__)
 
-ENCODE_CHUNK = 32
+ENCODE_CHUNK = 8  # prompts encoded between two progress reports (about a second of a CPU's SD1 text encoder)
 MAX_PROMPT_TOKENS = 75
 
 
@@ -89,6 +89,7 @@ def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressF
                           canceller: Canceller) -> Conditioning:
     """Encode in chunks, reporting ("prompts", done, total) and checking cancel between chunks."""
     parts = []
+    report(Progress("prompts", 0, len(prompts)))
     for start in range(0, len(prompts), ENCODE_CHUNK):
         canceller.check()
         parts.append(view.encode(prompts[start:start + ENCODE_CHUNK]))
@@ -186,6 +187,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         low_noise_rows = model_rows("mixed", int(config.batch_size)) if config.objective == "mixed" else 0
         losses: list[float] = []
         started = time.perf_counter()
+        report(Progress("train", 0, config.steps))  # a CPU's first step of SD1 takes seconds: say it began
         with adapters.attached():
             with torch.enable_grad(), _memory_options(view, config):
                 for step in range(config.steps):
@@ -216,15 +218,16 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
 
             # 5. The effect, on prompts the run did not train on.
             canceller.phase = "checking the result"
-            report(Progress("check", 0, 1))
             checks = {}
             prompt_pair = [pair for pair, prompts in enumerate(_anchors_by_pair(config)) for _ in prompts]
+            held_out = held_out_pairs(config, anchor_prompts)
+            report(Progress("check", 0, len(held_out)))
             with _oom_guard(), view.uncached_text():
-                for pair, (target, check_anchors, check_targets) in enumerate(held_out_pairs(config, anchor_prompts)):
+                for pair, (target, check_anchors, check_targets) in enumerate(held_out):
                     own = pair_latents(latents, image_prompt, prompt_pair, pair)
                     checks[target] = measure_effect(view, adapters, config, own, check_anchors, check_targets, base)
+                    report(Progress("check", pair + 1, len(held_out)))
             check = combine(checks)
-            report(Progress("check", 1, 1))
         warning = weak_effect_warning(check, config)
         if warning:
             log.warning(warning)

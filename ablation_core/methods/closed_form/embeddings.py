@@ -26,7 +26,8 @@ from torch import Tensor
 from ...models.view import Conditioning, ModelView
 from ..progress import Canceller, Progress, ProgressFn
 
-CHUNK = 32
+CHUNK = 32  # prompts of one moment-cache entry
+ENCODE_STEP = 8  # prompts encoded between two progress reports (about a second of a CPU's SD1 text encoder)
 CACHE_BYTES = 512 * 2**20
 PROBE_TOKENS = 60
 
@@ -204,16 +205,22 @@ def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: lis
     closed form edits (``view.closed_form_layers()``: SD's context; Flux's T5 context and pooled CLIP vector)."""
     streams = tuple(view.closed_form_layers())
     moments: dict[str, Moments] = {}
+    total = total or len(target_prompts)
+    report(Progress("prompts", done, total))
     for start in range(0, len(target_prompts), CHUNK):
         canceller.check()
         targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
+
+        def encoded(count: int, start: int = start) -> None:  # prompts of the chunk encoded (each pair is two)
+            report(Progress("prompts", done + start + count // 2, total))
+
         found = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "pairs", targets, anchors),
-                                            _chunk_pair_moments, view, targets, anchors, streams)
+                                            _chunk_pair_moments, view, targets, anchors, streams, encoded)
         for index, stream in enumerate(streams):
             cc, ac, aa, count = found[4 * index: 4 * index + 4]
             chunk = Moments(cc, ac, aa, int(count))
             moments[stream] = (moments.get(stream) or Moments.zeros(cc.shape[0])).plus(chunk)  # never the cached
-        report(Progress("prompts", done + start + len(targets), total or len(target_prompts)))
+        report(Progress("prompts", done + start + len(targets), total))
     return moments
 
 
@@ -232,10 +239,21 @@ def add_pairs(moments: Moments, stream: str, view: ModelView, target: Conditioni
             moments.add(target_vectors[row, list(t_pos)], anchor_vectors[row, list(a_pos)])
 
 
-def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str],
-                        streams: tuple[str, ...]) -> tuple[Tensor, ...]:
+def _encode_in_steps(view: ModelView, prompts: list[str], encoded: Callable[[int], None], before: int = 0
+                     ) -> Conditioning:
+    """``view.encode(prompts)`` in steps of ``ENCODE_STEP`` prompts, calling ``encoded(before + prompts done)``."""
+    parts = []
     with torch.no_grad():
-        target_cond, anchor_cond = view.encode(targets), view.encode(anchors)
+        for start in range(0, len(prompts), ENCODE_STEP):
+            parts.append(view.encode(prompts[start:start + ENCODE_STEP]))
+            encoded(before + min(start + ENCODE_STEP, len(prompts)))
+    return Conditioning.cat(parts)
+
+
+def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str], streams: tuple[str, ...],
+                        encoded: Callable[[int], None] = lambda count: None) -> tuple[Tensor, ...]:
+    target_cond = _encode_in_steps(view, targets, encoded)
+    anchor_cond = _encode_in_steps(view, anchors, encoded, len(targets))
     target_ids, anchor_ids = [_ids(view, t) for t in targets], [_ids(view, a) for a in anchors]
     values: list[Tensor] = []
     for stream in streams:
@@ -251,11 +269,16 @@ def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, c
     input stream, with the number of vectors."""
     streams = tuple(view.closed_form_layers())
     found: dict[str, tuple[Tensor, int]] = {}
+    total = total or len(prompts)
     for start in range(0, len(prompts), CHUNK):
         canceller.check()
         chunk = prompts[start:start + CHUNK]
+
+        def encoded(count: int, start: int = start) -> None:
+            report(Progress("prompts", done + start + count, total))
+
         values = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "preserved", chunk), _chunk_covariance, view,
-                                             chunk, streams)
+                                             chunk, streams, encoded)
         for index, stream in enumerate(streams):
             covariance, count = values[2 * index], int(values[2 * index + 1])
             if stream in found:
@@ -263,15 +286,15 @@ def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, c
             else:
                 covariance = covariance.clone()
             found[stream] = (covariance, count)
-        report(Progress("prompts", done + start + len(chunk), total or len(prompts)))
+        report(Progress("prompts", done + start + len(chunk), total))
     if not found:
         raise ValueError("no preserved prompts")
     return found
 
 
-def _chunk_covariance(view: ModelView, prompts: list[str], streams: tuple[str, ...]) -> tuple[Tensor, ...]:
-    with torch.no_grad():
-        cond = view.encode(prompts)
+def _chunk_covariance(view: ModelView, prompts: list[str], streams: tuple[str, ...],
+                      encoded: Callable[[int], None] = lambda count: None) -> tuple[Tensor, ...]:
+    cond = _encode_in_steps(view, prompts, encoded)
     values: list[Tensor] = []
     for stream in streams:
         vectors = stream_vectors(cond, stream)

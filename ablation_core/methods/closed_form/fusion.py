@@ -17,21 +17,20 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import Tensor
 
 from ...errors import PatchError
 from ...models.view import ModelView
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch, LayerDelta
 from .. import prompts as prompt_lib
-from ..progress import CancelFn, Canceller, ProgressFn, no_progress
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, no_progress
 from .embeddings import pair_moments, preserved_moments
 from .settings import make_closed_form_config, resolve_closed_form
 from .solve import _prompt_pairs, low_rank_map
 
 
-def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, canceller: Canceller,
-                     fused_targets: list[str]) -> dict[str, Tensor]:
+def _concept_prompts(view: ModelView, patch: AblationPatch, fused_targets: list[str]) -> tuple[list[str], list[str]]:
+    """A patch's target prompts and their anchor twins, as the closed form phrases them."""
     targets, anchors = patch.listed("targets"), patch.listed("anchors")
     if not targets or len(anchors) not in (1, len(targets)):
         raise PatchError("fusion needs each patch's targets and anchors in its metadata (ablation.targets, "
@@ -44,8 +43,19 @@ def _concept_moments(view: ModelView, patch: AblationPatch, report: ProgressFn, 
     if len(kept) < len(anchor_prompts):
         target_prompts, anchor_prompts = map(list, zip(*[(t, a) for t, a in zip(target_prompts, anchor_prompts)
                                                          if a in kept]))
-    moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller)
-    return {stream: m.cc / max(m.count, 1) for stream, m in moments.items()}
+    return target_prompts, anchor_prompts
+
+
+def fusion_prompts(view: ModelView, patches: list[AblationPatch]) -> tuple[list[tuple[list[str], list[str]]],
+                                                                           list[str]]:
+    """Each patch's (target prompts, anchor twins), and the preserved prompts: everything fusion encodes."""
+    # every patch's targets, once each: patches that share a target (one erasure at two strengths, or a concept
+    # erased twice) are fused too
+    targets = list({t.lower(): t for p in patches for t in p.listed("targets")}.values())
+    pairs = [_concept_prompts(view, patch, targets) for patch in patches]
+    preserved_config = resolve_closed_form(make_closed_form_config(
+        targets, [a for p in patches for a in p.listed("anchors")][:1]), view.family.name)
+    return pairs, list(preserved_config.preserved_prompts or ())
 
 
 def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[float] | None = None,
@@ -61,20 +71,23 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     summed = merge_weighted(patches, weights)  # checks families and shapes; the fallback for other layers
     stream_of = {layer.key: stream for stream, layers in view.closed_form_layers().items() for layer in layers}
     canceller.phase = "encoding the patches' concepts"
-    # every patch's targets, once each: patches that share a target (one erasure at two strengths, or a concept
-    # erased twice) are fused too
-    targets = list({t.lower(): t for p in patches for t in p.listed("targets")}.values())
-    concepts = [_concept_moments(view, patch, report, canceller, targets) for patch in patches]
-    preserved_config = resolve_closed_form(make_closed_form_config(
-        targets, [a for p in patches for a in p.listed("anchors")][:1]), view.family.name)
-    preserved = preserved_moments(view, list(preserved_config.preserved_prompts or ()), report, canceller)
+    pairs, preserved_prompts = fusion_prompts(view, patches)
+    total, done, concepts = sum(len(t) for t, _ in pairs) + len(preserved_prompts), 0, []
+    for target_prompts, anchor_prompts in pairs:  # one count over every patch's prompts and the preserved ones
+        moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, done, total)
+        concepts.append({stream: m.cc / max(m.count, 1) for stream, m in moments.items()})
+        done += len(target_prompts)
+    preserved = preserved_moments(view, preserved_prompts, report, canceller, done, total)
     inverses = {}
     for stream, (covariance, count) in preserved.items():
         dim = covariance.shape[0]
-        total = sum(c[stream] for c in concepts) + preserve_weight * covariance / max(count, 1)
-        total = total + ridge * float(torch.trace(total)) / dim * torch.eye(dim, dtype=torch.float64)
-        inverses[stream] = torch.linalg.inv(total)
+        gram = sum(c[stream] for c in concepts) + preserve_weight * covariance / max(count, 1)
+        gram = gram + ridge * float(torch.trace(gram)) / dim * torch.eye(dim, dtype=torch.float64)
+        inverses[stream] = torch.linalg.inv(gram)
 
+    canceller.phase = "fusing the layers"
+    fused = [key for key in summed.deltas if key in stream_of]
+    report(Progress("fuse", 0, len(fused)))
     deltas: dict[str, LayerDelta] = {}
     for key, delta in summed.deltas.items():
         canceller.check()
@@ -86,6 +99,7 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
                        if key in p.deltas)
         left, right, _ = low_rank_map(combined @ inverses[stream])
         deltas[key] = LayerDelta(up=left.float(), down=right.float().clone(), alpha=float(left.shape[1]))
+        report(Progress("fuse", fused.index(key) + 1, len(fused)))
     metadata = dict(summed.metadata)
     metadata.update({
         META + "method": "merge-fusion",

@@ -142,6 +142,7 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
 
     # 3. Each stream's map, kept at low rank; 4. each layer's change ``W @ G`` as LoRA, and what it does.
     canceller.phase = "solving"
+    report(Progress("solve", 0, len(all_layers)))  # each stream's map comes first (an eigendecomposition)
     deltas: dict[str, LayerDelta] = {}
     stats: dict[str, float] = {}
     maps: dict[str, Tensor] = {}

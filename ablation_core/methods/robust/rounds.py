@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ROBUST_SEED_OFFSET = 30_000
 ROBUST_GROUP = "attn"
 ROBUST_PRESET = "thorough"
+PRESERVED_CHUNK = 8  # prompts encoded between two progress reports
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class _Search:
         self.captions = [[tw for tw, o in zip(twins, owner) if o == i] or [twins[0]] for i in range(len(pairs))]
         self.images, self.tasks = [], []
         canceller.phase = "drawing the adversary's images"
+        report(Progress("adversary images", 0, len(self.captions)))
         with self.cancel_checks():
             for index, captions in enumerate(self.captions):
                 canceller.check()
@@ -86,6 +88,7 @@ class _Search:
                 task = denoising_task(view, latents[:budget.search_images], 1, self.seed + 100 + index)
                 with torch.no_grad():
                     self.tasks.append((prompt, reference_task(view, task, view.encode([prompt]))))
+                report(Progress("adversary images", index + 1, len(self.captions)))
 
     def cancel_checks(self) -> AbstractContextManager[None]:
         """Cancel checks inside every UNet call of the block: one sampler step at full resolution can take minutes
@@ -150,7 +153,7 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     preset = ROBUST_PRESET if config.preset == "default" else config.preset
     budget = budget or adversary_budget(preset)
     config = resolve_for_view(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view)
-    preserved = _preserved_conditioning(view, config)
+    preserved = _preserved_conditioning(view, config, report, canceller)
     result = ablate(view, config, on_progress, should_cancel, base_patch, preserved=preserved)
     anchors, twins = _prompt_pairs(config)
     twins, targets = twins[:len(anchors)], [t for t, _ in config.pairs()]
@@ -174,17 +177,29 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     return replace(result, losses=losses, seconds_anchors=seconds[0], seconds_training=seconds[1], config=config)
 
 
-def _preserved_conditioning(view: ModelView, config):
-    """Every concept the run should keep, encoded: the closed form's preserved set for these targets (on the toy
+def preserved_prompts(config, family: str) -> list[str]:
+    """Every concept a robust trained run keeps: the closed form's preserved set for these targets (on the toy
     world every other concept in its training captions; elsewhere a bank of everyday concepts and the anchors)."""
     from ..closed_form.settings import make_closed_form_config, resolve_closed_form
 
     pairs = config.pairs()
     closed = resolve_closed_form(make_closed_form_config([t for t, _ in pairs], [a for _, a in pairs],
                                                          kind=config.kind if config.kind != "memorization" else None),
-                                 view.family.name)
+                                 family)
+    return list(closed.preserved_prompts)
+
+
+def _preserved_conditioning(view: ModelView, config, report: ProgressFn, canceller: Canceller) -> Conditioning:
+    """``preserved_prompts`` encoded, in chunks, reporting ("preserved", done, total)."""
+    prompts = preserved_prompts(config, view.family.name)
+    parts = []
+    report(Progress("preserved", 0, len(prompts)))
     with torch.no_grad():
-        return view.encode(list(closed.preserved_prompts))
+        for start in range(0, len(prompts), PRESERVED_CHUNK):
+            canceller.check()
+            parts.append(view.encode(prompts[start:start + PRESERVED_CHUNK]))
+            report(Progress("preserved", min(start + PRESERVED_CHUNK, len(prompts)), len(prompts)))
+    return Conditioning.cat(parts)
 
 
 def robust_erase_closed_form(view: ModelView, config, on_progress: ProgressFn | None = None,

@@ -1,0 +1,153 @@
+"""Never waiting blind in ComfyUI (#24 item 6): every node that runs for a while makes one ComfyUI progress bar when it
+starts, with one total for the whole node, moves it from the first prompts encoded, never back, to its end, and its
+websocket events carry the whole node's ETA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ablation_core.backends import comfy as backend
+from ablation_core.methods import phases
+from ablation_core.methods.progress import Progress
+from ablation_core.methods.run_plan import SCALE, RunPlan
+from tests import comfy_fakes as fakes
+from tests.test_nodes import _nodes, _tiny_inputs, comfy  # noqa: F401  (comfy is a fixture)
+
+
+class Watch:
+    """The phase each bar update came in (the methods announce their phases), and the node's events."""
+
+    def __init__(self, state: fakes.ComfyState):
+        self.state, self.marks = state, []
+
+    def __call__(self, name: str) -> None:
+        self.marks.append((len(self.state.progress), name))
+
+    def phase_of_update(self, index: int) -> str | None:
+        return next((name for count, name in reversed(self.marks) if count <= index), None)
+
+    def events(self) -> list[dict]:
+        return [data for event, data in self.state.messages if event == backend.PROGRESS_EVENT]
+
+    def check_one_monotone_bar(self, bars_before: int = 0) -> list[float]:
+        assert self.state.bars[bars_before:] == [SCALE], "one bar per node, made with the node's one total"
+        values = [value for value, _ in self.state.progress]
+        assert {total for _, total in self.state.progress} == {SCALE}, "one total for the whole node"
+        assert all(b >= a for a, b in zip(values, values[1:])), f"the bar went back: {values}"
+        assert values[-1] == SCALE
+        events = [e for e in self.events() if e["phase"] != "done"]
+        assert all(e["eta"] is not None and e["eta"] >= 0 for e in events[3:]), "the whole node's time left"
+        fractions = [e["fraction"] for e in events]
+        assert fractions == sorted(fractions)
+        return values
+
+
+@pytest.fixture
+def watch(comfy):  # noqa: F811
+    seen = Watch(comfy)
+    with phases.listening(seen):
+        yield seen
+
+
+def test_ablate_moves_the_bar_from_the_first_prompts_to_its_end(comfy, watch, monkeypatch):  # noqa: F811
+    node = _nodes()["AblateConcept"]()
+    node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), use_cache=True, unique_id="5")
+    values = watch.check_one_monotone_bar()
+    assert watch.phase_of_update(0) == "encoding prompts", "the bar starts with the prompts being encoded"
+    encoding = [v for i, v in enumerate(values) if watch.phase_of_update(i) == "encoding prompts"]
+    assert encoding and encoding[-1] > 0, "encoding the prompts moves the bar"
+    events = watch.events()
+    train = [e for e in events if e["phase"] == "train"]
+    assert train[0]["step"] == 0, "training says it began before its first step ends"
+    assert [e["phase"] for e in events if e["phase"] in ("check", "write")][-1] == "write", "the cache's file too"
+    assert events[-1]["phase"] == "done" and events[-1]["fraction"] == 1.0
+
+
+def test_erase_concepts_moves_the_bar_from_its_first_prompts(comfy, watch):  # noqa: F811
+    model, clip = fakes.make_toy_model_and_clip()
+    _nodes()["EraseConceptsClosedForm"]().erase(model, clip, "snoopy -> dog\nnemo -> fish", "", "object",
+                                                "least-squares", 0.5, unique_id="8")
+    values = watch.check_one_monotone_bar()
+    assert watch.phase_of_update(0) == "encoding prompts"
+    prompts = [e for e in watch.events() if e["phase"] == "prompts"]
+    assert prompts[0]["step"] == 0 and len({e["total"] for e in prompts}) == 1
+    assert len(prompts) >= prompts[-1]["total"] // 8, "a report every few prompts encoded, not every 32 pairs"
+    assert values[len(prompts) // 2] > 0
+
+
+def test_merge_fusion_counts_every_prompt_once_and_reports_the_fusing(comfy, watch):  # noqa: F811
+    model, clip = fakes.make_toy_model_and_clip()
+    erase = _nodes()["EraseConceptsClosedForm"]()
+    first = erase.erase(model, clip, "snoopy -> dog", "", "object", "least-squares", 0.5)["result"][1]
+    second = erase.erase(model, clip, "grumpy cat -> cat", "", "object", "least-squares", 0.5)["result"][1]
+    bars, comfy.progress[:], comfy.messages[:] = len(comfy.bars), [], []
+    _nodes()["MergeAblationPatches"]().merge(first, 1.0, second, 1.0, "fusion", model=model, clip=clip,
+                                             unique_id="4")
+    watch.check_one_monotone_bar(bars)
+    events = watch.events()
+    prompts = [e for e in events if e["phase"] == "prompts"]
+    assert len({e["total"] for e in prompts}) == 1, "one count over every patch's prompts and the preserved ones"
+    assert [e["step"] for e in prompts] == sorted(e["step"] for e in prompts)
+    fuse = [e for e in events if e["phase"] == "fuse"]
+    assert fuse and fuse[-1]["step"] == fuse[-1]["total"] > 0, "the layers' solve after the prompts says so"
+
+
+def test_save_reports_compressing_and_writing(comfy, watch, tmp_path):  # noqa: F811
+    model = fakes.make_model()
+    view = backend.ComfyModelView(model)
+    deltas = {layer.key: torch.randn(layer.weight.shape) for layer in view.unet_layers("kv")}
+    from ablation_core import AblationPatch
+
+    patch = AblationPatch.from_deltas(deltas, {"ablation.targets": '["x"]', "ablation.anchors": '["y"]'})
+    save = _nodes()["SaveAblationPatch"]()
+    save.save(patch, "ablation/p", "loras", "low rank (small)", 0.99, unique_id="9")
+    watch.check_one_monotone_bar()
+    events = watch.events()
+    compress = [e for e in events if e["phase"] == "compress"]
+    assert [e["step"] for e in compress] == list(range(len(deltas) + 1))
+    assert [e["phase"] for e in events][-2:] == ["write", "done"]
+
+
+def test_the_report_moves_one_bar_through_both_drawings(comfy, watch):  # noqa: F811
+    model, clip, vae = fakes.make_model(), fakes.make_clip(), fakes.VAE()
+    view = backend.ComfyModelView(model)
+    from ablation_core import AblationPatch
+
+    deltas = {layer.key: 0.01 * torch.randn(layer.weight.shape) for layer in view.unet_layers("kv")}
+    patch = AblationPatch.from_deltas(deltas, {"ablation.targets": '["x"]', "ablation.anchors": '["y"]'})
+    _nodes()["AblationReport"]().report(model, clip, vae, patch, 1.0, "a dog", 0, 2, 3.0, 1, 64, unique_id="2")
+    watch.check_one_monotone_bar()
+    assert {e["phase"] for e in watch.events()} >= {"before prompts", "before", "after prompts", "after", "done"}
+
+
+def test_a_phase_run_again_takes_its_next_planned_occurrence_and_the_eta_is_the_whole_runs():
+    now = [100.0]
+    plan = RunPlan(clock=lambda: now[0])
+    for phase in ("prompts", "train", "adversary 1", "prompts", "train"):
+        plan.plan(phase, 1.0)
+    assert plan.phases["train #2"].offset == 4.0
+    assert plan.eta() is None
+    now[0] = 110.0
+    plan.advance(Progress("prompts", 1, 1))
+    assert plan.eta() == pytest.approx(40.0)  # a fifth of the run in 10 s
+    plan.advance(Progress("train", 1, 1))
+    plan.advance(Progress("adversary 1", 5, 10))
+    assert plan.advance(Progress("prompts", 0, 3)) == pytest.approx(0.6)  # the second round's prompts
+    assert plan.current == "prompts #2"
+    assert plan.advance(Progress("train", 1, 2)) == pytest.approx(0.9)
+    assert plan.advance(Progress("check", 1, 1)) == 1.0  # never planned: joins the end
+
+
+def test_a_robust_run_plans_its_rounds_and_each_one_moves_the_bar(comfy, watch, monkeypatch):  # noqa: F811
+    node = _nodes()["AblateConcept"]()
+    node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), use_cache=False, robust_rounds=1,
+                unique_id="6")
+    watch.check_one_monotone_bar()
+    events = [e for e in watch.events() if e["phase"] != "done"]
+    assert events[0]["phase"] == "preserved", "the kept concepts' prompts are encoded first, and say so"
+    assert "adversary images" in {e["phase"] for e in events}
+    starts = [i for i, e in enumerate(events) if e["phase"] == "train" and e["step"] == 0]
+    assert len(starts) == 2, "two trainings: the run and its round"
+    second = [e["fraction"] for e in events[starts[1]:] if e["phase"] == "train"]
+    assert second[-1] > second[0] and second[-1] < 1, "the round's training moves the bar, within the plan"
