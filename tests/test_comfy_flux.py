@@ -132,3 +132,16 @@ def test_the_report_draws_flux_before_and_after_with_its_guidance(comfy):
                                  steps=2, guidance=3.5, samples=1, image_size=16)
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and torch.isfinite(grid).all()
     assert model.patches == {}
+
+
+def test_the_toy_flux_world_held_by_comfyui_reads_the_toy_settings_and_fits(comfy):
+    from ablation_core.methods.ablation.fits import run_estimate
+    from ablation_core.methods.ablation.settings import resolve_for_view
+
+    model, clip = flux_fakes.make_toy_flux_model_and_clip()
+    view = backend.comfy_view(model, clip)
+    assert view.family.name == "toy-flux" and view.default_latent_size == 16
+    config = resolve_for_view(make_config("grumpy cat", "cat"), view)
+    layers = view.layers(config.group)
+    # the Flux activation formula, scaled to the toy's width and depth: well under a GiB (the SD formula said 23)
+    assert run_estimate(view, config, layers).activations < 2**30

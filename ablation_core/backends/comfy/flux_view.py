@@ -35,6 +35,7 @@ NO_TOKEN_ATTACKS = ("robust rounds and attacks write token ids and embeddings in
                     "them on toy-flux, whose encoders share one)")
 DEFAULT_GUIDANCE = 3.5  # ComfyUI's FluxGuidance default
 DEFAULT_LATENT_SIZE = 64  # 512 px
+TOY_LATENT_SIZE = 16  # the toy-flux world draws 16 x 16 RGB pixels
 FLUX_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock")
 
 
@@ -117,7 +118,7 @@ class ComfyFluxView(ComfyModelView):
         # the toy-flux world held as a ComfyUI MODEL (RGB pixels from a 64-wide context) reads the toy's settings
         context_dim = int(self.diffusion_model.txt_in.in_features)
         self.family = TOY_FLUX if is_toy_shape(self.latent_channels, context_dim) else FLUX
-        self.default_latent_size = latent_size or DEFAULT_LATENT_SIZE
+        self.default_latent_size = latent_size or (TOY_LATENT_SIZE if self.family.toy else DEFAULT_LATENT_SIZE)
         self.latent_multiple = int(getattr(params, "patch_size", 2))
         self.activation_scale = flux_activation_scale(int(getattr(params, "hidden_size", 3072)),
                                                       len(self.transformer_blocks()))
