@@ -180,8 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     anchors = choose_anchor_prompts(args.anchor, args.kind, 8, args.seed)
     targets = target_prompts(anchors, args.anchor, args.target, args.kind)
-    gaps = prediction_gaps(view, patch, targets, anchors, args.seed, strength=args.strength,
-                           unrelated_prompts=_neighbour_prompts(args, anchors))
+    gaps = prediction_gaps(view, patch, targets, anchors, args.seed, latent_size=args.latent_size,
+                           strength=args.strength, unrelated_prompts=_neighbour_prompts(args, anchors))
     print(json.dumps(gaps, indent=2) if args.json else "\n".join(
         f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in gaps.items()))
     return 0
