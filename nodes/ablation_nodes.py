@@ -346,13 +346,11 @@ class AblationReport:
 
     def report(self, model, clip, vae, patch, strength, prompts, seed, steps, cfg, samples, image_size,
                clip_model="", images_per_set=8, neighbours="", unique_id=None):
-        from ablation_core.backends.comfy.clip_report import clip_figures
+        from ablation_core.backends.comfy.clip_report import ablation_report
 
         prompt_list = backend.report_prompts(patch, prompts)
-        image = backend.render_report(model, clip, vae, patch, strength, prompt_list, seed, steps, cfg, samples,
-                                      image_size, node_id=unique_id)
-        figures = clip_figures(model, clip, vae, patch, strength, clip_model, images_per_set, neighbours, seed, steps,
-                               cfg, image_size)
+        image, figures = ablation_report(model, clip, vae, patch, strength, prompt_list, seed, steps, cfg, samples,
+                                         image_size, clip_model, images_per_set, neighbours, node_id=unique_id)
         return (image, backend.describe_text(patch) + "\n\n" + figures)
 
 

@@ -65,6 +65,9 @@ def test_ablate_moves_the_bar_from_the_first_prompts_to_its_end(comfy, watch, mo
 
 
 def test_erase_concepts_moves_the_bar_from_its_first_prompts(comfy, watch):  # noqa: F811
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    MOMENT_CACHE.clear()  # an earlier test's erasure may hold these prompts' moments: nothing would be encoded
     model, clip = fakes.make_toy_model_and_clip()
     _nodes()["EraseConceptsClosedForm"]().erase(model, clip, "snoopy -> dog\nnemo -> fish", "", "object",
                                                 "least-squares", 0.5, unique_id="8")
@@ -119,6 +122,23 @@ def test_the_report_moves_one_bar_through_both_drawings(comfy, watch):  # noqa: 
     _nodes()["AblationReport"]().report(model, clip, vae, patch, 1.0, "a dog", 0, 2, 3.0, 1, 64, unique_id="2")
     watch.check_one_monotone_bar()
     assert {e["phase"] for e in watch.events()} >= {"before prompts", "before", "after prompts", "after", "done"}
+
+
+def test_the_reports_clip_figures_move_the_same_bar_to_its_end(comfy, watch, tmp_path):  # noqa: F811
+    from ablation_core import AblationPatch
+    from tests import clip_models
+
+    model, clip, vae = fakes.make_model(), fakes.make_clip(), fakes.VAE()
+    view = backend.ComfyModelView(model)
+    deltas = {layer.key: 0.01 * torch.randn(layer.weight.shape) for layer in view.unet_layers("kv")}
+    patch = AblationPatch.from_deltas(deltas, {"ablation.targets": '["grumpy cat"]', "ablation.anchors": '["cat"]'})
+    folder = clip_models.random_clip(tmp_path / "clip")
+    _nodes()["AblationReport"]().report(model, clip, vae, patch, 1.0, "a dog", 0, 2, 3.0, 1, 64,
+                                        clip_model=str(folder), images_per_set=2, unique_id="2")
+    watch.check_one_monotone_bar()
+    figures = [e for e in watch.events() if e["phase"] == "CLIP figures"]
+    assert figures and figures[-1]["step"] == figures[-1]["total"] and figures[0]["fraction"] < 1
+    assert all(e["fraction"] < 1 for e in watch.events() if e["phase"] in ("before", "after"))  # planned up front
 
 
 def test_a_phase_run_again_takes_its_next_planned_occurrence_and_the_eta_is_the_whole_runs():

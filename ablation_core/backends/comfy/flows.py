@@ -189,15 +189,21 @@ def fingerprint_matches(model, clip, patch: AblationPatch) -> bool:
 
 def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength: float, prompts: list[str],
                   seed: int, steps: int, guidance: float, samples: int, image_size: int,
-                  node_id: str | None = None) -> Tensor:
-    """Before/after images for each prompt, sampled from the same noise; a grid as an IMAGE tensor [1, H, W, 3]."""
-    progress = NodeProgress(node_id)
+                  node_id: str | None = None, progress: NodeProgress | None = None,
+                  then: tuple[tuple[str, float], ...] = ()) -> Tensor:
+    """Before/after images for each prompt, sampled from the same noise; a grid as an IMAGE tensor [1, H, W, 3].
+    With ``progress`` (the node's bar) the phases ``then`` (name, cost) are planned after the grid's and the bar is
+    left for the caller to finish."""
+    own_bar = progress is None
+    progress = progress or NodeProgress(node_id)
     latent_size = max(image_size // 8, 1)
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples)
     draw = len(prompt_index) * max(steps, 1) * (1 if unguided(guidance) else 2) * unet_pass(latent_size)
     for name in ("before", "after"):  # each: the prompts, then the images with their decoding
         progress.plan(f"{name} prompts", len(prompts) * PROMPT_COST)
         progress.plan(name, draw + len(prompt_index) * DECODE_COST * unet_pass(latent_size))
+    for name, units in then:
+        progress.plan(name, units)
     patched, patched_clip = apply_patches(model, clip, stack_entries(value, strength))
     images = {}
     with torch.inference_mode(False), torch.no_grad():
@@ -217,7 +223,8 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
         rows.append([*images["before"][cells], *images["after"][cells]])
     columns = [f"before #{i + 1}" for i in range(samples)] + [f"after #{i + 1}" for i in range(samples)]
     picture = grid(rows, prompts, columns, cell=max(64, min(image_size, 256)))
-    progress.finish()
+    if own_bar:
+        progress.finish()
     return torch.from_numpy(np.array(picture)).float().div(255).unsqueeze(0)
 
 
