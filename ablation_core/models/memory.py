@@ -62,7 +62,7 @@ def activation_bytes(family: str, latent_size: int, batch: int, dtype: torch.dty
     """What autograd saves for ``batch`` training rows; ``scale_of_model``: the model's width x depth over the
     measured one's (Flux models narrower or shallower than Flux.1, such as toy-flux)."""
     scale = torch.empty((), dtype=dtype).element_size() / 2
-    if FAMILIES[family].flow if family in FAMILIES else family == "flux":  # Flux.1 and the toy-flux world
+    if getattr(FAMILIES.get(family), "flow", False):  # Flux.1 and the toy-flux world
         tokens = (latent_size // 2) ** 2 + FLUX_TEXT_TOKENS
         linear, square = FLUX_SAVED_BYTES_CHECKPOINTED if checkpointing else FLUX_SAVED_BYTES
         return int((linear * tokens + square * tokens * tokens) * batch * scale * scale_of_model)

@@ -59,11 +59,17 @@ def clip_figures_units(model, clip, value, clip_model: str, per_set: int, neighb
     """The figures' cost in 512 px UNet passes (images drawn and decoded), 0 without a CLIP folder."""
     if not clip_model.strip():
         return 0.0
-    latent_size = max(image_size // 8, 1)
-    sets, _, _ = _prompt_sets(value, per_set, neighbours, seed)
-    cost = estimate_cost(comfy_view(model, clip, latent_size=latent_size), sets, Sampling(steps, guidance, 4,
-                                                                                          latent_size))
-    return (cost["unet_evaluations"] + cost["vae_decodes"] * DECODE_COST) * unet_pass(latent_size)
+    sampling = _sampling(steps, guidance, image_size)
+    cost = _cost(model, clip, _prompt_sets(value, per_set, neighbours, seed)[0], sampling)
+    return (cost["unet_evaluations"] + cost["vae_decodes"] * DECODE_COST) * unet_pass(sampling.latent_size)
+
+
+def _sampling(steps: int, guidance: float, image_size: int) -> Sampling:
+    return Sampling(steps, guidance, 4, max(image_size // 8, 1))
+
+
+def _cost(model, clip, sets, sampling: Sampling) -> dict[str, int]:
+    return estimate_cost(comfy_view(model, clip, latent_size=sampling.latent_size), sets, sampling)
 
 
 def clip_figures(model, clip, vae, value, strength: float, clip_model: str, per_set: int, neighbours: str,
@@ -77,12 +83,11 @@ def clip_figures(model, clip, vae, value, strength: float, clip_model: str, per_
     device = comfy.model_management.get_torch_device()
     scorer = load_clip(clip_model.strip(), device, torch.float16 if device.type == "cuda" else torch.float32)
     sets, twins, source = _prompt_sets(value, per_set, neighbours, seed)
-    latent_size = max(image_size // 8, 1)
-    images_total = estimate_cost(comfy_view(model, clip, latent_size=latent_size), sets,
-                                 Sampling(steps, guidance, 4, latent_size))["images"]
-    drawn = [0]
+    sampling = _sampling(steps, guidance, image_size)
+    latent_size = sampling.latent_size
+    cost = _cost(model, clip, sets, sampling)
+    images_total, drawn = cost["images"], [0]
     patched = apply_patches(model, clip, stack_entries(value, strength))
-    sampling = Sampling(steps, guidance, 4, latent_size)
 
     def draw(prompts: list[str], noise_seed: int, after: bool) -> Tensor:
         patcher, text = patched if after else (model, clip)
@@ -106,5 +111,5 @@ def clip_figures(model, clip, vae, value, strength: float, clip_model: str, per_
 
     evaluation = score_with_clip(draw, scorer, sets, twins, seed)
     evaluation.neighbours_from = source
-    evaluation.cost = estimate_cost(comfy_view(model, clip, latent_size=latent_size), sets, sampling)
+    evaluation.cost = cost
     return describe_cost(evaluation.cost, sampling) + "\n" + evaluation.table()
