@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.cli import main
 from ablation_core.evaluation.attacks import ATTACK_NAMES, ATTACKS, attacks_table, budget_of, run_attack, run_attacks
 from ablation_core.evaluation.attacks.common import ATTACK_SEED_OFFSET, SUCCESS_SEED_OFFSET, success_rate
@@ -22,44 +21,19 @@ from ablation_core.evaluation.attacks.cost import attack_costs
 from ablation_core.evaluation.attacks.soft_prompt import SoftPromptBudget
 from ablation_core.evaluation.attacks.token_search import TokenSearchBudget
 from ablation_core.evaluation.attacks.variants import VariantsBudget
-from ablation_core.evaluation.clip import Sampling, load_clip
+from ablation_core.evaluation.clip import load_clip
 from ablation_core.evaluation.clip.attack_world import ClipWorld
 from ablation_core.evaluation.clip.prompts import caption_halves
-from ablation_core.methods.closed_form.settings import make_closed_form_config
-from ablation_core.methods.closed_form.solve import erase_closed_form
-from ablation_core.models.random_models import build_components
 from ablation_core.models.single_file import save_single_file
 from ablation_core.patches.apply import apply_patch
 from tests import clip_models
+from tests.clip_fixtures import ANCHOR, FAST, TARGET, components, random_clip, swap_patch, view  # noqa: F401
 
-TARGET, ANCHOR = "Grumpy Cat", "cat"
-FAST = Sampling(steps=4, guidance=6.0, batch_size=16)
 TINY = {"variants": VariantsBudget(per_family=2, misspellings=2, fills=1, screen=1),
         "soft-prompt": SoftPromptBudget(images=4, steps=3, batch_size=2, samples=4),
         "token-search": TokenSearchBudget(prompts=1, images=2, iterations=1, candidates=2, top_k=8,
                                           images_per_gradient=2, samples=4)}
 JUDGED = 16  # samples of the judge's own test
-
-
-@pytest.fixture(scope="module")
-def components():
-    return build_components("sd1", seed=1, with_vae=True)
-
-
-@pytest.fixture(scope="module")
-def view(components):
-    return DiffusersModelView(components)
-
-
-@pytest.fixture(scope="module")
-def random_clip(tmp_path_factory) -> Path:
-    return clip_models.random_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def swap_patch(view):
-    """A closed form that maps the target's text onto the anchor's: target prompts draw anchor images."""
-    return erase_closed_form(view, make_closed_form_config(TARGET, ANCHOR, builtin_preserve=False)).patch
 
 
 def _world(path: Path) -> ClipWorld:

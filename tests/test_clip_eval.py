@@ -16,44 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPVisionModelWithProjection
 
-from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.cli import main
 from ablation_core.errors import UnsupportedModelError
-from ablation_core.evaluation.clip import Sampling, builtin_neighbours, clip_prompt_sets, evaluate_clip, load_clip
+from ablation_core.evaluation.clip import builtin_neighbours, clip_prompt_sets, evaluate_clip, load_clip
 from ablation_core.evaluation.clip.metrics import kid
 from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET
-from ablation_core.methods.closed_form.settings import make_closed_form_config
-from ablation_core.methods.closed_form.solve import erase_closed_form
-from ablation_core.models.random_models import build_components
 from ablation_core.models.single_file import save_single_file
 from ablation_core.models.tokenizer import sd_clip_tokenizer
 from tests import clip_models
+from tests.clip_fixtures import ANCHOR, FAST, TARGET, components, random_clip, swap_patch, view  # noqa: F401
 from tests.clip_models import tiny_clip_config
 
-TARGET, ANCHOR = "Grumpy Cat", "cat"
-FAST = Sampling(steps=4, guidance=6.0, batch_size=16)
 PER_SET = 16
-
-
-@pytest.fixture(scope="module")
-def components():
-    return build_components("sd1", seed=1, with_vae=True)
-
-
-@pytest.fixture(scope="module")
-def view(components):
-    return DiffusersModelView(components)
-
-
-@pytest.fixture(scope="module")
-def random_clip(tmp_path_factory) -> Path:
-    return clip_models.random_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def swap_patch(view):
-    """A closed form that maps the target's text onto the anchor's: target prompts draw anchor images."""
-    return erase_closed_form(view, make_closed_form_config(TARGET, ANCHOR, builtin_preserve=False)).patch
 
 
 @pytest.fixture(scope="module")
