@@ -115,8 +115,9 @@ class AblateConcept:
                 "kind": (list(KINDS), {"default": "style",
                                        "tooltip": "object/instance: swap the word; style: 'in the style of'; "
                                                   "memorization: the exact prompt"}),
-                "group": (list(GROUPS), {"default": "kv", "tooltip": "; ".join(f"{k}: {v}"
-                                                                              for k, v in GROUP_HELP.items())}),
+                "group": ([AUTO, *GROUPS], {"default": AUTO, "tooltip": "auto: the preset's (kv on SD, embedding "
+                                                                       "with kept neighbours on Flux); "
+                                                + "; ".join(f"{k}: {v}" for k, v in GROUP_HELP.items())}),
                 "preset": (list(PRESET_NAMES), {"default": "default", "tooltip": PRESET_HELP}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "training steps; 0 = preset"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
@@ -156,7 +157,8 @@ class AblateConcept:
         user_prompts = tuple(line.strip() for line in anchor_prompts.splitlines() if line.strip()) or None
         targets, anchors = parse_concept_lines(target, anchor, separators=("->",))
         typed = concept_type != AUTO  # the type's recipe chooses kind and group
-        config = make_config(targets, anchors, preset, kind=None if typed else kind, group=None if typed else group,
+        chosen_group = None if typed or group == AUTO else group
+        config = make_config(targets, anchors, preset, kind=None if typed else kind, group=chosen_group,
                              concept_type=concept_type if typed else None, steps=steps or None, seed=seed,
                              anchor_prompts=user_prompts, latent_size=(image_size // 8) or None,
                              negative_prompt=negative_prompt.strip() or None, robust_rounds=robust_rounds or None,

@@ -90,7 +90,8 @@ def patch_from_node(method: str, target: str, anchor: str, folder: Path):
             node = nodes.NODE_CLASS_MAPPINGS["EraseConceptsClosedForm"]()
             return node.erase(model, clip, f"{target} -> {anchor}", "", kind, "least-squares", 0.5)["result"][1]
         node = nodes.NODE_CLASS_MAPPINGS["AblateConcept"]()
-        output = node.ablate(model, clip, target, anchor, kind, "kv", "default", 0, 0, use_cache=False)
+        group = node.INPUT_TYPES()["required"]["group"][1]["default"]  # the widget as a new node shows it
+        output = node.ablate(model, clip, target, anchor, kind, group, "default", 0, 0, use_cache=False)
         return output["result"][2]
     finally:
         monkeypatch.undo()

@@ -5,6 +5,7 @@ the run, and the input model is never changed."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import comfy_fakes as fakes
@@ -64,7 +65,7 @@ def test_the_schedule_is_comfyuis_model_sampling_flux_curve(comfy):
 def test_ablate_trains_through_in_place_residual_blocks_and_leaves_the_model_alone(comfy):
     model, clip, _ = flux_fakes.make_flux()
     before = _weights(model)
-    config = make_config("grumpy cat", "cat", **TINY)
+    config = make_config("grumpy cat", "cat", group="kv", **TINY)
     with torch.inference_mode():  # as ComfyUI runs nodes
         out_model, out_clip, patch, summary = backend.ablate_concept(model, clip, config)
     assert model.patches == {} and all(torch.equal(v, before[k]) for k, v in _weights(model).items())
@@ -75,6 +76,18 @@ def test_ablate_trains_through_in_place_residual_blocks_and_leaves_the_model_alo
         assert full[:width].abs().max() == 0 and full[width:].abs().max() > 0  # K and V rows only
     assert set(out_model.patches) == {f"diffusion_model.double_blocks.{i}.txt_attn.qkv.weight" for i in range(2)}
     assert patch.metadata["modelspec.architecture"].startswith("flux") and "moved" in summary
+
+
+def test_the_default_on_flux_trains_the_prompt_maps_keeps_neighbours_and_draws_at_the_models_guidance(comfy):
+    """Flux's default: txt_in and vector_in with one preserved row a step (the neighbours' prompts held at the frozen
+    prediction), trained at the guidance the distilled model draws with (not the SD presets' guidance 1)."""
+    model, clip, _ = flux_fakes.make_flux()
+    with torch.inference_mode():
+        _, _, patch, _ = backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))
+    assert sorted(patch.deltas) == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
+    settings = json.loads(patch.metadata["ablation.settings"])
+    assert settings["group"] == "embedding" and settings["preserved_rows"] == 1
+    assert settings["guidance"] == backend.comfy_view(model, clip).default_guidance > 1
 
 
 def test_the_closed_form_solves_txt_in_and_vector_in_in_comfyui(comfy):

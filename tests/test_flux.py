@@ -92,7 +92,7 @@ def test_kv_group_trains_only_the_k_and_v_rows_of_the_text_streams_fused_qkv(flu
     width = flux_view.transformer.config.hidden_size
     assert all(layer.rows == (width, 3 * width) for layer in layers)
     before = _weights(flux_view)
-    result = ablate(flux_view, make_config("grumpy cat", "cat", **TINY))
+    result = ablate(flux_view, make_config("grumpy cat", "cat", group="kv", **TINY))
     for name, weight in flux_view.transformer.state_dict().items():
         assert torch.equal(weight, before[name]), name  # hooks only: the model is untouched
     delta = result.patch.deltas[layers[0].key].full()
@@ -268,3 +268,41 @@ def test_the_embedding_group_trains_txt_in_and_vector_in_whole(flux_view):
     result = ablate(flux_view, make_config("grumpy cat", "cat", group="embedding", **TINY))
     assert sorted(result.patch.deltas) == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
     assert all((delta.full().abs().sum(dim=1) > 0).all() for delta in result.patch.deltas.values())
+
+
+def test_preserved_rows_hold_the_kept_prompts_and_the_cost_model_counts_them():
+    """T5 is bidirectional, so K/V trained on the target's prompts move its neighbours' template words too; preserved
+    rows hold the kept prompts at the frozen prediction. On the shipped toy-flux world, with them snoopy's prompts move
+    much less for each unit the target moves, and every pass they cost is counted."""
+    from ablation_core.evaluation.cost import RunMeter
+    from ablation_core.methods.ablation.budget import unet_evaluations
+    from ablation_core.methods.ablation.preserve import preserved_prompts
+
+    view = load_model("toy-flux")
+    settings = {**TINY, "steps": 12, "learning_rate": 3e-3, "group": "kv", "held_out_prompts": ("a photo of a cat",)}
+    kept = [p for p in preserved_prompts(make_config("grumpy cat", "cat"), "toy-flux") if "snoopy" in p][:4]
+    assert kept, "the toy world keeps its other concepts"
+    generator = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(4, 3, 16, 16, generator=generator), torch.randn(4, 3, 16, 16, generator=generator)
+    t = torch.full((4,), 500)
+    x_t = view.schedule.noisy(x0, noise, t)
+
+    def moved(result, prompts: list[str]) -> float:
+        cond = view.encode(prompts)
+        with torch.no_grad():
+            before = view.predict(x_t, t, cond)
+            with apply_patch(view, result.patch):
+                after = view.predict(x_t, t, cond)
+        return float((after - before).pow(2).mean())
+
+    plain = ablate(view, make_config("grumpy cat", "cat", preserved_rows=0, **settings))
+    meter = RunMeter(view.transformer, [], view.device)
+    with meter.measuring():
+        held = ablate(view, make_config("grumpy cat", "cat", preserved_rows=2, **settings))
+    target = ["a photo of a grumpy cat"] * 4
+    assert moved(held, kept) / moved(held, target) < 0.5 * moved(plain, kept) / moved(plain, target)
+    counted = {name: phase.unet_evaluations for name, phase in meter.phases.items() if phase.unet_evaluations}
+    expected = unet_evaluations(held.config, held_out_prompts=1, guidance_input=True)
+    assert counted == expected
+    # a frozen pass and one with gradients per preserved row and step
+    assert expected["training"] == unet_evaluations(plain.config, 1, True)["training"] + 2 * 2 * 12

@@ -594,3 +594,17 @@ def test_a_record_whose_patches_were_removed_is_ignored(comfy, trained):
     assert backend.chain.carried(rebuilt) == []
     base = backend.chain.base_patch(backend.chain.carried(rebuilt), [])
     assert base is None
+
+
+def test_the_group_widget_defaults_to_the_presets_choice_for_the_model(comfy, monkeypatch):
+    """"auto" leaves the group to the preset of the connected model (kv on SD, the prompt maps with kept neighbours on
+    Flux); a group picked in the widget is passed on as it is. Saved workflows that say "kv" keep it."""
+    node = _nodes()["AblateConcept"]
+    group_widget = node.INPUT_TYPES()["required"]["group"]
+    assert group_widget[0][0] == "auto" and group_widget[1]["default"] == "auto" and "kv" in group_widget[0]
+    seen = []
+    monkeypatch.setattr(backend, "ablate_concept",
+                        lambda model, clip, config, **kwargs: seen.append(config) or (model, clip, None, ""))
+    for group in ("auto", "kv"):
+        node().ablate(None, None, "Van Gogh", "painting", "style", group, "default", 0, 0, use_cache=False)
+    assert [config.group for config in seen] == [None, "kv"]

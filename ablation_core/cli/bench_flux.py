@@ -2,13 +2,13 @@
 
 Flux.1 is 12B parameters: no CPU here runs it, and its weights are never downloaded. A copy on PyTorch's ``meta``
 device has every shape and no data, so ``models.meta.call_cost`` counts the FLOPs of a full-size forward (and of a
-training pass through the text stream's K/V rows) and the bytes autograd saves for it, in milliseconds. With the
+training pass through the default group's weights) and the bytes autograd saves for it, in milliseconds. With the
 default preset's UNet-evaluation counts (``methods.ablation.budget``, one pass per step on a guidance-distilled
 model), that gives the FLOPs of a whole run at 512 and 1024 px; T5-XXL's and CLIP-L's prompt encodings are counted the
 same way. The memory plan adds up what a 24 GB card must hold while training (the ``models.memory`` estimate with
 Flux's own activation count) for the plain bf16 run and for the one that fits: fp8 base weights (cast to bf16 one
 layer at a time), gradient checkpointing of the double and single stream blocks, the text encoders set aside on the
-CPU once the prompts are encoded, and low-rank deltas.
+CPU once the prompts are encoded, and low-rank deltas where the group's full-rank deltas would not fit.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from ..methods.ablation.budget import gradient_passes_per_step, unet_evaluations
+from ..methods.ablation.preserve import preserved_prompts
 from ..methods.ablation.settings import make_config, resolve_config
 from ..models.flux.transformer import FluxConfig, FluxTransformer
+from ..models.layers import select_flux_modules
 from ..models.memory import FRAMEWORK_BYTES, GIB
 from ..models.meta import call_cost
 
@@ -39,7 +41,16 @@ def _meta_flux(config: FluxConfig = FluxConfig()) -> FluxTransformer:
 
 def kv_parameter_names(model: FluxTransformer) -> list[str]:
     """The weights a ``kv`` run differentiates: each double block's fused ``txt_attn.qkv`` (its K and V rows)."""
-    return [f"double_blocks.{i}.txt_attn.qkv.weight" for i in range(len(model.double_blocks))]
+    return group_parameters(model, "kv")[0]
+
+
+def group_parameters(model: FluxTransformer, group: str) -> tuple[list[str], int]:
+    """The weights a run of ``group`` differentiates, and how many numbers it trains (``kv``: the K and V rows of
+    each fused ``txt_attn.qkv``; ``embedding``: all of ``txt_in`` and ``vector_in.in_layer``)."""
+    chosen = select_flux_modules(model.named_modules(), group)
+    trained = sum(module.weight.numel() * ((rows[1] - rows[0]) / module.weight.shape[0] if rows else 1)
+                  for _, module, rows in chosen)
+    return [f"{name}.weight" for name, _, _ in chosen], int(trained)
 
 
 def _call(model: FluxTransformer, px: int, trained: list[str], grad: bool) -> dict[str, int]:
@@ -67,17 +78,23 @@ def _text_encoder_flops() -> dict[str, int]:
     return counts
 
 
-def memory_plan(model: FluxTransformer, training: dict[str, int], rows: int, trained_params: int, lora_rank: int,
+def memory_plan(model: FluxTransformer, training: dict[str, int], rows: int, group: str, lora_rank: int,
                 text_encoder_bytes: int) -> dict[str, object]:
-    """Bytes on the card while training ``rows`` rows at once, for the plain bf16 run and the one that fits 24 GB."""
+    """Bytes on the card while training ``rows`` rows at once, for the plain bf16 run and the one that fits 24 GB.
+    Full-rank deltas take 16 bytes a number (delta, gradient and AdamW's two moments, in float32); the fitting plan
+    trains LoRA adapters where the full-rank group would not fit (``kv``: 5.3 GiB), the group itself where it is
+    small (``embedding``: ``txt_in`` and ``vector_in``, 0.2 GiB)."""
     weights = sum(p.numel() for p in model.parameters())
+    trained = group_parameters(model, group)[1]
+    low_rank = trained * 16 > GIB
+    small = f"LoRA rank {lora_rank}" if low_rank else f"full-rank {group}"
     plans = {
-        "bf16 weights, full-rank K/V rows, text encoders on the card": dict(
-            weights=weights * 2, activations=training["saved_bytes"] * rows, trained=trained_params * 16,
+        f"bf16 weights, full-rank {group}, text encoders on the card": dict(
+            weights=weights * 2, activations=training["saved_bytes"] * rows, trained=trained * 16,
             text_encoders=text_encoder_bytes),
-        f"fp8 weights, LoRA rank {lora_rank}, gradient checkpointing, text encoders set aside": dict(
+        f"fp8 weights, {small}, gradient checkpointing, text encoders set aside": dict(
             weights=weights * 1, activations=training["saved_bytes_checkpointed"] * rows,
-            trained=_lora_params(model, lora_rank) * 16, text_encoders=0),
+            trained=(_lora_params(model, lora_rank) if low_rank else trained) * 16, text_encoders=0),
     }
     out: dict[str, object] = {}
     for name, parts in plans.items():
@@ -95,14 +112,15 @@ def _lora_params(model: FluxTransformer, rank: int) -> int:
 def run_flux_bench(sizes: tuple[int, ...] = SIZES_PX, lora_rank: int = 16) -> dict[str, object]:
     """FLOPs and UNet evaluations of the default preset on Flux.1 dev at each size, and the memory plan."""
     model = _meta_flux()
-    trained = kv_parameter_names(model)
     target, anchor = DEFAULT_TARGET
     config = resolve_config(make_config(target, anchor, guidance=3.5), "flux")
+    trained = group_parameters(model, str(config.group))[0]
     evaluations = unet_evaluations(config, guidance_input=True)
     grad_rows = int(config.steps) * gradient_passes_per_step(config)
     frozen_rows = sum(evaluations.values()) - grad_rows
     text = _text_encoder_flops()
-    prompts = int(config.anchor_prompt_count) * 2 + 1
+    prompts = int(config.anchor_prompt_count) * 2 + 1 + (len(preserved_prompts(config, "flux"))
+                                                        if config.preserved_rows else 0)
     text_flops = prompts * sum(text.values())
     sd_config = resolve_config(make_config(target, anchor), "sd1")
     report: dict[str, object] = {
@@ -125,11 +143,10 @@ def run_flux_bench(sizes: tuple[int, ...] = SIZES_PX, lora_rank: int = 16) -> di
             "activation_gib_per_training_row_checkpointed": round(training["saved_bytes_checkpointed"] / GIB, 2),
         }
         if px == 512:
-            kv_rows = len(model.double_blocks) * 2 * model.config.hidden_size ** 2
             t5_bytes = sum(_text_param_count().values()) * 2
-            rows = int(config.batch_size)
-            report[f"memory_plan_512px_batch_{rows}"] = memory_plan(model, training, rows, kv_rows, lora_rank,
-                                                                    t5_bytes)
+            rows = gradient_passes_per_step(config)  # the batch and the preserved rows, trained in one pass
+            report[f"memory_plan_512px_{rows}_rows"] = memory_plan(model, training, rows, str(config.group),
+                                                                   lora_rank, t5_bytes)
     return report
 
 

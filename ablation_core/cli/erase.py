@@ -77,7 +77,7 @@ def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[s
         regularization=args.regularize or None, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_rank=args.lora_rank, anchor_images=args.anchor_images,
         sampler_steps=args.sampler_steps, guidance=args.guidance, misspelled_targets=args.misspellings,
-        anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed,
+        preserved_rows=args.preserved_rows, anchor_prompts=anchor_prompts, latent_size=args.latent_size, seed=args.seed,
         robust_rounds=getattr(args, "robust", 0) or None,
         gradient_checkpointing=getattr(args, "gradient_checkpointing", False) or None,
         offload_text_encoder=getattr(args, "offload_text_encoder", False) or None)

@@ -137,6 +137,10 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                    help="solver steps per anchor image; " + _preset_default("sampler_steps"))
     p.add_argument("--guidance", type=checks.non_negative_float,
                    help="classifier-free guidance scale of anchor sampling; " + _preset_default("guidance"))
+    p.add_argument("--preserved-rows", type=checks.non_negative_int, default=None,
+                   help="rows of each training step that hold another concept's prompt at the frozen model's "
+                        "prediction (two passes each); keeps neighbours on models with a bidirectional text encoder "
+                        "(default: 0 on SD, the preset's on Flux)")
     p.add_argument("--misspellings", type=checks.non_negative_int, default=None,
                    help="also train on this many misspellings of the target (default: 0)")
     p.add_argument("--anchor-prompts",

@@ -128,7 +128,8 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
     times; robust rounds add the preserved prompts, the adversary's images and, each round, the adversary's searches
     and one more run."""
     from .ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
-    from .robust.rounds import adversary_budget, preserved_prompts
+    from .ablation.preserve import preserved_prompts
+    from .robust.rounds import adversary_budget
 
     passes = unet_evaluations(config)
     prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
@@ -137,7 +138,7 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
            "train": (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size),
            "check": passes["check"] * unet_pass(latent_size)}
     rounds = int(config.robust_rounds or 0)
-    if rounds:
+    if rounds or config.preserved_rows:
         plan.plan("preserved", len(preserved_prompts(config, family)) * PROMPT_COST)
     _plan_run(plan, run, rounds, len(config.pairs()), latent_size, adversary_budget(config.preset),
               int(config.sampler_steps))

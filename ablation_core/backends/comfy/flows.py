@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ...errors import AblationError
 from ...evaluation.images import grid, save_image, to_pil
-from ...methods.ablation.settings import MEMORY_OPTIONS, AblationConfig, resolve_config
+from ...methods.ablation.settings import MEMORY_OPTIONS, AblationConfig, resolve_for_view
 from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_ablate
 from ...methods.run_plan import (
@@ -86,7 +86,7 @@ def ablate_concept(model, clip, config: AblationConfig, node_id: str | None = No
         trainer = model.clone()
         make_trainable(trainer)
         view = comfy_view(trainer, clip, latent_size=config.latent_size)
-        config = resolve_config(config, view.family.name)
+        config = resolve_for_view(config, view)
         cache = PatchCache(cache_dir) if cache_dir else None
         settings = {k: v for k, v in config.describe().items() if k not in MEMORY_OPTIONS}  # same patch either way
         settings.update({"base_patch": chain.digest(base)} if base is not None else {})

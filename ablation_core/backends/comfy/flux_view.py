@@ -27,6 +27,7 @@ from ...models.families import FLUX, TOY_FLUX, is_toy_shape
 from ...models.layers import Layer, kohya_key, select_flux_modules
 from ...models.schedules import FlowSchedule
 from ...models.view import Conditioning, PromptCache
+from ...toy.flux import DEFAULT_GUIDANCE as TOY_GUIDANCE
 from ..flux import flux_activation_scale
 from .view import CLIP_END_TOKEN, UNET_STATE_PREFIX, ComfyModelView, _original_weight, cancel_requested, ensure_loaded
 
@@ -113,12 +114,12 @@ class ComfyFluxView(ComfyModelView):
         mu = float(getattr(self.model.model_sampling, "shift", 1.15))
         self.schedule = FlowSchedule(shift=math.exp(mu))
         self.guidance_input = bool(getattr(params, "guidance_embed", True))
-        self.default_guidance = DEFAULT_GUIDANCE
         self.latent_channels = self.model.latent_format.latent_channels
         # the toy-flux world held as a ComfyUI MODEL (RGB pixels from a 64-wide context) reads the toy's settings
         context_dim = int(self.diffusion_model.txt_in.in_features)
         self.family = TOY_FLUX if is_toy_shape(self.latent_channels, context_dim) else FLUX
         self.default_latent_size = latent_size or (TOY_LATENT_SIZE if self.family.toy else DEFAULT_LATENT_SIZE)
+        self.default_guidance = TOY_GUIDANCE if self.family.toy else DEFAULT_GUIDANCE  # what each draws at
         self.latent_multiple = int(getattr(params, "patch_size", 2))
         self.activation_scale = flux_activation_scale(int(getattr(params, "hidden_size", 3072)),
                                                       len(self.transformer_blocks()))

@@ -3,8 +3,9 @@
 One evaluation = the UNet applied to one latent. Anchor sampling with classifier-free guidance costs two per image
 and solver step (one at guidance 1, which has no unconditional pass); training costs, per batch row, one pass with
 gradients plus one frozen pass for the model-based target (none when the target comes from the sampler's states,
-``reuse``) plus one per regularized row; the held-out check five per sample (unconditional, anchor and target
-before, anchor and target after). The benchmark checks this against counted evaluations on every run.
+``reuse``) plus one per regularized row, and two per preserved row (``preserve``); the held-out check five per
+sample (unconditional, anchor and target before, anchor and target after). The benchmark checks this against
+counted evaluations on every run.
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ CHECK_PASSES = 5
 
 
 def gradient_passes_per_step(config: AblationConfig) -> int:
-    """A step's passes with gradients: one per row, two when regularized (the anchor prompt's own pass)."""
-    return int(config.batch_size) * (2 if config.regularization else 1)
+    """A step's passes with gradients: one per row, two when regularized (the anchor prompt's own pass), and one per
+    preserved row."""
+    return int(config.batch_size) * (2 if config.regularization else 1) + preserved_rows(config)
+
+
+def preserved_rows(config: AblationConfig) -> int:
+    """Rows of each step that hold a preserved prompt at its frozen prediction (one frozen pass and one with
+    gradients each); at most the batch."""
+    return min(int(config.preserved_rows or 0), int(config.batch_size))
 
 
 def training_passes_per_step(config: AblationConfig) -> int:
@@ -28,7 +36,7 @@ def training_passes_per_step(config: AblationConfig) -> int:
     prediction (none when the sampler's states give it)."""
     frozen = 0 if uses_sampler_states(config) else model_rows(str(config.objective), int(config.batch_size),
                                                               bool(config.regularization))
-    return gradient_passes_per_step(config) + frozen
+    return gradient_passes_per_step(config) + frozen + preserved_rows(config)
 
 
 def sampling_passes(config: AblationConfig, guidance_input: bool = False) -> int:

@@ -12,6 +12,7 @@ import os
 from ...models.layers import Layer
 from ...models.memory import MemoryEstimate, check_fits, estimate
 from ...models.view import ModelView
+from .budget import gradient_passes_per_step
 from .reuse import uses_sampler_states
 from .settings import AblationConfig
 
@@ -21,7 +22,7 @@ SKIP_VARIABLE = "ABLATION_SKIP_MEMORY_CHECK"
 def run_estimate(view: ModelView, config: AblationConfig, layers: list[Layer],
                  weight_parameters: int = 0) -> MemoryEstimate:
     latent = config.latent_size or view.default_latent_size
-    rows = int(config.batch_size) * (2 if config.regularization else 1)
+    rows = gradient_passes_per_step(config)
     rank = int(config.lora_rank or 0)
     trained = sum(rank * sum(layer.module.weight.shape[:2]) if rank else layer.module.weight.numel()
                   for layer in layers)

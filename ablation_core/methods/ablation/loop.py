@@ -31,6 +31,7 @@ from .check import combine, held_out_pairs, measure_effect, pair_latents, weak_e
 from .fits import check_run_fits
 from .metadata import build_metadata
 from .objectives import ablation_loss, model_rows, regularization_loss
+from .preserve import encode_preserved, kept_rows
 from .recipes import drop_near_copies
 from .reuse import SamplerStates, training_batch, uses_sampler_states
 from .settings import AblationConfig, check_config, resolve_for_view
@@ -151,6 +152,9 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     if not layers:
         raise AblationError(f"the model has no layers in group {config.group!r}")
     row_masks = _embedding_row_masks(view, layers, config) if config.group == "embedding" else None
+    if config.offload_text_encoder and view.text_layers(str(config.group)):
+        raise AblationError("the embedding group trains the text encoder, so it cannot be set aside while training; "
+                            "leave out --offload-text-encoder or use another group")
     check_run_fits(view, config, layers)
     base = AdapterSet.of_patch(view, base_patch) if base_patch is not None else None
 
@@ -159,16 +163,24 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         canceller.phase = "encoding prompts"
         anchor_prompts, target_prompts = _prompt_pairs(config)
         generator = torch.Generator().manual_seed(config.seed)
+        # a group that trains the text encoder (SD's token embeddings) encodes the target prompts at each step;
+        # otherwise (Flux's embedding group is txt_in and vector_in, in the transformer) they are encoded once here
+        text_trains = bool(view.text_layers(str(config.group)))
         with torch.no_grad():
-            to_encode = anchor_prompts + (target_prompts if config.group != "embedding" else [])
+            to_encode = anchor_prompts + ([] if text_trains else target_prompts)
             encoded = _encode_with_progress(view, to_encode, report, canceller)
             anchor_cond = encoded.slice(0, len(anchor_prompts))
-            target_cond = encoded.slice(len(anchor_prompts), len(to_encode)) if config.group != "embedding" else None
+            target_cond = None if text_trains else encoded.slice(len(anchor_prompts), len(to_encode))
             target_cond = _with_extra_targets(target_cond, extra_targets, len(anchor_prompts), view)
             if view.guidance_input:  # a distilled model reads the scale: train at the guidance it draws with
                 anchor_cond = anchor_cond.with_guidance(float(config.guidance))
                 target_cond = target_cond.with_guidance(float(config.guidance)) if target_cond is not None else None
-            preserved = preserved.to(view.device) if preserved is not None else None
+        if preserved is None and config.preserved_rows:
+            canceller.phase = "encoding the concepts to keep"
+            preserved = encode_preserved(view, config, report, canceller)
+        if preserved is not None:
+            preserved = preserved.to(view.device)
+            preserved = preserved.with_guidance(float(config.guidance)) if view.guidance_input else preserved
         variants = (len(target_cond) if target_cond is not None else len(target_prompts)) // len(anchor_prompts)
 
         # 3. Anchor images (target images for the loss-maximization baseline) from the frozen model.
@@ -200,8 +212,9 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                                           prompt + variant * len(anchor_prompts), anchor_cond, target_cond,
                                           target_prompts, frozen)
                         if preserved is not None:
-                            kept = torch.randint(len(preserved), (config.batch_size,), generator=generator)
-                            loss = loss + _kept_loss(view, adapters, x_t, t, preserved.select(kept))
+                            images, kept = kept_rows(len(x_t), int(config.preserved_rows or len(x_t)),
+                                                     len(preserved), generator)
+                            loss = loss + _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept))
                         if not math.isfinite(loss.item()):
                             raise TrainingDivergedError(
                                 f"the loss became {loss.item()} at step {step}; nothing was written. Lower the "

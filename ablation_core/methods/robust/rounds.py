@@ -27,6 +27,7 @@ import torch
 from ...models.view import Conditioning, ModelView
 from ...patches.patch import META, AblationPatch
 from ..ablation.adapters import AdapterSet
+from ..ablation.preserve import encode_preserved
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
 from .adversarial_set import Adversary, adversarial_moments, adversarial_rows, describe, pair_of_rows
 from .adversary import denoising_task, draw_images, invert_embedding, reference_task, search_start, search_tokens
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 ROBUST_SEED_OFFSET = 30_000
 ROBUST_GROUP = "attn"
 ROBUST_PRESET = "thorough"
-PRESERVED_CHUNK = 8  # prompts encoded between two progress reports
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     preset = ROBUST_PRESET if config.preset == "default" else config.preset
     budget = budget or adversary_budget(preset)
     config = resolve_for_view(replace(config, group=config.group or ROBUST_GROUP, preset=preset), view)
-    preserved = _preserved_conditioning(view, config, report, canceller)
+    config = replace(config, preserved_rows=max(int(config.preserved_rows), int(config.batch_size)))  # every row
+    preserved = encode_preserved(view, config, report, canceller)
     result = ablate(view, config, on_progress, should_cancel, base_patch, preserved=preserved)
     anchors, twins = _prompt_pairs(config)
     twins, targets = twins[:len(anchors)], [t for t, _ in config.pairs()]
@@ -175,31 +176,6 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     listed_anchors = (base_patch.listed("anchors") if base_patch else []) + [a for _, a in config.pairs()]
     _robust_metadata(result.patch, rounds, budget, found, listed, listed_anchors)
     return replace(result, losses=losses, seconds_anchors=seconds[0], seconds_training=seconds[1], config=config)
-
-
-def preserved_prompts(config, family: str) -> list[str]:
-    """Every concept a robust trained run keeps: the closed form's preserved set for these targets (on the toy
-    world every other concept in its training captions; elsewhere a bank of everyday concepts and the anchors)."""
-    from ..closed_form.settings import make_closed_form_config, resolve_closed_form
-
-    pairs = config.pairs()
-    closed = resolve_closed_form(make_closed_form_config([t for t, _ in pairs], [a for _, a in pairs],
-                                                         kind=config.kind if config.kind != "memorization" else None),
-                                 family)
-    return list(closed.preserved_prompts)
-
-
-def _preserved_conditioning(view: ModelView, config, report: ProgressFn, canceller: Canceller) -> Conditioning:
-    """``preserved_prompts`` encoded, in chunks, reporting ("preserved", done, total)."""
-    prompts = preserved_prompts(config, view.family.name)
-    parts = []
-    report(Progress("preserved", 0, len(prompts)))
-    with torch.no_grad():
-        for start in range(0, len(prompts), PRESERVED_CHUNK):
-            canceller.check()
-            parts.append(view.encode(prompts[start:start + PRESERVED_CHUNK]))
-            report(Progress("preserved", min(start + PRESERVED_CHUNK, len(prompts)), len(prompts)))
-    return Conditioning.cat(parts)
 
 
 def robust_erase_closed_form(view: ModelView, config, on_progress: ProgressFn | None = None,
