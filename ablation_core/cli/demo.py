@@ -21,13 +21,13 @@ from .console import progress_bars
 DEMO_SAMPLES_PER_SET = 24
 
 
-def run_demo(out: Path, target: str, anchor: str, group: str = "kv", objective: str | None = None,
+def run_demo(out: Path, target: str, anchor: str, group: str | None = None, objective: str | None = None,
              seed: int = 0, model: str = "toy") -> dict:
     started = time.perf_counter()
     view = load_model(model)
     config = resolve_for_view(make_config(target, anchor, group=group, objective=objective, seed=seed), view)
-    print(f"Ablating '{target}' -> '{anchor}' from the embedded {view.family.title} ({group}, {config.objective} "
-          "loss)")
+    print(f"Ablating '{target}' -> '{anchor}' from the embedded {view.family.title} ({config.group}, "
+          f"{config.objective} loss)")
     with progress_bars() as on_progress:
         result = ablate(view, config, on_progress)
     out.mkdir(parents=True, exist_ok=True)

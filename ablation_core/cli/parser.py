@@ -118,7 +118,8 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                    help="negative prompt while anchor images are drawn (default: none; the target words for "
                         "--concept-type inappropriate)")
     p.add_argument("--group", choices=list(GROUP_HELP), default=None,
-                   help="parameters to train (default: kv). " + "; ".join(f"{k}: {v}" for k, v in GROUP_HELP.items()))
+                   help="parameters to train (default: kv; embedding on Flux). "
+                        + "; ".join(f"{k}: {v}" for k, v in GROUP_HELP.items()))
     p.add_argument("--objective", choices=list(OBJECTIVE_HELP), default=None,
                    help="loss (default: model). " + "; ".join(f"{k}: {v}" for k, v in OBJECTIVE_HELP.items()))
     p.add_argument("--regularize", action="store_true",
@@ -288,7 +289,8 @@ def _add_small_commands(sub: argparse._SubParsersAction) -> None:
     _concept_args(p, "grumpy cat", "cat")
     p.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
                    help="toy: the SD-architecture toy model; toy-flux: the Flux-architecture one (default: toy)")
-    p.add_argument("--group", choices=list(GROUP_HELP), default="kv", help="parameters to train (default: kv)")
+    p.add_argument("--group", choices=list(GROUP_HELP), default=None,
+                   help="parameters to train (default: the model's: kv, embedding on Flux)")
     p.add_argument("--objective", choices=["mixed", "model", "noise"], default=None,
                    help="mixed: frozen anchor prediction on the least noisy rows, true noise on the others; model: "
                         "target -> frozen anchor prediction; noise: target -> true noise (default: the default "
