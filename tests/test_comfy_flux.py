@@ -145,3 +145,47 @@ def test_the_toy_flux_world_held_by_comfyui_reads_the_toy_settings_and_fits(comf
     layers = view.layers(config.group)
     # the Flux activation formula, scaled to the toy's width and depth: well under a GiB (the SD formula said 23)
     assert run_estimate(view, config, layers).activations < 2**30
+
+
+def _encodes_between_prompt_reports(comfy, clip) -> list[int]:
+    """Prompts encoded by the CLIP between two of the node's "prompts" progress messages (the websocket events)."""
+    encode = clip.encode_from_tokens
+
+    def counted(*args, **kwargs):
+        comfy.messages.append(("encode", None))
+        return encode(*args, **kwargs)
+
+    clip.encode_from_tokens = counted
+    return comfy.messages
+
+
+def _gaps(messages: list) -> list[int]:
+    gaps, since = [], 0
+    for event, data in messages:
+        if event == "encode":
+            since += 1
+        elif event.endswith(".progress") and data.get("phase") == "prompts":
+            gaps.append(since)
+            since = 0
+    return gaps
+
+
+@pytest.mark.parametrize("method", ["closed form", "trained"])
+def test_the_bar_moves_after_every_flux_prompt(comfy, method):
+    """One T5-XXL prompt takes 20 to 50 s on a CPU in ComfyUI (it computes T5 in float32 whatever the file's
+    dtype): reports every 8 prompts left the bar at 0 with no time left shown for minutes. Flux reports each prompt
+    (a probe of the moment cache may come before a chunk's first)."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    MOMENT_CACHE.clear()
+    model, clip, _ = flux_fakes.make_flux()
+    messages = _encodes_between_prompt_reports(comfy, clip)
+    if method == "closed form":
+        erase_concepts(model, clip, make_closed_form_config(["grumpy cat"], "cat", preserved_prompts=tuple(
+            f"a photo of a {word}" for word in ("dog", "house", "tree", "car", "bird", "boat", "chair", "lamp",
+                                                "horse", "river"))))
+    else:
+        backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **{**TINY, "anchor_prompt_count": 10}))
+    gaps = _gaps(messages)
+    assert sum(1 for event, _ in messages if event == "encode") >= 10
+    assert max(gaps) <= 2, gaps

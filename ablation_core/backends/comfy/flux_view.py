@@ -102,6 +102,9 @@ class ComfyFluxView(ComfyModelView):
     context_start_tokens = 0
     context_causal = False
     closed_form_group = "embedding"
+    # one T5-XXL prompt takes 20 to 50 s on a CPU in ComfyUI (it computes T5 in float32 whatever the file's dtype,
+    # casting every weight per call): the bar moves after each prompt (the prompts are encoded one by one anyway)
+    encode_step = 1
 
     def __init__(self, patcher, clip=None, latent_size: int | None = None, original_weights: bool = False):
         self.patcher, self.clip = patcher, clip
