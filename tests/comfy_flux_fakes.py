@@ -17,7 +17,7 @@ import types
 import torch
 from torch import Tensor, nn
 
-from ablation_core.models.flux.transformer import FluxTransformer
+from ablation_core.models.flux.transformer import FluxTransformer, timestep_embedding
 
 try:  # pytest puts tests/ on the path; the harnesses run as ``python -m tests.<name>``
     import comfy_fakes as fakes
@@ -63,7 +63,25 @@ class ComfyFlux(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
                 guidance: Tensor | None = None, transformer_options: dict | None = None, **kwargs) -> Tensor:
-        return self._transformer(x, timestep, context, y, guidance)
+        """``FluxTransformer.forward``, calling the blocks as ComfyUI's ``forward_orig`` does (0.3.64): a double
+        block with keywords only (``block(img=img, txt=txt, vec=vec, pe=pe, ...)``), a single block with the
+        stream first (``block(img, vec=vec, pe=pe, ...)``)."""
+        t = self._transformer
+        height, width = x.shape[-2:]
+        img = t.img_in(t.patchify(x))
+        vec = t.time_in(timestep_embedding(timestep, 256).to(img.dtype))
+        if t.config.guidance_embed:
+            vec = vec + t.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        vec = vec + t.vector_in(y.to(img.dtype))
+        txt = t.txt_in(context.to(img.dtype))
+        pe = t.pe_embedder(t.position_ids(len(x), height, width, txt.shape[1], x.device))
+        options = transformer_options or {}
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=None, transformer_options=options)
+        joined = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            joined = block(joined, vec=vec, pe=pe, attn_mask=None, transformer_options=options)
+        return t.unpatchify(t.final_layer(joined[:, txt.shape[1]:], vec), height, width)
 
 
 class ModelSamplingFlux(nn.Module):

@@ -64,6 +64,15 @@ class _RowsLayer(Layer):
         return self._original()
 
 
+def _stream(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """The stream tensor a block adds to in place, however it was passed: ComfyUI 0.3.64 calls a double block with
+    keywords only (``block(img=img, txt=txt, ...)``) and a single block with the stream first (``block(img, vec=...)``,
+    whose parameter is named ``x``)."""
+    if type(block).__name__ == "DoubleStreamBlock":
+        return args[1] if len(args) > 1 else kwargs["txt"]
+    return args[0] if args else kwargs.get("x", kwargs.get("img"))
+
+
 @contextlib.contextmanager
 def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
     """While a block runs with gradients, autograd keeps copies of the stream tensor the block adds to in place
@@ -75,10 +84,9 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
             return tensor.clone()
         return tensor
 
-    def enter(module: nn.Module, args: tuple) -> None:
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
-            stream = args[1] if type(module).__name__ == "DoubleStreamBlock" else args[0]
-            watched.append(stream.untyped_storage().data_ptr())
+            watched.append(_stream(module, args, kwargs).untyped_storage().data_ptr())
 
     def leave(module: nn.Module, args: tuple, out) -> None:
         if torch.is_grad_enabled() and watched:
@@ -86,7 +94,7 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
 
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(enter))
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
