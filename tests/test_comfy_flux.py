@@ -189,3 +189,18 @@ def test_the_bar_moves_after_every_flux_prompt(comfy, method):
     gaps = _gaps(messages)
     assert sum(1 for event, _ in messages if event == "encode") >= 10
     assert max(gaps) <= 2, gaps
+
+
+def test_training_a_model_loaded_in_inference_mode_copies_its_plain_parameters(comfy):
+    """ComfyUI loads models under ``torch.inference_mode()``: on a CPU the QK norms' ``scale`` (a plain parameter,
+    which ComfyUI's ops do not cast) stayed an inference tensor and the first backward failed ("Inference tensors
+    cannot be saved for backward") in the real ComfyUI 0.3.64. The values are kept, the run trains."""
+    with torch.inference_mode():  # as ComfyUI's loaders run
+        model, clip, _ = flux_fakes.make_flux()
+    before = _weights(model)
+    assert model.model.diffusion_model.double_blocks[0].img_attn.norm.key_norm.scale.is_inference()
+    with torch.inference_mode():
+        _, _, patch, _ = backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))
+    assert patch.deltas and model.patches == {}
+    with torch.inference_mode():
+        assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
