@@ -117,6 +117,12 @@ class FluxCLIP:
         self.encoders = encoders
         self.cond_stage_model = FluxClipModel(encoders)
         self.patcher = fakes.ModelPatcher(self.cond_stage_model)
+        # ComfyUI's FluxTokenizer: the T5 tokenizer's own minimum length, and the options T5TokenizerOptions sets
+        self.tokenizer = types.SimpleNamespace(t5xxl=types.SimpleNamespace(min_length=T5_MIN_LENGTH, min_padding=None))
+        self.tokenizer_options: dict = {}
+
+    def set_tokenizer_option(self, name: str, value) -> None:
+        self.tokenizer_options[name] = value
 
     def clone(self) -> FluxCLIP:
         return self
@@ -125,8 +131,13 @@ class FluxCLIP:
         return self.patcher.add_patches(patches, strength_patch, strength_model)
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        """As ComfyUI's: T5 padded to ``t5xxl_min_length`` (the tokenizer's own unless an option says otherwise)."""
+        options = {**self.tokenizer_options, **kwargs.get("tokenizer_options", {})}
         clip = self.encoders.clip_ids([text])[0].tolist()
         t5 = self.encoders.t5_ids([text])[0].tolist()
+        t5 = t5[:t5.index(self.encoders.t5_eos) + 1]
+        length = options.get("t5xxl_min_length", self.tokenizer.t5xxl.min_length) or 0
+        t5 += [self.encoders.t5_pad] * ((options.get("t5xxl_min_padding") or 0) + max(0, length - len(t5)))
         return {"l": [[(int(i), 1.0) for i in clip]], "t5xxl": [[(int(i), 1.0) for i in t5]]}
 
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):

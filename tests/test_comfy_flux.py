@@ -220,3 +220,27 @@ def test_a_trained_flux_run_encodes_each_prompt_once(comfy):
     clip.encode_from_tokens = counted
     backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))
     assert seen and len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("method", ["closed form", "trained"])
+def test_t5_tokenizer_options_do_not_change_what_the_nodes_encode(comfy, method):
+    """ComfyUI's T5TokenizerOptions (min_length below the prompts' lengths) made each prompt's T5 sequence its own
+    length: the trained node failed in the real ComfyUI ("Sizes of tensors must match"), and prompts encoded
+    together were cut to the shortest. The view encodes at the tokenizer's own minimum length: the same patch."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    patches = []
+    for option in (None, 1):
+        MOMENT_CACHE.clear()
+        model, clip, _ = flux_fakes.make_flux()
+        if option is not None:
+            clip.set_tokenizer_option("t5xxl_min_length", option)
+            clip.set_tokenizer_option("t5xxl_min_padding", 0)
+        if method == "closed form":
+            patches.append(erase_concepts(model, clip, make_closed_form_config(
+                ["grumpy cat"], "cat", preserved_prompts=("a photo of a dog", "a tree")))[2])
+        else:
+            patches.append(backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))[2])
+    assert sorted(patches[0].deltas) == sorted(patches[1].deltas)
+    for key, delta in patches[0].deltas.items():
+        torch.testing.assert_close(patches[1].deltas[key].full(), delta.full())

@@ -138,9 +138,20 @@ class ComfyFluxView(ComfyModelView):
         self._prompt_cache = PromptCache(self._encode_many)
 
     # Text ------------------------------------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> dict:
+        """ComfyUI's tokens, with T5 padded to its tokenizer's own minimum length (256 for Flux) whatever
+        T5TokenizerOptions set: with a shorter one every prompt had its own length, which the encodings of a run
+        cannot have (they are stacked; the trained node failed with "Sizes of tensors must match")."""
+        clip = self._require_clip()
+        t5 = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
+        if getattr(t5, "min_length", None) is None:
+            return clip.tokenize(text)
+        return clip.tokenize(text, tokenizer_options={"t5xxl_min_length": t5.min_length,
+                                                      "t5xxl_min_padding": getattr(t5, "min_padding", None)})
+
     def _encode_one(self, prompt: str) -> Conditioning:
         clip = self._require_clip()
-        tokens = clip.tokenize(prompt)
+        tokens = self._tokenize(prompt)
         if "t5xxl" not in tokens:
             raise AblationError("this CLIP is not Flux's: load T5-XXL and CLIP-L with DualCLIPLoader (type: flux)")
         context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -170,9 +181,8 @@ class ComfyFluxView(ComfyModelView):
 
     def token_ids(self, text: str) -> list[list[int]]:
         """The prompt's tokens for T5 (before its end token and padding) and for CLIP-L (between start and end)."""
-        clip_object = self._require_clip()
-        tokens = clip_object.tokenize(text)
-        end = int(clip_object.tokenize("")["t5xxl"][0][0][0])  # an empty prompt is T5's end token, then padding
+        tokens = self._tokenize(text)
+        end = int(self._tokenize("")["t5xxl"][0][0][0])  # an empty prompt is T5's end token, then padding
         t5 = [int(t[0]) for t in tokens["t5xxl"][0]]
         clip = [int(t[0]) for t in tokens["l"][0]][1:]
         return [t5[:t5.index(end)] if end in t5 else t5,
