@@ -17,7 +17,7 @@ import types
 import torch
 from torch import Tensor, nn
 
-from ablation_core.models.flux.transformer import FluxTransformer
+from ablation_core.models.flux.transformer import FluxTransformer, timestep_embedding
 
 try:  # pytest puts tests/ on the path; the harnesses run as ``python -m tests.<name>``
     import comfy_fakes as fakes
@@ -63,7 +63,25 @@ class ComfyFlux(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
                 guidance: Tensor | None = None, transformer_options: dict | None = None, **kwargs) -> Tensor:
-        return self._transformer(x, timestep, context, y, guidance)
+        """``FluxTransformer.forward``, calling the blocks as ComfyUI's ``forward_orig`` does (0.3.64): a double
+        block with keywords only (``block(img=img, txt=txt, vec=vec, pe=pe, ...)``), a single block with the
+        stream first (``block(img, vec=vec, pe=pe, ...)``)."""
+        t = self._transformer
+        height, width = x.shape[-2:]
+        img = t.img_in(t.patchify(x))
+        vec = t.time_in(timestep_embedding(timestep, 256).to(img.dtype))
+        if t.config.guidance_embed:
+            vec = vec + t.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        vec = vec + t.vector_in(y.to(img.dtype))
+        txt = t.txt_in(context.to(img.dtype))
+        pe = t.pe_embedder(t.position_ids(len(x), height, width, txt.shape[1], x.device))
+        options = transformer_options or {}
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=None, transformer_options=options)
+        joined = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            joined = block(joined, vec=vec, pe=pe, attn_mask=None, transformer_options=options)
+        return t.unpatchify(t.final_layer(joined[:, txt.shape[1]:], vec), height, width)
 
 
 class ModelSamplingFlux(nn.Module):
@@ -99,6 +117,12 @@ class FluxCLIP:
         self.encoders = encoders
         self.cond_stage_model = FluxClipModel(encoders)
         self.patcher = fakes.ModelPatcher(self.cond_stage_model)
+        # ComfyUI's FluxTokenizer: the T5 tokenizer's own minimum length, and the options T5TokenizerOptions sets
+        self.tokenizer = types.SimpleNamespace(t5xxl=types.SimpleNamespace(min_length=T5_MIN_LENGTH, min_padding=None))
+        self.tokenizer_options: dict = {}
+
+    def set_tokenizer_option(self, name: str, value) -> None:
+        self.tokenizer_options[name] = value
 
     def clone(self) -> FluxCLIP:
         return self
@@ -107,8 +131,13 @@ class FluxCLIP:
         return self.patcher.add_patches(patches, strength_patch, strength_model)
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        """As ComfyUI's: T5 padded to ``t5xxl_min_length`` (the tokenizer's own unless an option says otherwise)."""
+        options = {**self.tokenizer_options, **kwargs.get("tokenizer_options", {})}
         clip = self.encoders.clip_ids([text])[0].tolist()
         t5 = self.encoders.t5_ids([text])[0].tolist()
+        t5 = t5[:t5.index(self.encoders.t5_eos) + 1]
+        length = options.get("t5xxl_min_length", self.tokenizer.t5xxl.min_length) or 0
+        t5 += [self.encoders.t5_pad] * ((options.get("t5xxl_min_padding") or 0) + max(0, length - len(t5)))
         return {"l": [[(int(i), 1.0) for i in clip]], "t5xxl": [[(int(i), 1.0) for i in t5]]}
 
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):

@@ -158,3 +158,102 @@ def test_the_toy_flux_world_held_by_comfyui_reads_the_toy_settings_and_fits(comf
     layers = view.layers(config.group)
     # the Flux activation formula, scaled to the toy's width and depth: well under a GiB (the SD formula said 23)
     assert run_estimate(view, config, layers).activations < 2**30
+
+
+def _encodes_between_prompt_reports(comfy, clip) -> list[int]:
+    """Prompts encoded by the CLIP between two of the node's "prompts" progress messages (the websocket events)."""
+    encode = clip.encode_from_tokens
+
+    def counted(*args, **kwargs):
+        comfy.messages.append(("encode", None))
+        return encode(*args, **kwargs)
+
+    clip.encode_from_tokens = counted
+    return comfy.messages
+
+
+def _gaps(messages: list) -> list[int]:
+    gaps, since = [], 0
+    for event, data in messages:
+        if event == "encode":
+            since += 1
+        elif event.endswith(".progress") and data.get("phase") == "prompts":
+            gaps.append(since)
+            since = 0
+    return gaps
+
+
+@pytest.mark.parametrize("method", ["closed form", "trained"])
+def test_the_bar_moves_after_every_flux_prompt(comfy, method):
+    """One T5-XXL prompt takes 20 to 50 s on a CPU in ComfyUI (it computes T5 in float32 whatever the file's
+    dtype): reports every 8 prompts left the bar at 0 with no time left shown for minutes. Flux reports each prompt
+    (a probe of the moment cache may come before a chunk's first)."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    MOMENT_CACHE.clear()
+    model, clip, _ = flux_fakes.make_flux()
+    messages = _encodes_between_prompt_reports(comfy, clip)
+    if method == "closed form":
+        erase_concepts(model, clip, make_closed_form_config(["grumpy cat"], "cat", preserved_prompts=tuple(
+            f"a photo of a {word}" for word in ("dog", "house", "tree", "car", "bird", "boat", "chair", "lamp",
+                                                "horse", "river"))))
+    else:
+        backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **{**TINY, "anchor_prompt_count": 10}))
+    gaps = _gaps(messages)
+    assert sum(1 for event, _ in messages if event == "encode") >= 10
+    assert max(gaps) <= 2, gaps
+
+
+def test_training_a_model_loaded_in_inference_mode_copies_its_plain_parameters(comfy):
+    """ComfyUI loads models under ``torch.inference_mode()``: on a CPU the QK norms' ``scale`` (a plain parameter,
+    which ComfyUI's ops do not cast) stayed an inference tensor and the first backward failed ("Inference tensors
+    cannot be saved for backward") in the real ComfyUI 0.3.64. The values are kept, the run trains."""
+    with torch.inference_mode():  # as ComfyUI's loaders run
+        model, clip, _ = flux_fakes.make_flux()
+    before = _weights(model)
+    assert model.model.diffusion_model.double_blocks[0].img_attn.norm.key_norm.scale.is_inference()
+    with torch.inference_mode():
+        _, _, patch, _ = backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))
+    assert patch.deltas and model.patches == {}
+    with torch.inference_mode():
+        assert all(torch.equal(v, before[k]) for k, v in _weights(model).items())
+
+
+def test_a_trained_flux_run_encodes_each_prompt_once(comfy):
+    """The held-out check encoded its prompts afresh for every batch, before and after (``uncached_text``): in the
+    real ComfyUI on a CPU (20 s a T5 prompt) the check of a 2-step run took minutes with the bar still. Nothing a run
+    trains reaches Flux's text encoders, so the Flux view keeps its cache there."""
+    model, clip, _ = flux_fakes.make_flux()
+    encode, seen = clip.encode_from_tokens, []
+
+    def counted(tokens, *args, **kwargs):
+        seen.append(tuple(t for t, *_ in tokens["t5xxl"][0]))
+        return encode(tokens, *args, **kwargs)
+
+    clip.encode_from_tokens = counted
+    backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))
+    assert seen and len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("method", ["closed form", "trained"])
+def test_t5_tokenizer_options_do_not_change_what_the_nodes_encode(comfy, method):
+    """ComfyUI's T5TokenizerOptions (min_length below the prompts' lengths) made each prompt's T5 sequence its own
+    length: the trained node failed in the real ComfyUI ("Sizes of tensors must match"), and prompts encoded
+    together were cut to the shortest. The view encodes at the tokenizer's own minimum length: the same patch."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    patches = []
+    for option in (None, 1):
+        MOMENT_CACHE.clear()
+        model, clip, _ = flux_fakes.make_flux()
+        if option is not None:
+            clip.set_tokenizer_option("t5xxl_min_length", option)
+            clip.set_tokenizer_option("t5xxl_min_padding", 0)
+        if method == "closed form":
+            patches.append(erase_concepts(model, clip, make_closed_form_config(
+                ["grumpy cat"], "cat", preserved_prompts=("a photo of a dog", "a tree")))[2])
+        else:
+            patches.append(backend.ablate_concept(model, clip, make_config("grumpy cat", "cat", **TINY))[2])
+    assert sorted(patches[0].deltas) == sorted(patches[1].deltas)
+    for key, delta in patches[0].deltas.items():
+        torch.testing.assert_close(patches[1].deltas[key].full(), delta.full())

@@ -65,6 +65,15 @@ class _RowsLayer(Layer):
         return self._original()
 
 
+def _stream(block: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """The stream tensor a block adds to in place, however it was passed: ComfyUI 0.3.64 calls a double block with
+    keywords only (``block(img=img, txt=txt, ...)``) and a single block with the stream first (``block(img, vec=...)``,
+    whose parameter is named ``x``)."""
+    if type(block).__name__ == "DoubleStreamBlock":
+        return args[1] if len(args) > 1 else kwargs["txt"]
+    return args[0] if args else kwargs.get("x", kwargs.get("img"))
+
+
 @contextlib.contextmanager
 def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
     """While a block runs with gradients, autograd keeps copies of the stream tensor the block adds to in place
@@ -76,10 +85,9 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
             return tensor.clone()
         return tensor
 
-    def enter(module: nn.Module, args: tuple) -> None:
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
-            stream = args[1] if type(module).__name__ == "DoubleStreamBlock" else args[0]
-            watched.append(stream.untyped_storage().data_ptr())
+            watched.append(_stream(module, args, kwargs).untyped_storage().data_ptr())
 
     def leave(module: nn.Module, args: tuple, out) -> None:
         if torch.is_grad_enabled() and watched:
@@ -87,7 +95,7 @@ def _residuals_copied_when_saved(blocks: list[nn.Module]) -> Iterator[None]:
 
     handles = []
     for block in blocks:
-        handles.append(block.register_forward_pre_hook(enter))
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -103,6 +111,9 @@ class ComfyFluxView(ComfyModelView):
     context_start_tokens = 0
     context_causal = False
     closed_form_group = "embedding"
+    # one T5-XXL prompt takes 20 to 50 s on a CPU in ComfyUI (it computes T5 in float32 whatever the file's dtype,
+    # casting every weight per call): the bar moves after each prompt (the prompts are encoded one by one anyway)
+    encode_step = 1
 
     def __init__(self, patcher, clip=None, latent_size: int | None = None, original_weights: bool = False):
         self.patcher, self.clip = patcher, clip
@@ -128,9 +139,20 @@ class ComfyFluxView(ComfyModelView):
         self._prompt_cache = PromptCache(self._encode_many)
 
     # Text ------------------------------------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> dict:
+        """ComfyUI's tokens, with T5 padded to its tokenizer's own minimum length (256 for Flux) whatever
+        T5TokenizerOptions set: with a shorter one every prompt had its own length, which the encodings of a run
+        cannot have (they are stacked; the trained node failed with "Sizes of tensors must match")."""
+        clip = self._require_clip()
+        t5 = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
+        if getattr(t5, "min_length", None) is None:
+            return clip.tokenize(text)
+        return clip.tokenize(text, tokenizer_options={"t5xxl_min_length": t5.min_length,
+                                                      "t5xxl_min_padding": getattr(t5, "min_padding", None)})
+
     def _encode_one(self, prompt: str) -> Conditioning:
         clip = self._require_clip()
-        tokens = clip.tokenize(prompt)
+        tokens = self._tokenize(prompt)
         if "t5xxl" not in tokens:
             raise AblationError("this CLIP is not Flux's: load T5-XXL and CLIP-L with DualCLIPLoader (type: flux)")
         context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -153,11 +175,15 @@ class ComfyFluxView(ComfyModelView):
         with torch.no_grad():
             return self._prompt_cache.encode(prompts)
 
+    def uncached_text(self) -> contextlib.AbstractContextManager:
+        """The cache stays on: nothing a run trains or switches off (the held-out check's before and after) reaches
+        Flux's text encoders. Encoding afresh cost the check five T5 prompts per sample, 20 s each on a CPU."""
+        return contextlib.nullcontext()
+
     def token_ids(self, text: str) -> list[list[int]]:
         """The prompt's tokens for T5 (before its end token and padding) and for CLIP-L (between start and end)."""
-        clip_object = self._require_clip()
-        tokens = clip_object.tokenize(text)
-        end = int(clip_object.tokenize("")["t5xxl"][0][0][0])  # an empty prompt is T5's end token, then padding
+        tokens = self._tokenize(text)
+        end = int(self._tokenize("")["t5xxl"][0][0][0])  # an empty prompt is T5's end token, then padding
         t5 = [int(t[0]) for t in tokens["t5xxl"][0]]
         clip = [int(t[0]) for t in tokens["l"][0]][1:]
         return [t5[:t5.index(end)] if end in t5 else t5,

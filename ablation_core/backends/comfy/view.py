@@ -290,8 +290,20 @@ def make_trainable(patcher) -> None:
     params = {f"{UNET_STATE_PREFIX}{name}.{kind}": getattr(module, kind)
               for name, module in patcher.model.diffusion_model.named_modules() if hasattr(module, "weight_function")
               for kind in ("weight", "bias") if getattr(module, kind, None) is not None}
-    if not any(value.is_inference() for value in params.values()):
-        return
-    for key in params:
-        patcher.add_weight_wrapper(key, _copy_weight)
-    ensure_loaded(patcher)
+    if any(value.is_inference() for value in params.values()):
+        for key in params:
+            patcher.add_weight_wrapper(key, _copy_weight)
+        ensure_loaded(patcher)
+    _copy_plain_inference_parameters(patcher.model.diffusion_model)
+
+
+def _copy_plain_inference_parameters(model: nn.Module) -> None:
+    """Parameters outside ComfyUI's ops (Flux's QK norm ``scale``, which ``rms_norm`` uses as it is on a CPU) that
+    are inference tensors are replaced by ordinary copies with the same values: no wrapper reaches them, and autograd
+    cannot save an inference tensor."""
+    for module in model.modules():
+        if hasattr(module, "weight_function"):
+            continue
+        for name, value in list(module._parameters.items()):
+            if value is not None and value.is_inference():
+                module._parameters[name] = nn.Parameter(value.clone(), requires_grad=value.requires_grad)

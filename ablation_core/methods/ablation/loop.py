@@ -38,7 +38,6 @@ from .settings import AblationConfig, check_config, resolve_for_view
 
 log = logging.getLogger(__name__)
 
-ENCODE_CHUNK = 8  # prompts encoded between two progress reports (about a second of a CPU's SD1 text encoder)
 MAX_PROMPT_TOKENS = 75
 
 
@@ -88,13 +87,14 @@ def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationC
 
 def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn,
                           canceller: Canceller) -> Conditioning:
-    """Encode in chunks, reporting ("prompts", done, total) and checking cancel between chunks."""
-    parts = []
+    """Encode in steps of ``view.encode_step`` prompts, reporting ("prompts", done, total) and checking cancel
+    between steps."""
+    parts, step = [], view.encode_step
     report(Progress("prompts", 0, len(prompts)))
-    for start in range(0, len(prompts), ENCODE_CHUNK):
+    for start in range(0, len(prompts), step):
         canceller.check()
-        parts.append(view.encode(prompts[start:start + ENCODE_CHUNK]))
-        report(Progress("prompts", min(start + ENCODE_CHUNK, len(prompts)), len(prompts)))
+        parts.append(view.encode(prompts[start:start + step]))
+        report(Progress("prompts", min(start + step, len(prompts)), len(prompts)))
     return Conditioning.cat(parts)
 
 

@@ -27,7 +27,6 @@ from ...models.view import Conditioning, ModelView
 from ..progress import Canceller, Progress, ProgressFn
 
 CHUNK = 32  # prompts of one moment-cache entry
-ENCODE_STEP = 8  # prompts encoded between two progress reports (about a second of a CPU's SD1 text encoder)
 CACHE_BYTES = 512 * 2**20
 PROBE_TOKENS = 60
 
@@ -241,12 +240,12 @@ def add_pairs(moments: Moments, stream: str, view: ModelView, target: Conditioni
 
 def _encode_in_steps(view: ModelView, prompts: list[str], encoded: Callable[[int], None], before: int = 0
                      ) -> Conditioning:
-    """``view.encode(prompts)`` in steps of ``ENCODE_STEP`` prompts, calling ``encoded(before + prompts done)``."""
-    parts = []
+    """``view.encode(prompts)`` in steps of ``view.encode_step`` prompts, calling ``encoded(before + prompts done)``."""
+    parts, step = [], view.encode_step
     with torch.no_grad():
-        for start in range(0, len(prompts), ENCODE_STEP):
-            parts.append(view.encode(prompts[start:start + ENCODE_STEP]))
-            encoded(before + min(start + ENCODE_STEP, len(prompts)))
+        for start in range(0, len(prompts), step):
+            parts.append(view.encode(prompts[start:start + step]))
+            encoded(before + min(start + step, len(prompts)))
     return Conditioning.cat(parts)
 
 
