@@ -26,7 +26,7 @@ def run_demo(out: Path, target: str, anchor: str, group: str | None = None, obje
     started = time.perf_counter()
     view = load_model(model)
     config = resolve_for_view(make_config(target, anchor, group=group, objective=objective, seed=seed), view)
-    print(f"Ablating '{target}' -> '{anchor}' from the embedded {view.family.title} ({config.group}, "
+    print(f"Ablating '{target}' -> '{anchor}' from the {view.family.title} ({config.group}, "
           f"{config.objective} loss)")
     with progress_bars() as on_progress:
         result = ablate(view, config, on_progress)

@@ -18,8 +18,6 @@ from torch import Tensor
 from ...models.view import Conditioning, ModelView
 from ..progress import Canceller, Progress, ProgressFn
 
-PRESERVED_CHUNK = 8  # prompts encoded between two progress reports
-
 
 def preserved_prompts(config, family: str) -> list[str]:
     """Every prompt a run with preserved rows keeps (``config``: an ``AblationConfig``)."""
@@ -37,11 +35,12 @@ def encode_preserved(view: ModelView, config, report: ProgressFn, canceller: Can
     prompts = preserved_prompts(config, view.family.name)
     parts = []
     report(Progress("preserved", 0, len(prompts)))
+    step = view.encode_step  # prompts between two reports (one on Flux: T5-XXL is seconds a prompt on a CPU)
     with torch.no_grad():
-        for start in range(0, len(prompts), PRESERVED_CHUNK):
+        for start in range(0, len(prompts), step):
             canceller.check()
-            parts.append(view.encode(prompts[start:start + PRESERVED_CHUNK]))
-            report(Progress("preserved", min(start + PRESERVED_CHUNK, len(prompts)), len(prompts)))
+            parts.append(view.encode(prompts[start:start + step]))
+            report(Progress("preserved", min(start + step, len(prompts)), len(prompts)))
     return Conditioning.cat(parts)
 
 
