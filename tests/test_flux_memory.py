@@ -99,3 +99,28 @@ def test_counted_evaluations_on_a_distilled_flux_match_the_cost_model():
     expected = unet_evaluations(result.config, held_out_prompts=1, guidance_input=True)
     assert counted["anchor_sampling"] == expected["anchor_sampling"] == 2 * 2  # ... in one pass per step
     assert counted == expected
+
+
+def test_the_run_plan_prices_flux_prompts_at_t5_xxls_cost_and_plans_the_checks_prompts():
+    """A Flux prompt goes through T5-XXL (about a fifth of a Flux pass), an SD prompt through CLIP (a fortieth of a
+    UNet pass): the node's bar gives each phase its share by these, including the held-out check's own prompts,
+    which the real ComfyUI showed sitting at one fraction for minutes when they were left out."""
+    from ablation_core.methods.ablation.check import CHECK_PROMPTS
+    from ablation_core.methods.run_plan import plan_trained, prompt_cost, unet_pass
+
+    class Plan:
+        def __init__(self):
+            self.units: dict[str, float] = {}
+
+        def plan(self, phase: str, units: float) -> None:
+            self.units[phase] = self.units.get(phase, 0.0) + units
+
+    assert prompt_cost("flux") > 5 * prompt_cost("sd1") and prompt_cost("toy-flux") == prompt_cost("sd1")
+    config = resolve_config(make_config("Grumpy Cat", "cat", guidance=3.5), "flux")
+    flux, sd = Plan(), Plan()
+    plan_trained(flux, config, 64, "flux")
+    plan_trained(sd, config, 64, "sd1")
+    assert flux.units["prompts"] == pytest.approx(sd.units["prompts"] * prompt_cost("flux") / prompt_cost("sd1"))
+    assert flux.units["preserved"] > 0  # the default's kept concepts are encoded too, and planned
+    check_passes = unet_evaluations(config)["check"] * unet_pass(64)
+    assert flux.units["check"] == pytest.approx(check_passes + 2 * CHECK_PROMPTS * prompt_cost("flux"))

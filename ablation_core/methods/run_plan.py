@@ -21,6 +21,7 @@ from .progress import Progress
 
 SCALE = 10000  # the bar's total: it moves in hundredths of a percent
 PROMPT_COST = 0.025  # one prompt through the text encoder, in 512 px UNet passes (CLIP-L: ~2 % of the UNet's work)
+FLUX_PROMPT_COST = 0.22  # T5-XXL at 512 tokens (4.8 TFLOPs) and CLIP-L, in Flux.1 passes at 512 px (21.5 TFLOPs)
 SOLVE_COST = 0.02  # one layer's closed-form solve
 SVD_COST = 0.1  # one layer's low-rank compression (an SVD of an SD1 K/V weight, or a fusion's solve of one)
 WRITE_COST = 0.05  # one megabyte of patch file written
@@ -33,6 +34,14 @@ PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor image
                 "preserved": "Encoding the concepts to keep", "before prompts": "Encoding prompts (before)",
                 "before": "Drawing the images before", "after prompts": "Encoding prompts (after)",
                 "after": "Drawing the images after"}
+
+
+def prompt_cost(family: str) -> float:
+    """One prompt through the family's text encoders, in its own transformer or UNet passes at 512 px."""
+    from ..models.families import FAMILIES
+
+    chosen = FAMILIES.get(family)
+    return FLUX_PROMPT_COST if chosen is not None and chosen.flow and not chosen.toy else PROMPT_COST
 
 
 def unet_pass(latent_size: int) -> float:
@@ -128,18 +137,21 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
     times; robust rounds add the preserved prompts, the adversary's images and, each round, the adversary's searches
     and one more run."""
     from .ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
+    from .ablation.check import CHECK_PROMPTS
     from .ablation.preserve import preserved_prompts
     from .robust.rounds import adversary_budget
 
     passes = unet_evaluations(config)
+    cost = prompt_cost(family)
     prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
     backward = 2 * gradient_passes_per_step(config) * int(config.steps)
-    run = {"prompts": prompts * PROMPT_COST, "anchors": passes["anchor_sampling"] * unet_pass(latent_size),
+    check_prompts = 2 * CHECK_PROMPTS * len(config.pairs())  # held-out anchor prompts and their target twins
+    run = {"prompts": prompts * cost, "anchors": passes["anchor_sampling"] * unet_pass(latent_size),
            "train": (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size),
-           "check": passes["check"] * unet_pass(latent_size)}
+           "check": passes["check"] * unet_pass(latent_size) + check_prompts * cost}
     rounds = int(config.robust_rounds or 0)
     if rounds or config.preserved_rows:
-        plan.plan("preserved", len(preserved_prompts(config, family)) * PROMPT_COST)
+        plan.plan("preserved", len(preserved_prompts(config, family)) * cost)
     _plan_run(plan, run, rounds, len(config.pairs()), latent_size, adversary_budget(config.preset),
               int(config.sampler_steps))
 
@@ -157,7 +169,8 @@ def plan_closed_form(plan, config, layers: int, latent_size: int = 64, view=None
         prompts = max(prompts_to_encode(view, targets, anchors, list(config.preserved_prompts or ())), 1)
     else:
         prompts = len(config.preserved_prompts or ()) + 2 * int(config.prompts_per_target) * len(config.targets)
-    run = {"prompts": prompts * PROMPT_COST, "solve": max(layers, 1) * SOLVE_COST}
+    run = {"prompts": prompts * prompt_cost(view.family.name if view is not None else ""),
+           "solve": max(layers, 1) * SOLVE_COST}
     _plan_run(plan, run, int(config.robust_rounds or 0), len(config.targets), latent_size, BUDGET, 50)
 
 
