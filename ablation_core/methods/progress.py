@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import AblationCancelled
+from ..models.view import Conditioning, ModelView
 from . import phases
 
 CHECK_INTERVAL_S = 0.05
@@ -105,3 +106,16 @@ def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterato
     finally:
         for handle in handles:
             handle.remove()
+
+
+def encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
+                         phase: str = "prompts") -> Conditioning:
+    """``view.encode(prompts)`` in steps of ``view.encode_step`` prompts, reporting (phase, done, total) and checking
+    cancel between steps."""
+    parts, step = [], view.encode_step
+    report(Progress(phase, 0, len(prompts)))
+    for start in range(0, len(prompts), step):
+        canceller.check()
+        parts.append(view.encode(prompts[start:start + step]))
+        report(Progress(phase, min(start + step, len(prompts)), len(prompts)))
+    return Conditioning.cat(parts)

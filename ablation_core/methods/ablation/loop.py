@@ -25,7 +25,7 @@ from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
 from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, encode_with_progress, no_progress
 from .adapters import AdapterSet
 from .check import combine, held_out_pairs, measure_effect, pair_latents, weak_effect_warning
 from .fits import check_run_fits
@@ -83,19 +83,6 @@ def _embedding_row_masks(view: ModelView, layers: list[Layer], config: AblationC
         mask[rows] = 1.0
         masks[layer.key] = mask
     return masks
-
-
-def _encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn,
-                          canceller: Canceller) -> Conditioning:
-    """Encode in steps of ``view.encode_step`` prompts, reporting ("prompts", done, total) and checking cancel
-    between steps."""
-    parts, step = [], view.encode_step
-    report(Progress("prompts", 0, len(prompts)))
-    for start in range(0, len(prompts), step):
-        canceller.check()
-        parts.append(view.encode(prompts[start:start + step]))
-        report(Progress("prompts", min(start + step, len(prompts)), len(prompts)))
-    return Conditioning.cat(parts)
 
 
 def _anchors_by_pair(config: AblationConfig) -> list[list[str]]:
@@ -168,7 +155,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         text_trains = bool(view.text_layers(str(config.group)))
         with torch.no_grad():
             to_encode = anchor_prompts + ([] if text_trains else target_prompts)
-            encoded = _encode_with_progress(view, to_encode, report, canceller)
+            encoded = encode_with_progress(view, to_encode, report, canceller)
             anchor_cond = encoded.slice(0, len(anchor_prompts))
             target_cond = None if text_trains else encoded.slice(len(anchor_prompts), len(to_encode))
             target_cond = _with_extra_targets(target_cond, extra_targets, len(anchor_prompts), view)

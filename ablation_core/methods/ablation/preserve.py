@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...models.view import Conditioning, ModelView
-from ..progress import Canceller, Progress, ProgressFn
+from ..progress import Canceller, ProgressFn, encode_with_progress
 
 
 def preserved_prompts(config, family: str) -> list[str]:
@@ -31,17 +31,9 @@ def preserved_prompts(config, family: str) -> list[str]:
 
 
 def encode_preserved(view: ModelView, config, report: ProgressFn, canceller: Canceller) -> Conditioning:
-    """``preserved_prompts`` encoded, in chunks, reporting ("preserved", done, total)."""
-    prompts = preserved_prompts(config, view.family.name)
-    parts = []
-    report(Progress("preserved", 0, len(prompts)))
-    step = view.encode_step  # prompts between two reports (one on Flux: T5-XXL is seconds a prompt on a CPU)
+    """``preserved_prompts`` encoded in the view's steps, reporting ("preserved", done, total)."""
     with torch.no_grad():
-        for start in range(0, len(prompts), step):
-            canceller.check()
-            parts.append(view.encode(prompts[start:start + step]))
-            report(Progress("preserved", min(start + step, len(prompts)), len(prompts)))
-    return Conditioning.cat(parts)
+        return encode_with_progress(view, preserved_prompts(config, view.family.name), report, canceller, "preserved")
 
 
 def kept_rows(batch: int, rows: int, preserved: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
