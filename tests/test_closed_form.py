@@ -11,6 +11,7 @@ from ablation_core.methods.closed_form.embeddings import Moments, aligned_positi
 from ablation_core.methods.closed_form.fusion import fuse_patches
 from ablation_core.methods.closed_form.settings import make_closed_form_config, resolve_closed_form
 from ablation_core.methods.closed_form.solve import _prompt_pairs, erase_closed_form, solve_text_map
+from ablation_core.methods.progress import Progress
 from ablation_core.patches.merge import merge_weighted
 
 TINY = {"prompts_per_target": 3, "builtin_preserve": False}
@@ -200,3 +201,31 @@ def test_a_mass_erasure_never_pushes_the_preserved_bank_out_of_the_cache():
     assert cache.get(bank) is not None
     kept = [k for k in cache.entries if k[0] == "pairs"]
     assert len(kept) == 13 and kept[-1][1] == ("target 29",)  # the newest that fit in half the budget
+
+
+def test_the_prompts_phase_counts_every_prompt_encoded_probes_included():
+    """The bar's prompts phase is in prompts through the text encoder: each pair's two, each preserved one and each
+    chunk's cache probe (a probe encodes before its chunk, so a phase counted in pairs without probes gave an ETA
+    about four times too long at first on a slow T5). A cold cache ends exactly at the total; a warm one jumps."""
+    from ablation_core import load_model
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+
+    view = load_model("toy")
+    encoded, seen = [], []
+    real_encode = view.encode
+    view.encode = lambda prompts: (encoded.append(len(prompts)), real_encode(prompts))[1]
+    config = make_closed_form_config(["snoopy", "nemo"], ["dog", "fish"])
+
+    def run() -> list[Progress]:
+        seen.clear()
+        erase_closed_form(view, config, on_progress=seen.append)
+        return [p for p in seen if p.phase == "prompts"]
+
+    MOMENT_CACHE.clear()
+    cold = run()
+    assert len({p.total for p in cold}) == 1 and cold[-1].step == cold[-1].total == sum(encoded)
+    assert [p.step for p in cold] == sorted(p.step for p in cold)
+    assert cold[1].step == 1, "the first probe moves the bar"
+    encoded.clear()
+    warm = run()
+    assert warm[-1].step == warm[-1].total == cold[-1].total and sum(encoded) < cold[-1].total // 10

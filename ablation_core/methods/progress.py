@@ -108,14 +108,36 @@ def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterato
             handle.remove()
 
 
-def encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
-                         phase: str = "prompts") -> Conditioning:
-    """``view.encode(prompts)`` in steps of ``view.encode_step`` prompts, reporting (phase, done, total) and checking
+@dataclass
+class EncodeCount:
+    """Prompts through the text encoder out of a phase's ``total`` when the phase spans several lists (a closed
+    form's probes, pairs and preserved prompts): ``add`` reports (phase, done, total) in prompts encoded."""
+
+    report: ProgressFn
+    canceller: Canceller
+    total: int
+    phase: str = "prompts"
+    done: int = 0
+
+    def add(self, count: int) -> None:
+        self.done += count
+        self.report(Progress(self.phase, min(self.done, self.total), max(self.total, 1)))
+
+
+def encode_counted(view: ModelView, prompts: list[str], count: EncodeCount) -> Conditioning:
+    """``view.encode(prompts)`` in steps of ``view.encode_step`` prompts, adding each step to ``count`` and checking
     cancel between steps."""
     parts, step = [], view.encode_step
-    report(Progress(phase, 0, len(prompts)))
     for start in range(0, len(prompts), step):
-        canceller.check()
+        count.canceller.check()
         parts.append(view.encode(prompts[start:start + step]))
-        report(Progress(phase, min(start + step, len(prompts)), len(prompts)))
+        count.add(len(prompts[start:start + step]))
     return Conditioning.cat(parts)
+
+
+def encode_with_progress(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
+                         phase: str = "prompts") -> Conditioning:
+    """``encode_counted`` for one list: reports (phase, done, len(prompts)) from 0."""
+    count = EncodeCount(report, canceller, len(prompts), phase)
+    count.add(0)
+    return encode_counted(view, prompts, count)

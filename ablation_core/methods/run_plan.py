@@ -156,9 +156,11 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
               int(config.sampler_steps))
 
 
-def plan_closed_form(plan, config, layers: int, latent_size: int = 64, view=None) -> None:
-    """Every phase of a closed-form erasure (a resolved ``ClosedFormConfig``) on ``layers`` layers. With the
-    ``view``, the prompts' share counts only those whose moments the process has not kept from an earlier run."""
+def plan_closed_form(plan, config, layers: int, latent_size: int = 64, view=None, family: str = "") -> None:
+    """Every phase of a closed-form erasure (a resolved ``ClosedFormConfig``) on ``layers`` layers of a ``family``
+    model. With the ``view``, the prompts' share counts only those whose moments the process has not kept from an
+    earlier run (encoding the probes to find out); without it, every prompt and one probe a chunk."""
+    from .closed_form.embeddings import CHUNK
     from .robust.rounds import BUDGET
 
     if view is not None:
@@ -167,10 +169,11 @@ def plan_closed_form(plan, config, layers: int, latent_size: int = 64, view=None
 
         targets, anchors = _prompt_pairs(config)
         prompts = max(prompts_to_encode(view, targets, anchors, list(config.preserved_prompts or ())), 1)
+        family = view.family.name
     else:
-        prompts = len(config.preserved_prompts or ()) + 2 * int(config.prompts_per_target) * len(config.targets)
-    run = {"prompts": prompts * prompt_cost(view.family.name if view is not None else ""),
-           "solve": max(layers, 1) * SOLVE_COST}
+        pairs, preserved = int(config.prompts_per_target) * len(config.targets), len(config.preserved_prompts or ())
+        prompts = 2 * pairs + preserved + -(-pairs // CHUNK) + -(-preserved // CHUNK)
+    run = {"prompts": prompts * prompt_cost(family), "solve": max(layers, 1) * SOLVE_COST}
     _plan_run(plan, run, int(config.robust_rounds or 0), len(config.targets), latent_size, BUDGET, 50)
 
 

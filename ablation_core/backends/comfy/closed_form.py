@@ -12,11 +12,12 @@ import json
 
 import torch
 
+from ...methods.closed_form.embeddings import CHUNK
 from ...methods.closed_form.fusion import fuse_patches, fusion_prompts
 from ...methods.closed_form.settings import ClosedFormConfig, resolve_closed_form
 from ...methods.progress import Canceller, cancel_checks
 from ...methods.robust.rounds import robust_erase_closed_form
-from ...methods.run_plan import PROMPT_COST, SVD_COST, plan_closed_form
+from ...methods.run_plan import SVD_COST, plan_closed_form, prompt_cost
 from ...patches.patch import META, AblationPatch
 from .flows import PatchStack, apply_patches, on_original_weights
 from .flux_view import comfy_view
@@ -35,7 +36,8 @@ def erase_concepts(model, clip, config: ClosedFormConfig, node_id: str | None = 
     with torch.inference_mode(False), torch.no_grad():
         view = comfy_view(model, clip, original_weights=True)
         layers = sum(len(layers) for layers in view.closed_form_layers().values())
-        plan_closed_form(progress, resolve_closed_form(config, view.family.name), layers, view.default_latent_size)
+        plan_closed_form(progress, resolve_closed_form(config, view.family.name), layers, view.default_latent_size,
+                         family=view.family.name)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             result = robust_erase_closed_form(view, config, on_progress=progress, should_cancel=cancel_requested,
                                               base_patch=base)
@@ -55,12 +57,18 @@ def fuse(model, clip, patches: list[AblationPatch], weights: list[float],
     with torch.inference_mode(False), torch.no_grad():
         view = comfy_view(model, clip, original_weights=True)
         pairs, preserved = fusion_prompts(view, patches)
-        progress.plan("prompts", (sum(len(t) for t, _ in pairs) + len(preserved)) * PROMPT_COST)
+        progress.plan("prompts", encoded_prompts(pairs, preserved) * prompt_cost(view.family.name))
         progress.plan("fuse", sum(len(layers) for layers in view.closed_form_layers().values()) * SVD_COST)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             fused = fuse_patches(view, patches, weights, on_progress=progress, should_cancel=cancel_requested)
     progress.finish(describe_merge(fused, len(patches)))
     return fused
+
+
+def encoded_prompts(pairs: list[tuple[list[str], list[str]]], preserved: list[str]) -> int:
+    """About how many prompts a fusion encodes: each pair's two, each preserved one, one probe a chunk."""
+    chunks = sum(-(-len(targets) // CHUNK) for targets, _ in pairs) + -(-len(preserved) // CHUNK)
+    return sum(2 * len(targets) for targets, _ in pairs) + len(preserved) + chunks
 
 
 def describe_merge(patch: AblationPatch, count: int) -> str:

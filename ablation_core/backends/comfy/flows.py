@@ -25,10 +25,10 @@ from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_ablate
 from ...methods.run_plan import (
     DECODE_COST,
-    PROMPT_COST,
     plan_compress,
     plan_trained,
     plan_write,
+    prompt_cost,
     unet_pass,
 )
 from ...models.sampling import sample_latents, unguided
@@ -38,7 +38,7 @@ from ...patches.cache import PatchCache, cache_key
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch
 from . import chain
-from .flux_view import comfy_view
+from .flux_view import comfy_view, is_comfy_flux
 from .progress import PROGRESS_EVENT, NodeProgress  # noqa: F401  (PROGRESS_EVENT: the package's name for it)
 from .view import cancel_requested, compute_modules, ensure_loaded, make_trainable
 
@@ -199,8 +199,9 @@ def render_report(model, clip, vae, value: AblationPatch | PatchStack, strength:
     latent_size = max(image_size // 8, 1)
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples)
     draw = len(prompt_index) * max(steps, 1) * (1 if unguided(guidance) else 2) * unet_pass(latent_size)
+    cost = prompt_cost("flux" if is_comfy_flux(model.model) else "sd1")  # T5-XXL costs about 9x CLIP-L
     for name in ("before", "after"):  # each: the prompts, then the images with their decoding
-        progress.plan(f"{name} prompts", len(prompts) * PROMPT_COST)
+        progress.plan(f"{name} prompts", len(prompts) * cost)
         progress.plan(name, draw + len(prompt_index) * DECODE_COST * unet_pass(latent_size))
     for name, units in then:
         progress.plan(name, units)

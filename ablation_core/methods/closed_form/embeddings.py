@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...models.view import Conditioning, ModelView
-from ..progress import Canceller, Progress, ProgressFn
+from ..progress import EncodeCount, encode_counted
 
 CHUNK = 32  # prompts of one moment-cache entry
 CACHE_BYTES = 512 * 2**20
@@ -70,20 +70,15 @@ class MomentCache:
         self.entries: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def key(self, view: ModelView, kind: str, *prompt_lists: list[str]) -> tuple:
-        words = list(dict.fromkeys(w for prompts in prompt_lists for p in prompts for w in p.split()))
-        probes, current = [], []
-        for word in words:
-            if current and len(_ids(view, " ".join([*current, word]))) > PROBE_TOKENS:
-                probes.append(" ".join(current))
-                current = []
-            current.append(word)
-        probes.append(" ".join(current))
+    def key(self, view: ModelView, kind: str, *prompt_lists: list[str],
+            encoded: Callable[[int], None] = lambda count: None) -> tuple:
+        """The chunk's entry key; ``encoded(1)`` after each probe prompt encoded."""
         digest = hashlib.sha256()
         with torch.no_grad():
-            for probe in probes:
-                encoded = view.encode([probe])
-                for value in (encoded.context, *(encoded.extra[k] for k in sorted(encoded.extra))):
+            for probe in probe_texts(view, *prompt_lists):
+                found = view.encode([probe])
+                encoded(1)
+                for value in (found.context, *(found.extra[k] for k in sorted(found.extra))):
                     digest.update(value.float().cpu().contiguous().numpy().tobytes())
         streams = tuple(view.closed_form_layers())
         return (kind, tuple(tuple(p) for p in prompt_lists), streams, view.device.type, str(view.dtype),
@@ -138,20 +133,49 @@ class MomentCache:
 MOMENT_CACHE = MomentCache()
 
 
+def probe_texts(view: ModelView, *prompt_lists: list[str]) -> list[str]:
+    """The probe prompts of a chunk (tokenized here, not encoded): its words in order, cut at ``PROBE_TOKENS``."""
+    words = list(dict.fromkeys(w for prompts in prompt_lists for p in prompts for w in p.split()))
+    probes, current = [], []
+    for word in words:
+        if current and len(_ids(view, " ".join([*current, word]))) > PROBE_TOKENS:
+            probes.append(" ".join(current))
+            current = []
+        current.append(word)
+    probes.append(" ".join(current))
+    return probes
+
+
+def _chunks(prompts: list[str]) -> list[slice]:
+    return [slice(start, start + CHUNK) for start in range(0, len(prompts), CHUNK)]
+
+
+def encode_units(view: ModelView, target_prompts: list[str], anchor_prompts: list[str],
+                 preserved_prompts: list[str]) -> int:
+    """Prompts a solve encodes when nothing is kept: every chunk's probes, each pair's two prompts, each preserved
+    prompt (tokenized only). The "prompts" phase counts in these units."""
+    count = sum(len(probe_texts(view, target_prompts[c], anchor_prompts[c])) + 2 * len(target_prompts[c])
+                for c in _chunks(target_prompts))
+    return count + sum(len(probe_texts(view, preserved_prompts[c])) + len(preserved_prompts[c])
+                       for c in _chunks(preserved_prompts))
+
+
 def prompts_to_encode(view: ModelView, target_prompts: list[str], anchor_prompts: list[str],
                       preserved_prompts: list[str]) -> int:
     """About how many prompts a solve of these prompts will encode (for progress plans; a repeated run encodes little
-    more than its probes): each prompt of a chunk ``MOMENT_CACHE`` does not hold, one (its probe) for a chunk it
-    holds, chunked as ``pair_moments`` and ``preserved_moments`` chunk them. The target chunks and the first
-    preserved chunk are keyed in full (a few probe prompts); the other preserved chunks count as held when the first
-    one is and some entry has their prompts."""
+    more than its probes): every probe, and each prompt of a chunk ``MOMENT_CACHE`` does not hold, chunked as
+    ``pair_moments`` and ``preserved_moments`` chunk them. The target chunks and the first preserved chunk are keyed
+    in full (their probes are encoded here); the other preserved chunks count as held when the first one is and some
+    entry has their prompts."""
     count = 0
-    for start in range(0, len(target_prompts), CHUNK):
-        targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
-        count += 1 if MOMENT_CACHE.holds(MOMENT_CACHE.key(view, "pairs", targets, anchors)) else 2 * len(targets)
-    chunks = [preserved_prompts[start:start + CHUNK] for start in range(0, len(preserved_prompts), CHUNK)]
+    for c in _chunks(target_prompts):
+        targets, anchors = target_prompts[c], anchor_prompts[c]
+        count += len(probe_texts(view, targets, anchors))
+        count += 0 if MOMENT_CACHE.holds(MOMENT_CACHE.key(view, "pairs", targets, anchors)) else 2 * len(targets)
+    chunks = [preserved_prompts[c] for c in _chunks(preserved_prompts)]
+    count += sum(len(probe_texts(view, chunk)) for chunk in chunks)
     if chunks and MOMENT_CACHE.holds(MOMENT_CACHE.key(view, "preserved", chunks[0])):
-        return count + 1 + sum(1 if MOMENT_CACHE.holds_prompts("preserved", c) else len(c) for c in chunks[1:])
+        return count + sum(0 if MOMENT_CACHE.holds_prompts("preserved", c) else len(c) for c in chunks[1:])
     return count + sum(len(c) for c in chunks)
 
 
@@ -198,28 +222,24 @@ def stream_vectors(cond: Conditioning, stream: str) -> Tensor:
     return cond.context if stream == "context" else cond.extra[stream][:, None, :]
 
 
-def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: list[str], report: ProgressFn,
-                 canceller: Canceller, done: int = 0, total: int = 0) -> dict[str, Moments]:
+def pair_moments(view: ModelView, target_prompts: list[str], anchor_prompts: list[str],
+                 count: EncodeCount) -> dict[str, Moments]:
     """Moments of the aligned (target, anchor) embedding pairs of every prompt pair, for each input stream the
-    closed form edits (``view.closed_form_layers()``: SD's context; Flux's T5 context and pooled CLIP vector)."""
+    closed form edits (``view.closed_form_layers()``: SD's context; Flux's T5 context and pooled CLIP vector);
+    every prompt encoded (probes too) is added to ``count``."""
     streams = tuple(view.closed_form_layers())
     moments: dict[str, Moments] = {}
-    total = total or len(target_prompts)
-    report(Progress("prompts", done, total))
-    for start in range(0, len(target_prompts), CHUNK):
-        canceller.check()
-        targets, anchors = target_prompts[start:start + CHUNK], anchor_prompts[start:start + CHUNK]
-
-        def encoded(count: int, start: int = start) -> None:  # prompts of the chunk encoded (each pair is two)
-            report(Progress("prompts", done + start + count // 2, total))
-
-        found = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "pairs", targets, anchors),
-                                            _chunk_pair_moments, view, targets, anchors, streams, encoded)
+    for c in _chunks(target_prompts):
+        count.canceller.check()
+        targets, anchors = target_prompts[c], anchor_prompts[c]
+        key = MOMENT_CACHE.key(view, "pairs", targets, anchors, encoded=count.add)
+        before = count.done
+        found = MOMENT_CACHE.get_or_compute(key, _chunk_pair_moments, view, targets, anchors, streams, count)
+        count.add(before + 2 * len(targets) - count.done)  # a kept chunk: its prompts at once
         for index, stream in enumerate(streams):
-            cc, ac, aa, count = found[4 * index: 4 * index + 4]
-            chunk = Moments(cc, ac, aa, int(count))
+            cc, ac, aa, pairs = found[4 * index: 4 * index + 4]
+            chunk = Moments(cc, ac, aa, int(pairs))
             moments[stream] = (moments.get(stream) or Moments.zeros(cc.shape[0])).plus(chunk)  # never the cached
-        report(Progress("prompts", done + start + len(targets), total))
     return moments
 
 
@@ -238,21 +258,10 @@ def add_pairs(moments: Moments, stream: str, view: ModelView, target: Conditioni
             moments.add(target_vectors[row, list(t_pos)], anchor_vectors[row, list(a_pos)])
 
 
-def _encode_in_steps(view: ModelView, prompts: list[str], encoded: Callable[[int], None], before: int = 0
-                     ) -> Conditioning:
-    """``view.encode(prompts)`` in steps of ``view.encode_step`` prompts, calling ``encoded(before + prompts done)``."""
-    parts, step = [], view.encode_step
-    with torch.no_grad():
-        for start in range(0, len(prompts), step):
-            parts.append(view.encode(prompts[start:start + step]))
-            encoded(before + min(start + step, len(prompts)))
-    return Conditioning.cat(parts)
-
-
 def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str], streams: tuple[str, ...],
-                        encoded: Callable[[int], None] = lambda count: None) -> tuple[Tensor, ...]:
-    target_cond = _encode_in_steps(view, targets, encoded)
-    anchor_cond = _encode_in_steps(view, anchors, encoded, len(targets))
+                        count: EncodeCount) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        target_cond, anchor_cond = encode_counted(view, targets, count), encode_counted(view, anchors, count)
     target_ids, anchor_ids = [_ids(view, t) for t in targets], [_ids(view, a) for a in anchors]
     values: list[Tensor] = []
     for stream in streams:
@@ -262,38 +271,34 @@ def _chunk_pair_moments(view: ModelView, targets: list[str], anchors: list[str],
     return tuple(values)
 
 
-def preserved_moments(view: ModelView, prompts: list[str], report: ProgressFn, canceller: Canceller,
-                      done: int = 0, total: int = 0) -> dict[str, tuple[Tensor, int]]:
+def preserved_moments(view: ModelView, prompts: list[str], count: EncodeCount) -> dict[str, tuple[Tensor, int]]:
     """``sum p p^T`` over every position of the preserved prompts (padding included: its keys are read too), per
-    input stream, with the number of vectors."""
+    input stream, with the number of vectors; every prompt encoded (probes too) is added to ``count``."""
     streams = tuple(view.closed_form_layers())
     found: dict[str, tuple[Tensor, int]] = {}
-    total = total or len(prompts)
-    for start in range(0, len(prompts), CHUNK):
-        canceller.check()
-        chunk = prompts[start:start + CHUNK]
-
-        def encoded(count: int, start: int = start) -> None:
-            report(Progress("prompts", done + start + count, total))
-
-        values = MOMENT_CACHE.get_or_compute(MOMENT_CACHE.key(view, "preserved", chunk), _chunk_covariance, view,
-                                             chunk, streams, encoded)
+    for c in _chunks(prompts):
+        count.canceller.check()
+        chunk = prompts[c]
+        key = MOMENT_CACHE.key(view, "preserved", chunk, encoded=count.add)
+        before = count.done
+        values = MOMENT_CACHE.get_or_compute(key, _chunk_covariance, view, chunk, streams, count)
+        count.add(before + len(chunk) - count.done)
         for index, stream in enumerate(streams):
-            covariance, count = values[2 * index], int(values[2 * index + 1])
+            covariance, vectors = values[2 * index], int(values[2 * index + 1])
             if stream in found:
-                covariance, count = found[stream][0] + covariance, found[stream][1] + count
+                covariance, vectors = found[stream][0] + covariance, found[stream][1] + vectors
             else:
                 covariance = covariance.clone()
-            found[stream] = (covariance, count)
-        report(Progress("prompts", done + start + len(chunk), total))
+            found[stream] = (covariance, vectors)
     if not found:
         raise ValueError("no preserved prompts")
     return found
 
 
 def _chunk_covariance(view: ModelView, prompts: list[str], streams: tuple[str, ...],
-                      encoded: Callable[[int], None] = lambda count: None) -> tuple[Tensor, ...]:
-    cond = _encode_in_steps(view, prompts, encoded)
+                      count: EncodeCount) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        cond = encode_counted(view, prompts, count)
     values: list[Tensor] = []
     for stream in streams:
         vectors = stream_vectors(cond, stream)

@@ -23,8 +23,8 @@ from ...models.view import ModelView
 from ...patches.merge import merge_weighted
 from ...patches.patch import META, AblationPatch, LayerDelta
 from .. import prompts as prompt_lib
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, no_progress
-from .embeddings import pair_moments, preserved_moments
+from ..progress import CancelFn, Canceller, EncodeCount, Progress, ProgressFn, no_progress
+from .embeddings import encode_units, pair_moments, preserved_moments
 from .settings import make_closed_form_config, resolve_closed_form
 from .solve import _prompt_pairs, low_rank_map
 
@@ -72,12 +72,13 @@ def fuse_patches(view: ModelView, patches: list[AblationPatch], weights: list[fl
     stream_of = {layer.key: stream for stream, layers in view.closed_form_layers().items() for layer in layers}
     canceller.phase = "encoding the patches' concepts"
     pairs, preserved_prompts = fusion_prompts(view, patches)
-    total, done, concepts = sum(len(t) for t, _ in pairs) + len(preserved_prompts), 0, []
+    total = sum(encode_units(view, t, a, []) for t, a in pairs) + encode_units(view, [], [], preserved_prompts)
+    count, concepts = EncodeCount(report, canceller, total), []
+    count.add(0)
     for target_prompts, anchor_prompts in pairs:  # one count over every patch's prompts and the preserved ones
-        moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, done, total)
+        moments = pair_moments(view, target_prompts, anchor_prompts, count)
         concepts.append({stream: m.cc / max(m.count, 1) for stream, m in moments.items()})
-        done += len(target_prompts)
-    preserved = preserved_moments(view, preserved_prompts, report, canceller, done, total)
+    preserved = preserved_moments(view, preserved_prompts, count)
     inverses = {}
     for stream, (covariance, count) in preserved.items():
         dim = covariance.shape[0]

@@ -33,8 +33,8 @@ from ...models.layers import Layer
 from ...models.view import ModelView
 from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL, AblationPatch, LayerDelta, fingerprint
 from .. import prompts as prompt_lib
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, no_progress
-from .embeddings import Moments, pair_moments, preserved_moments
+from ..progress import CancelFn, Canceller, EncodeCount, Progress, ProgressFn, no_progress
+from .embeddings import Moments, encode_units, pair_moments, preserved_moments
 from .settings import ClosedFormConfig, resolve_closed_form
 
 log = logging.getLogger(__name__)
@@ -131,13 +131,14 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     canceller.phase = "encoding prompts"
     target_prompts, anchor_prompts = _prompt_pairs(config)
     preserved_prompts = list(config.preserved_prompts or ())
-    total = len(target_prompts) + len(preserved_prompts)
-    own_moments = pair_moments(view, target_prompts, anchor_prompts, report, canceller, 0, total)
+    count = EncodeCount(report, canceller, encode_units(view, target_prompts, anchor_prompts, preserved_prompts))
+    count.add(0)
+    own_moments = pair_moments(view, target_prompts, anchor_prompts, count)
     if all(m.count == 0 for m in own_moments.values()):
         raise AblationError("the target prompts are identical to their anchor twins; nothing to erase")
     moments = {s: m.plus(extra_moments[s]) if extra_moments and s in extra_moments else m
                for s, m in own_moments.items()}
-    preserved = (preserved_moments(view, preserved_prompts, report, canceller, len(target_prompts), total)
+    preserved = (preserved_moments(view, preserved_prompts, count)
                  if preserved_prompts else {s: (torch.zeros_like(m.cc), 0) for s, m in moments.items()})
 
     # 3. Each stream's map, kept at low rank; 4. each layer's change ``W @ G`` as LoRA, and what it does.
