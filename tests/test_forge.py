@@ -155,6 +155,13 @@ def test_a_quantized_forge_unet_is_refused_by_name(storage):
         ForgeModelView(engine)
 
 
+def test_a_flux_model_in_forge_is_told_where_flux_patches_are_made():
+    engine = fakes.build_engine(fakes.MemoryManagement())
+    engine.forge_objects.unet.model.diffusion_model.double_blocks = torch.nn.ModuleList()  # Forge's Flux has these
+    with pytest.raises(UnsupportedModelError, match="is Flux.*command line.*ComfyUI"):
+        ForgeModelView(engine)
+
+
 def test_robust_rounds_in_forge_get_a_clear_message(tmp_path, monkeypatch):
     engine = fakes.build_engine(fakes.install_memory(monkeypatch))
     before = fakes.unet_weights(engine)

@@ -64,6 +64,11 @@ def forge_family(sd_model: Any) -> Family:
         raise UnsupportedModelError(f"the loaded model is SD3. {MMDIT_TEXT}")
     kmodel = sd_model.forge_objects.unet.model
     unet = getattr(kmodel, "diffusion_model", None)
+    if unet is not None and hasattr(unet, "double_blocks"):
+        raise UnsupportedModelError(
+            "the loaded model is Flux: this tab makes patches for SD1, SD2 and SDXL in Forge. Make Flux patches with "
+            "the command line (python -m ablation_core ablate --model FLUX_FILE --clip-l ... --t5 ...) or ComfyUI's "
+            "nodes; they load here like any LoRA (<lora:NAME:1>)")
     keys = [m for n, m in unet.named_modules() if n.endswith("attn2.to_k")] if unet is not None else []
     if not keys or not hasattr(unet, "input_blocks"):
         raise UnsupportedModelError(f"the loaded model has no UNet cross-attention. {MMDIT_TEXT}")
