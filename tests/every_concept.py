@@ -117,50 +117,106 @@ def _unpatched_samples_cached() -> None:
     toy_eval._classify_samples = cached
 
 
+def anchors_of(concept, which: str) -> list[str]:
+    """The concept's anchors to measure: its suggested one, the other one a user could pick, or both."""
+    return {"suggested": [concept.anchor], "other": [concept.other_anchor],
+            "both": [concept.anchor, concept.other_anchor]}[which]
+
+
 def run(method: str, entries: list[str], per_set: int, concepts: list[str] | None,
-        variants: dict[str, dict] | None = None) -> list[dict]:
-    """``variants``: api settings by label (each concept is made and measured once per variant)."""
+        variants: dict[str, dict] | None = None, anchors: str = "suggested", seeds: int = 1) -> list[dict]:
+    """``variants``: api settings by label (each concept is made and measured once per variant); ``seeds``: the api
+    entry makes and measures each pair once per run seed 0..seeds-1 (evaluation noise moves with it), for the
+    figures' spread."""
     view = load_model(MODEL[0])
     rows = []
     variants = variants or {"": dict(API_SETTINGS)}
-    if len(variants) > 1:
+    if len(variants) > 1 or seeds > 1:
         _unpatched_samples_cached()
     with tempfile.TemporaryDirectory() as tmp:
         for concept in CONCEPTS:
             if concepts and concept.name not in concepts:
                 continue
-            for entry, label in [(e, v) for e in entries for v in variants]:
-                API_SETTINGS.clear()
-                API_SETTINGS.update(variants[label])
-                started = time.perf_counter()
-                patch = MAKERS[entry](method, concept.name, concept.anchor, Path(tmp))
-                made = time.perf_counter() - started
-                evaluation = evaluate_toy(view, patch, concept.name, concept.anchor, per_set=per_set)
-                check = json.loads(patch.metadata.get("ablation.check", "{}"))
-                solve = json.loads(patch.metadata.get("ablation.solve", "{}"))
-                neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
-                              if s.name.startswith("surrounding")}
-                rows.append({"concept": concept.name, "kind": concept.kind, "anchor": concept.anchor, "entry": entry,
-                             "method": method + (f" ({label})" if label else ""), "seconds_to_patch": round(made, 1),
-                             "unet_evaluations": COUNTED.pop(concept.name, None) if entry == "api" else None,
-                             "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
-                             **evaluation.summary, "neighbours": neighbours})
-                print(json.dumps(rows[-1]), flush=True)
+            for anchor, entry, label in [(a, e, v) for a in anchors_of(concept, anchors) for e in entries
+                                         for v in variants]:
+                for seed in range(seeds if entry == "api" else 1):
+                    API_SETTINGS.clear()
+                    API_SETTINGS.update(variants[label])
+                    if seed:
+                        API_SETTINGS["seed"] = seed
+                    rows.append(_measure(view, method, entry, label, concept, anchor, per_set, seed, Path(tmp)))
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def _measure(view, method: str, entry: str, label: str, concept, anchor: str, per_set: int, seed: int,
+             folder: Path) -> dict:
+    started = time.perf_counter()
+    patch = MAKERS[entry](method, concept.name, anchor, folder)
+    made = time.perf_counter() - started
+    evaluation = evaluate_toy(view, patch, concept.name, anchor, per_set=per_set, seed=seed)
+    check = json.loads(patch.metadata.get("ablation.check", "{}"))
+    solve = json.loads(patch.metadata.get("ablation.solve", "{}"))
+    neighbours = {s.concept: [s.shown_before, s.shown_after] for s in evaluation.sets
+                  if s.name.startswith("surrounding")}
+    preservation = evaluation.preservation.as_json() if evaluation.preservation is not None else None
+    return {"concept": concept.name, "kind": concept.kind, "anchor": anchor, "entry": entry,
+            "method": method + (f" ({label})" if label else ""), "seed": seed, "seconds_to_patch": round(made, 1),
+            "unet_evaluations": COUNTED.pop(concept.name, None) if entry == "api" else None,
+            "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
+            **evaluation.summary, "neighbours": neighbours, "preservation": preservation}
+
+
+def _worst_neighbour(row: dict) -> tuple[str, float, float]:
+    name, (before, after) = min(row["neighbours"].items(), key=lambda kv: kv[1][1] - kv[1][0])
+    return name, before, after
+
+
+def _spread(values: list[float], percent: bool = True, digits: int = 2) -> str:
+    """Mean, and with several seeds its spread (sample standard deviation) as mean +- sd."""
+    mean = sum(values) / len(values)
+    form = ".0%" if percent else f".{digits}f"
+    text = format(mean, form)
+    if len(values) > 1:
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        text += " ± " + format(sd, form)
+    return text
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| concept -> anchor | method | entry point | target shown | misspelt shown | anchor kept "
-             "| surroundings kept | worst neighbour (before -> after) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One line per concept, anchor, method and entry point; several seeds' rows become mean +- sd."""
+    lines = ["| concept -> anchor | method | entry point (seeds) | target shown | anchor kept | surroundings kept "
+             "| worst neighbour | neighbour change mean / worst (set) | neighbour FID (floor) | prediction drift "
+             "mean / worst |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        typo = (f"{r['misspelt_recognised_before']:.0%} -> {r['misspelt_recognised']:.0%}"
-                if "misspelt_recognised" in r else "-")
-        worst_name, (before, after) = min(r["neighbours"].items(), key=lambda kv: kv[1][1] - kv[1][0])
-        lines.append(f"| {r['concept']} -> {r['anchor']} | {r['method']} | {r['entry']} "
-                     f"| {r['target_recognised_before']:.0%} -> **{r['target_recognised']:.0%}** | {typo} "
-                     f"| **{r['anchor_retained']:.0%}** | **{r['surrounding_retained']:.0%}** "
-                     f"| {worst_name} {before:.0%} -> {after:.0%} |")
+        groups.setdefault((r["concept"], r["anchor"], r["method"], r["entry"]), []).append(r)
+    for (concept, anchor, method, entry), found in groups.items():
+        worst = [_worst_neighbour(r) for r in found]
+        worst_name = min(worst, key=lambda w: w[2] - w[1])[0]
+        before = found[0]["target_recognised_before"]
+        line = (f"| {concept} -> {anchor} | {method} | {entry} ({len(found)}) "
+                f"| {before:.0%} -> **{_spread([r['target_recognised'] for r in found])}** "
+                f"| {_spread([r['anchor_retained'] for r in found])} "
+                f"| {_spread([r['surrounding_retained'] for r in found])} "
+                f"| {worst_name} **{_spread([w[2] for w in worst])}** ")
+        kept = [r["preservation"] for r in found if r.get("preservation")]
+        if kept:
+            change_worst = [p["neighbour_change"]["worst"] for p in kept]
+            worst_set = max(kept, key=lambda p: p["neighbour_change"]["worst"])["neighbour_change"]["worst_set"]
+            floor = [p["neighbour_fid"]["floor"] for p in kept if p["neighbour_fid"]["floor"] is not None]
+            drift = [p["prediction_drift"] for p in kept if p["prediction_drift"]]
+            line += (f"| {_spread([p['neighbour_change']['mean'] for p in kept], False)} / "
+                     f"**{_spread(change_worst, False)}** ({worst_set.split(': ')[-1]}) "
+                     f"| {_spread([p['neighbour_fid']['value'] for p in kept], False, 4)} "
+                     f"({_spread(floor, False, 4) if floor else '-'}) "
+                     + (f"| {_spread([d['mean'] for d in drift], False)} / "
+                        f"{_spread([d['worst'] for d in drift], False)} |"
+                        if drift else "| - |"))
+        else:
+            line += "| - | - | - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -172,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
     parser.add_argument("--concepts", nargs="+", default=None, help="only these (default: every concept)")
     parser.add_argument("--per-set", type=int, default=48)
+    parser.add_argument("--anchors", choices=("suggested", "other", "both"), default="suggested",
+                        help="each concept's suggested anchor, the second one a user could pick, or both")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="api entry: make and measure each pair with run seeds 0..N-1 (mean +- sd in the table)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
                         help="trained api entry: config settings (values read as JSON, else as text)")
@@ -188,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = None
     if args.compare_presets:
         variants = {preset: {**API_SETTINGS, "preset": preset} for preset in args.compare_presets}
-    rows = run(args.method, args.entries, args.per_set, args.concepts, variants)
+    rows = run(args.method, args.entries, args.per_set, args.concepts, variants, args.anchors, args.seeds)
     table = markdown(rows)
     print(table)
     if args.out:

@@ -29,6 +29,10 @@ PRESET_CASES = (
     ("preset style", [("van gogh", "painting")], "style"),
 )
 JOINT_CASE = ("three targets in one run", [("nemo", "fish"), ("monet", "painting"), ("car", "house")], None)
+# the joint run a user tried in the preservation issue: an instance, a style and an object
+JOINT_MIXED_CASE = ("three targets in one run (instance, style, object)",
+                    [("snoopy", "dog"), ("van gogh", "painting"), ("bird", "fish")], None)
+SETTINGS: dict[str, object] = {}  # --settings: config settings for every trained case
 FIRST, SECOND = ("snoopy", "dog"), ("picasso", "painting")
 
 
@@ -37,8 +41,12 @@ def measure(view, patch, pairs: list[tuple[str, str]], per_set: int) -> list[dic
     for target, anchor in pairs:
         evaluation = evaluate_toy(view, patch, target, anchor, per_set=per_set)
         summary = evaluation.summary
+        kept = evaluation.preservation.as_json() if evaluation.preservation is not None else {}
         rows.append({"target": target, "anchor": anchor, **{k: summary[k] for k in (
-            "target_recognised_before", "target_recognised", "anchor_retained", "surrounding_retained")}})
+            "target_recognised_before", "target_recognised", "anchor_retained", "surrounding_retained")},
+            "neighbour_change": kept.get("neighbour_change"),
+            "worst_neighbour": min(([s.concept, s.shown_after] for s in evaluation.sets
+                                    if s.name.startswith("surrounding")), key=lambda w: w[1], default=None)})
     return rows
 
 
@@ -61,12 +69,12 @@ def run(per_set: int, cases: list[str] | None = None, model: str = "toy") -> lis
     def wanted(case: str) -> bool:
         return not cases or any(case.startswith(c) for c in cases)
 
-    for case, pairs, concept_type in PRESET_CASES + (JOINT_CASE,):
+    for case, pairs, concept_type in PRESET_CASES + (JOINT_CASE, JOINT_MIXED_CASE):
         if not wanted(case):
             continue
         targets, anchors = [t for t, _ in pairs], [a for _, a in pairs]
         started = time.perf_counter()
-        patch = ablate(view, make_config(targets, anchors, concept_type=concept_type)).patch
+        patch = ablate(view, make_config(targets, anchors, concept_type=concept_type, **SETTINGS)).patch
         record(case, pairs, patch, time.perf_counter() - started)
     if wanted("three targets in one closed-form solve"):
         from ablation_core.methods.closed_form.settings import make_closed_form_config
@@ -80,20 +88,27 @@ def run(per_set: int, cases: list[str] | None = None, model: str = "toy") -> lis
     if not wanted("second erasure"):
         return results
     started = time.perf_counter()
-    first = ablate(view, make_config(*FIRST)).patch
-    both = ablate(view, make_config(*SECOND), base_patch=first).patch
+    first = ablate(view, make_config(*FIRST, **SETTINGS)).patch
+    both = ablate(view, make_config(*SECOND, **SETTINGS), base_patch=first).patch
     record("second erasure on top of a first", [FIRST, SECOND], both, time.perf_counter() - started)
     return results
 
 
+def _change_text(change: dict | None) -> str:
+    return f"{change['mean']:.2f} / **{change['worst']:.2f}**" if change else "-"
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| case | target -> anchor | target shown (before -> after) | anchor kept | surroundings kept | ok |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | target -> anchor | target shown (before -> after) | anchor kept | surroundings kept "
+             "| worst neighbour | neighbour change mean / worst | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         for row in result["targets"]:
+            worst, change = row.get("worst_neighbour"), row.get("neighbour_change")
             lines.append(f"| {result['case']} | {row['target']} -> {row['anchor']} "
                          f"| {row['target_recognised_before']:.0%} -> **{row['target_recognised']:.0%}** "
                          f"| {row['anchor_retained']:.0%} | {row['surrounding_retained']:.0%} "
+                         f"| {f'{worst[0]} {worst[1]:.0%}' if worst else '-'} | {_change_text(change)} "
                          f"| {'yes' if result['passed'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -106,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=None,
                         help="only the cases whose names start so: preset, three, second (default: all)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config settings for every trained case (values read as JSON, else as text)")
     args = parser.parse_args(argv)
+    for item in args.settings:
+        key, _, value = item.partition("=")
+        try:
+            SETTINGS[key] = json.loads(value)
+        except json.JSONDecodeError:
+            SETTINGS[key] = value
     results = run(args.per_set, args.cases, args.model)
     table = markdown(results)
     print(table)

@@ -31,13 +31,25 @@ def test_the_toy_model_gets_its_own_settings_and_real_models_the_reference_ones(
 
 
 @pytest.mark.parametrize("family", ["toy", "sd1", "sdxl"])
-def test_the_default_costs_at_most_a_quarter_of_the_earlier_default_and_fast_half_of_it(family):
+def test_the_default_costs_under_a_third_of_the_earlier_default_and_fast_under_half_of_it(family):
     def evaluations(preset: str) -> int:
         return sum(unet_evaluations(resolve_config(make_config("Snoopy", "dog", preset), family)).values())
 
     assert evaluations("thorough") == 4240
-    assert evaluations("default") <= evaluations("thorough") / 4
-    assert evaluations("fast") <= evaluations("default") * 0.6
+    assert evaluations("default") == 1236, "1,036 and 200 for the preserved row (one frozen, one trained pass)"
+    assert evaluations("default") <= evaluations("thorough") / 3
+    assert evaluations("fast") <= evaluations("default") * 0.5
+
+
+@pytest.mark.parametrize("family", ["toy", "sd1", "sdxl"])
+def test_the_sd_default_keeps_one_preserved_row_at_one_and_a_half_times_the_rate_and_flux_keeps_its_own(family):
+    sd = resolve_config(make_config("tree", "car"), family)
+    plain = resolve_config(make_config("tree", "car", preset="thorough"), family)
+    assert sd.preserved_rows == 1 and plain.preserved_rows == 0
+    assert sd.learning_rate == pytest.approx((1e-3 if family == "toy" else 1e-5) * 1.5)
+    flux = resolve_config(make_config("tree", "car"), "toy-flux" if family == "toy" else "flux")
+    assert flux.learning_rate == pytest.approx(1e-3 if family == "toy" else 1e-5), "measured on toy-flux at this rate"
+    assert (flux.group, flux.preserved_rows, flux.steps) == ("embedding", 1, 75)
 
 
 def test_unknown_concepts_on_the_toy_model_are_refused_by_name():

@@ -69,6 +69,29 @@ def test_concepts_json_lists_kinds_anchors_and_neighbours():
         assert axis_of(target) and axis_of(anchor)
 
 
+def test_each_concept_has_a_second_anchor_of_its_kind_for_the_any_anchor_measurement():
+    for concept in CONCEPTS:
+        other = concept.other_anchor
+        assert other not in (concept.name, concept.anchor)
+        assert axis_of(other) == ("style" if concept.kind == "style" else "object"), concept.name
+
+
+def test_the_every_concept_table_gives_mean_and_spread_over_seeds():
+    from tests.every_concept import markdown
+
+    def row(seed: int, shown: float, bird: float, change: float) -> dict:
+        return {"concept": "tree", "anchor": "car", "method": "trained", "entry": "api", "seed": seed,
+                "target_recognised_before": 1.0, "target_recognised": shown, "anchor_retained": 1.0,
+                "surrounding_retained": 0.9, "neighbours": {"bird": [1.0, bird], "cat": [1.0, 1.0]},
+                "preservation": {"neighbour_change": {"mean": change / 2, "worst": change, "worst_set": "unrelated: x"},
+                                 "neighbour_fid": {"value": 0.01, "floor": 0.001}, "prediction_drift": None}}
+
+    table = markdown([row(0, 0.0, 0.5, 0.4), row(1, 0.1, 0.7, 0.2)])
+    line = table.splitlines()[-1]
+    assert "api (2)" in line and "**5% ± 7%**" in line and "bird **60% ± 14%**" in line
+    assert "**0.30 ± 0.14** (x)" in line and "0.0100 ± 0.0000 (0.0010 ± 0.0000)" in line
+
+
 def test_shipped_weights_load_and_denoise_16px_images(toy_model):
     unet, text_encoder, tokenizer = toy_model
     context = encode_prompts(text_encoder, tokenizer, ["a photo of a cat", ""])

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..evaluation.cost import RunMeter, Signature
 from ..methods.ablation.budget import CHECK_PASSES, gradient_passes_per_step, training_passes_per_step, unet_evaluations
 from ..methods.ablation.check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
+from ..methods.ablation.preserve import preserved_prompts
 from ..methods.ablation.reuse import uses_sampler_states
 from ..models.meta import call_cost, parameter_names
 
@@ -89,7 +90,8 @@ def default_preset_costs(view, meter: RunMeter, config, prefix: str) -> dict[str
     encoding = meter.phases.get("prompt_encoding")
     per_prompt = encoding.flops // encoding.text_encoder_prompts if encoding and encoding.text_encoder_prompts else 0
     variants = 1 + int(config.misspelled_targets)
-    prompts = (int(config.anchor_prompt_count) * (1 + variants) + 1
+    kept = len(preserved_prompts(config, view.family.name)) if config.preserved_rows else 0  # encoded once
+    prompts = (int(config.anchor_prompt_count) * (1 + variants) + 1 + kept
                + CHECK_PASSES * SAMPLES_PER_PROMPT * CHECK_PROMPTS * len(config.pairs()))
     return {
         f"{prefix}_unet_evaluations": sum(evaluations.values()),

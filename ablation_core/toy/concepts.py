@@ -37,26 +37,31 @@ class Concept:
     kind: str
     anchor: str
     neighbours: tuple[str, ...]
+    other_anchor: str = ""  # a second anchor of the same kind that a user could pick (the any-anchor measurement)
 
     def as_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "anchor": self.anchor, "neighbours": list(self.neighbours)}
+        return {"name": self.name, "kind": self.kind, "anchor": self.anchor, "other_anchor": self.other_anchor,
+                "neighbours": list(self.neighbours)}
 
 
 def _object_concept(name: str) -> Concept:
     others = tuple(o for o in OBJECTS if o != name)
     anchor = {"cat": "dog", "dog": "cat", "fish": "bird", "bird": "fish", "car": "house", "house": "car",
               "tree": "house"}[name]
-    return Concept(name, "object", anchor, others)
+    other = {"cat": "bird", "dog": "fish", "fish": "cat", "bird": "cat", "car": "tree", "house": "tree",
+             "tree": "car"}[name]
+    return Concept(name, "object", anchor, others, other)
 
 
 def _instance_concept(name: str) -> Concept:
     cls = INSTANCE_CLASS[name]
     others = tuple(i for i in INSTANCES if i != name)
-    return Concept(name, "instance", cls, (cls,) + others + tuple(o for o in OBJECTS if o != cls)[:3])
+    other = {"grumpy cat": "dog", "snoopy": "cat", "nemo": "bird"}[name]  # another animal than its own class
+    return Concept(name, "instance", cls, (cls,) + others + tuple(o for o in OBJECTS if o != cls)[:3], other)
 
 
 def _style_concept(name: str) -> Concept:
-    return Concept(name, "style", "painting", tuple(a for a in ARTISTS if a != name) + ("painting", "photo"))
+    return Concept(name, "style", "painting", tuple(a for a in ARTISTS if a != name) + ("painting", "photo"), "photo")
 
 
 CONCEPTS: tuple[Concept, ...] = (

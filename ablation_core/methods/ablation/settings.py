@@ -8,9 +8,10 @@ Real models: the reference implementation trains with lr 2e-6 scaled by the tota
 100 steps, on 1000 anchor images from 200 prompts sampled with DPM-Solver (25 steps, CFG 6). ``paper`` reproduces
 that on one GPU (batch 4, 200 steps, lr 2e-6 x 4). ``thorough`` keeps the batch of 8 and the steps of the
 reference but draws fewer anchor images with fewer solver steps, which is most of the time of the reference recipe
-(4,240 UNet evaluations). ``default`` takes under a quarter of that (1,036: 32 anchor images x 8 unguided solver
+(4,240 UNet evaluations). ``default`` takes under a third of that (1,236: 32 anchor images x 8 unguided solver
 steps, then 100 steps of 5 rows, 2 of them with the model-based loss and 3 with the noise-based loss, which needs no
-frozen pass); ``fast`` halves it again.
+frozen pass, and one preserved row that holds another concept at the frozen model's prediction); ``fast`` (no
+preserved row) halves the rest again.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 BASE_LR = 2e-6
 PRESET_NAMES = ("fast", "default", "thorough", "paper")
 
-# The default (1,036 UNet evaluations, under a quarter of ``thorough``'s 4,240): 32 anchor images drawn without
-# guidance (one pass per solver step: the model's own conditional distribution of the anchor), and the "mixed" loss
-# on them: the noise-based loss (Eq. 6, no frozen pass) on the 3 noisier rows of each batch of 5, the model-based
-# loss (Eq. 5) on the 2 least noisy ones, where the noise target varies most. On unguided samples of the anchor the
-# two aim at the same prediction in expectation. Measured on every toy concept against ``thorough`` (docs/speed.md).
+# The default (1,236 UNet evaluations, 29 % of ``thorough``'s 4,240): 32 anchor images drawn without guidance (one
+# pass per solver step: the model's own conditional distribution of the anchor), and the "mixed" loss on them: the
+# noise-based loss (Eq. 6, no frozen pass) on the 3 noisier rows of each batch of 5, the model-based loss (Eq. 5) on
+# the 2 least noisy ones, where the noise target varies most. On unguided samples of the anchor the two aim at the
+# same prediction in expectation. Plus one preserved row a step (``preserve.py``: a prompt of another concept held
+# at the frozen model's prediction, two passes) and the learning rate x1.5 to erase as far with it: without the row,
+# tree -> car took bird from 100 % to 62 % (an anchor a user could pick; the suggested tree -> house kept it).
+# Measured on every toy concept with two anchors each, on erasure and preservation (docs/speed.md).
 DEFAULTS: dict[str, object] = {
     "kind": "object", "group": "kv", "objective": "mixed", "regularization": False, "steps": 100, "batch_size": 5,
     "learning_rate": BASE_LR * 5, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 32,
@@ -44,7 +48,7 @@ _THOROUGH = {"objective": "model", "batch_size": 8, "learning_rate": BASE_LR * 8
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
     "real": {
         "fast": {"steps": 50, "anchor_images": 16},
-        "default": {},
+        "default": {"learning_rate": 1.5e-5, "preserved_rows": 1},  # the reference's 2e-6 a row x 5 rows, x1.5
         "thorough": _THOROUGH,
         "paper": {"objective": "model", "steps": 200, "batch_size": 4, "learning_rate": BASE_LR * 4,
                   "anchor_images": 1000, "sampler_steps": 25, "guidance": 6.0},
@@ -52,7 +56,7 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
     # The toy model learns from 16x16 pixels in minutes: a larger step, its own guidance and sampling batch.
     "toy": {
         "fast": {"steps": 50, "learning_rate": 1e-3, "anchor_images": 16, "sample_batch_size": 64},
-        "default": {"learning_rate": 1e-3, "sample_batch_size": 64},
+        "default": {"learning_rate": 1.5e-3, "sample_batch_size": 64, "preserved_rows": 1},
         "thorough": {**_THOROUGH, "learning_rate": 1e-3, "anchor_images": 64, "sampler_steps": 20, "guidance": 4.0,
                      "sample_batch_size": 64},
         "paper": {"objective": "model", "steps": 200, "batch_size": 4, "learning_rate": 1e-3, "anchor_images": 200,
@@ -70,18 +74,20 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
 # way), which ``resolve_for_view`` fills in where these leave guidance at 1. Real Flux keeps SD's learning rate
 # (not measured on a real Flux here); toy-flux has the toy's.
 FLUX_CHOICES = {"group": "embedding", "preserved_rows": 1}
-FLUX_DEFAULT_STEPS = 75
-for _flux, _base in (("flux", "real"), ("toy-flux", "toy")):
-    PRESETS[_flux] = {name: {**values, **FLUX_CHOICES, **({"steps": FLUX_DEFAULT_STEPS} if name == "default" else {})}
+FLUX_DEFAULT = {"steps": 75}  # and the learning rate the Flux default was measured with (SD's default had no x1.5)
+for _flux, _base, _rate in (("flux", "real", BASE_LR * 5), ("toy-flux", "toy", 1e-3)):
+    PRESETS[_flux] = {name: {**values, **FLUX_CHOICES,
+                             **({**FLUX_DEFAULT, "learning_rate": _rate} if name == "default" else {})}
                       for name, values in PRESETS[_base].items()}
 MEMORY_OPTIONS = ("gradient_checkpointing", "offload_text_encoder")  # how a run fits; never what it makes
 # toy "full": every UNet weight moves, a tenth of the step keeps the neighbours; toy-flux K/V and attention: 3e-4,
 # measured on bird -> fish, fish -> bird and cat -> dog (1e-3 and 5e-4 cost a neighbour, 1e-4 left fish in 12 %;
 # robust rounds train ``attn`` at it)
 GROUP_LEARNING_RATE = {("toy", "full"): 1e-4, ("toy-flux", "kv"): 3e-4, ("toy-flux", "attn"): 3e-4}
-PRESET_HELP = ("fast: a preview at half the default's cost (may leave some of the target); default: 32 unguided "
-               "anchor images, 100 steps of 5 with the mixed loss (about 1,000 UNet evaluations); thorough: the "
-               "earlier default (model-based loss, 4x the evaluations); paper: the paper's recipe (slowest)")
+PRESET_HELP = ("fast: a preview at under half the default's cost (may leave some of the target); default: 32 "
+               "unguided anchor images, 100 steps of 5 with the mixed loss and one row keeping another concept "
+               "(about 1,200 UNet evaluations); thorough: an earlier default (model-based loss, 3.4x the "
+               "evaluations); paper: the paper's recipe (slowest)")
 
 
 @dataclass(frozen=True)
