@@ -101,6 +101,9 @@ def test_unrelated_sets_leave_out_what_the_patch_erases():
     assert all("grumpy cat" in p for s in cat_sets if s.concept == "grumpy cat" for p in s.prompts)
     plain = [s.name for s in toy_prompt_sets("tree", "car", per_set=8)]
     assert plain == [s.name for s in sets][:len(plain)], "the unrelated sets come after the usual ones"
+    mixed = toy_prompt_sets("snoopy", "dog", per_set=8, erased=("snoopy", "van gogh", "bird"))
+    assert "bird" not in {s.concept for s in mixed}, "another target of the joint patch is no one's neighbour"
+    assert "bird" in {s.concept for s in toy_prompt_sets("snoopy", "dog", per_set=8)}
     joint = toy_prompt_sets("bird", "fish", per_set=8, erased=("bird", "van gogh"))
     assert not any("van gogh" in p for s in joint if s.name.startswith("surrounding") for p in s.prompts)
     assert any("van gogh" in p for s in toy_prompt_sets("bird", "fish", per_set=8) for p in s.prompts)

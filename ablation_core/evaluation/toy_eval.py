@@ -89,7 +89,9 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     target, anchor = target.lower().strip(), anchor.lower().strip()
     axis_of(target)
     concept = CONCEPTS_BY_NAME.get(target)
-    neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (target, anchor)]
+    gone = (target, *(e.lower().strip() for e in erased))
+    # a joint patch's other targets are meant to change: they are no one's neighbour
+    neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (anchor, *gone)]
 
     def captions(name: str, count: int = per_set, avoid: tuple[str, ...] = ()) -> list[str]:
         found = captions_of(name, "eval")
@@ -106,7 +108,6 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     per_neighbour = max(min(16, per_set), per_set // max(1, len(neighbours)))
     # kept sets leave out captions naming an erased concept: "a monet painting of a tree" is meant to change with
     # tree, "a van gogh painting of a car" with a joint patch's van gogh
-    gone = (target, *(e.lower().strip() for e in erased))
     for name in neighbours:
         sets.append(PromptSet(f"surrounding: {name}", name, captions(name, per_neighbour, gone)))
     if unrelated:
