@@ -220,6 +220,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` items as config settings: values read as JSON, else as text."""
+    found: dict[str, object] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            found[key] = json.loads(value)
+        except json.JSONDecodeError:
+            found[key] = value
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.every_concept", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,12 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="trained api entry: each concept once per preset (e.g. default thorough fast)")
     args = parser.parse_args(argv)
     MODEL[0] = args.model
-    for item in args.settings:
-        key, _, value = item.partition("=")
-        try:
-            API_SETTINGS[key] = json.loads(value)
-        except json.JSONDecodeError:
-            API_SETTINGS[key] = value
+    API_SETTINGS.update(parse_settings(args.settings))
     variants = None
     if args.compare_presets:
         variants = {preset: {**API_SETTINGS, "preset": preset} for preset in args.compare_presets}

@@ -124,12 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config settings for every trained case (values read as JSON, else as text)")
     args = parser.parse_args(argv)
-    for item in args.settings:
-        key, _, value = item.partition("=")
-        try:
-            SETTINGS[key] = json.loads(value)
-        except json.JSONDecodeError:
-            SETTINGS[key] = value
+    from tests.every_concept import parse_settings
+
+    SETTINGS.update(parse_settings(args.settings))
     results = run(args.per_set, args.cases, args.model)
     table = markdown(results)
     print(table)
