@@ -22,8 +22,9 @@ from ablation_core.models.single_file import save_single_file  # noqa: E402
 
 # The tiny random models are tested with the model-based loss on guided anchors (the paper's Eq. 5, the thorough
 # preset's choice); the default's noise-based loss is exercised on the toy model, which can learn.
+# the loop's mechanics on tiny random models; the preserved row (the default preset's) has its own tests
 TINY_TRAINING = dict(steps=12, batch_size=4, learning_rate=1e-3, anchor_images=8, sampler_steps=3,
-                     anchor_prompt_count=16, objective="model", guidance=6.0)
+                     anchor_prompt_count=16, objective="model", guidance=6.0, preserved_rows=0)
 
 
 def tiny_config(target: str = "Grumpy Cat", anchor: str = "cat", **overrides):

@@ -81,3 +81,39 @@ def test_a_run_that_barely_changes_the_model_says_so(toy_view, tmp_path, caplog)
     assert "barely changed the model" in caplog.text and "more steps" in caplog.text
     check = json.loads(load_patch(out).metadata["ablation.check"])
     assert check["erased_fraction"] < 0.5
+
+
+def test_the_default_preserved_row_keeps_a_neighbour_of_another_anchor_on_the_toy_model(toy_view):
+    """tree -> car moved bird's samples at the earlier default (no preserved row: bird kept 62 %); the default's row
+    holds the other concepts' prompts at the frozen prediction, so bird's prompts move much less for each unit the
+    target moves, and the cost model counts the row's two passes."""
+    import torch
+
+    from ablation_core import ablate
+    from ablation_core.evaluation.cost import RunMeter
+    from ablation_core.patches.apply import apply_patch
+
+    settings = {"steps": 30, "anchor_images": 8, "held_out_prompts": ("a photo of a car",)}
+    generator = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(4, 3, 16, 16, generator=generator), torch.randn(4, 3, 16, 16, generator=generator)
+    t = torch.full((4,), 500)
+    x_t = toy_view.schedule.noisy(x0, noise, t)
+
+    def moved(result, prompt: str) -> float:
+        cond = toy_view.encode([prompt] * 4)
+        with torch.no_grad():
+            before = toy_view.predict(x_t, t, cond)
+            with apply_patch(toy_view, result.patch):
+                after = toy_view.predict(x_t, t, cond)
+        return float((after - before).pow(2).mean())
+
+    plain = ablate(toy_view, make_config("tree", "car", preserved_rows=0, **settings))
+    meter = RunMeter(toy_view.unet, [], toy_view.device)
+    with meter.measuring():
+        held = ablate(toy_view, make_config("tree", "car", **settings))
+    assert held.config.preserved_rows == 1 and plain.config.preserved_rows == 0
+    bird, target = "a photo of a bird", "a photo of a tree"
+    assert moved(held, bird) / moved(held, target) < 0.7 * moved(plain, bird) / moved(plain, target)
+    counted = {name: phase.unet_evaluations for name, phase in meter.phases.items() if phase.unet_evaluations}
+    assert counted == unet_evaluations(held.config, held_out_prompts=1)
+    assert counted["training"] == unet_evaluations(plain.config, held_out_prompts=1)["training"] + 2 * 30
