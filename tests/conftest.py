@@ -65,3 +65,21 @@ def sd1_result(sd1_view):
 
 def unet_weights(view) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in view.unet.state_dict().items()}
+
+
+def prediction_change(view, patch, prompts: list[str], seed: int = 5) -> float:
+    """Mean squared change of the view's prediction for ``prompts`` (one noisy 16x16 image each, t = 500) when
+    ``patch`` is applied: how far a run moved these prompts."""
+    from ablation_core.patches.apply import apply_patch
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(prompts), 3, 16, 16)
+    x0, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    t = torch.full((len(prompts),), 500)
+    x_t = view.schedule.noisy(x0, noise, t)
+    cond = view.encode(prompts)
+    with torch.no_grad():
+        before = view.predict(x_t, t, cond)
+        with apply_patch(view, patch):
+            after = view.predict(x_t, t, cond)
+    return float((after - before).pow(2).mean())

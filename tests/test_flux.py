@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import prediction_change
 from safetensors.torch import save_file
 
 from ablation_core import ablate, make_config
@@ -282,18 +283,9 @@ def test_preserved_rows_hold_the_kept_prompts_and_the_cost_model_counts_them():
     settings = {**TINY, "steps": 12, "learning_rate": 3e-3, "group": "kv", "held_out_prompts": ("a photo of a cat",)}
     kept = [p for p in preserved_prompts(make_config("grumpy cat", "cat"), "toy-flux") if "snoopy" in p][:4]
     assert kept, "the toy world keeps its other concepts"
-    generator = torch.Generator().manual_seed(5)
-    x0, noise = torch.randn(4, 3, 16, 16, generator=generator), torch.randn(4, 3, 16, 16, generator=generator)
-    t = torch.full((4,), 500)
-    x_t = view.schedule.noisy(x0, noise, t)
 
     def moved(result, prompts: list[str]) -> float:
-        cond = view.encode(prompts)
-        with torch.no_grad():
-            before = view.predict(x_t, t, cond)
-            with apply_patch(view, result.patch):
-                after = view.predict(x_t, t, cond)
-        return float((after - before).pow(2).mean())
+        return prediction_change(view, result.patch, prompts)
 
     plain = ablate(view, make_config("grumpy cat", "cat", preserved_rows=0, **settings))
     meter = RunMeter(view.transformer, [], view.device)

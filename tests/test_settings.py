@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import prediction_change
 
 from ablation_core import PromptError, evaluate_toy, load_model, load_patch, make_config, resolve_config
 from ablation_core.cli import main
@@ -87,25 +88,14 @@ def test_the_default_preserved_row_keeps_a_neighbour_of_another_anchor_on_the_to
     """tree -> car moved bird's samples at the earlier default (no preserved row: bird kept 62 %); the default's row
     holds the other concepts' prompts at the frozen prediction, so bird's prompts move much less for each unit the
     target moves, and the cost model counts the row's two passes."""
-    import torch
 
     from ablation_core import ablate
     from ablation_core.evaluation.cost import RunMeter
-    from ablation_core.patches.apply import apply_patch
 
     settings = {"steps": 30, "anchor_images": 8, "held_out_prompts": ("a photo of a car",)}
-    generator = torch.Generator().manual_seed(5)
-    x0, noise = torch.randn(4, 3, 16, 16, generator=generator), torch.randn(4, 3, 16, 16, generator=generator)
-    t = torch.full((4,), 500)
-    x_t = toy_view.schedule.noisy(x0, noise, t)
 
     def moved(result, prompt: str) -> float:
-        cond = toy_view.encode([prompt] * 4)
-        with torch.no_grad():
-            before = toy_view.predict(x_t, t, cond)
-            with apply_patch(toy_view, result.patch):
-                after = toy_view.predict(x_t, t, cond)
-        return float((after - before).pow(2).mean())
+        return prediction_change(toy_view, result.patch, [prompt] * 4)
 
     plain = ablate(toy_view, make_config("tree", "car", preserved_rows=0, **settings))
     meter = RunMeter(toy_view.unet, [], toy_view.device)

@@ -31,7 +31,7 @@ from .check import combine, held_out_pairs, measure_effect, pair_latents, weak_e
 from .fits import check_run_fits
 from .metadata import build_metadata
 from .objectives import ablation_loss, model_rows, regularization_loss
-from .preserve import encode_preserved, kept_rows
+from .preserve import encode_preserved, kept_rows, kept_weight
 from .recipes import drop_near_copies
 from .reuse import SamplerStates, training_batch, uses_sampler_states
 from .settings import AblationConfig, check_config, resolve_for_view
@@ -201,7 +201,8 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                         if preserved is not None:
                             images, kept = kept_rows(len(x_t), int(config.preserved_rows or len(x_t)),
                                                      len(preserved), generator)
-                            loss = loss + _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept))
+                            kept_loss = _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept))
+                            loss = loss + kept_loss * kept_weight(len(config.pairs()))
                         if not math.isfinite(loss.item()):
                             raise TrainingDivergedError(
                                 f"the loss became {loss.item()} at step {step}; nothing was written. Lower the "
