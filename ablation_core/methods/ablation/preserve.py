@@ -16,6 +16,8 @@ single-target patches summed brought nemo back to 69 %), which asks for less tha
 three targets (nemo + monet + car; snoopy + nemo + grumpy cat; snoopy + van gogh + bird): full weight left nemo in
 38 % and 88 %, van gogh and bird in 12 %; a third, nemo in 0 % and 19 %, van gogh in 6 %; a sixth, every target 0 %
 but van gogh 6 % (1 of 16), every neighbour kept, worst neighbour change 0.11 (0.63 with no kept rows).
+Two targets at a third (snoopy + nemo, monet + car, van gogh + bird, nemo + grumpy cat): every target 0 % but bird
+6 % (1 of 16), every neighbour kept, worst change 0.27 (nemo + grumpy cat).
 """
 
 from __future__ import annotations
