@@ -88,7 +88,6 @@ def test_the_default_preserved_row_keeps_a_neighbour_of_another_anchor_on_the_to
     """tree -> car moved bird's samples at the earlier default (no preserved row: bird kept 62 %); the default's row
     holds the other concepts' prompts at the frozen prediction, so bird's prompts move much less for each unit the
     target moves, and the cost model counts the row's two passes."""
-
     from ablation_core import ablate
     from ablation_core.evaluation.cost import RunMeter
 

@@ -184,6 +184,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
         adapters = AdapterSet(layers, config.lora_rank, row_masks)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, weight_decay=0.0)
         low_noise_rows = model_rows("mixed", int(config.batch_size)) if config.objective == "mixed" else 0
+        kept_scale = kept_weight(len(config.pairs()))
         losses: list[float] = []
         started = time.perf_counter()
         report(Progress("train", 0, config.steps))  # a CPU's first step of SD1 takes seconds: say it began
@@ -202,7 +203,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                             images, kept = kept_rows(len(x_t), int(config.preserved_rows or len(x_t)),
                                                      len(preserved), generator)
                             kept_loss = _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept))
-                            loss = loss + kept_loss * kept_weight(len(config.pairs()))
+                            loss = loss + kept_loss * kept_scale
                         if not math.isfinite(loss.item()):
                             raise TrainingDivergedError(
                                 f"the loss became {loss.item()} at step {step}; nothing was written. Lower the "
