@@ -164,6 +164,7 @@ def _measure(view, method: str, entry: str, label: str, concept, anchor: str, pe
             "method": method + (f" ({label})" if label else ""), "seed": seed, "seconds_to_patch": round(made, 1),
             "unet_evaluations": COUNTED.pop(concept.name, None) if entry == "api" else None,
             "moved_onto_anchor": check.get("erased_fraction", solve.get("target_moved_fraction")),
+            "check_images_still_target": check.get("images_still_target"),
             **evaluation.summary, "neighbours": neighbours, "preservation": preservation}
 
 

@@ -105,7 +105,7 @@ def test_the_run_plan_prices_flux_prompts_at_t5_xxls_cost_and_plans_the_checks_p
     """A Flux prompt goes through T5-XXL (about a fifth of a Flux pass), an SD prompt through CLIP (a fortieth of a
     UNet pass): the node's bar gives each phase its share by these, including the held-out check's own prompts,
     which the real ComfyUI showed sitting at one fraction for minutes when they were left out."""
-    from ablation_core.methods.ablation.check import CHECK_PROMPTS
+    from ablation_core.methods.ablation.check import check_prompts_encoded
     from ablation_core.methods.run_plan import plan_trained, prompt_cost, unet_pass
 
     class Plan:
@@ -123,4 +123,4 @@ def test_the_run_plan_prices_flux_prompts_at_t5_xxls_cost_and_plans_the_checks_p
     assert flux.units["prompts"] == pytest.approx(sd.units["prompts"] * prompt_cost("flux") / prompt_cost("sd1"))
     assert flux.units["preserved"] > 0  # the default's kept concepts are encoded too, and planned
     check_passes = unet_evaluations(config)["check"] * unet_pass(64)
-    assert flux.units["check"] == pytest.approx(check_passes + 2 * CHECK_PROMPTS * prompt_cost("flux"))
+    assert flux.units["check"] == pytest.approx(check_passes + check_prompts_encoded(1) * prompt_cost("flux"))

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from ablation_core import ablate, evaluate_toy, load_model, make_config, resolve_config
-from ablation_core.methods.ablation.check import held_out_pairs, pair_latents
+from ablation_core import Progress, ablate, evaluate_toy, load_model, make_config, resolve_config
+from ablation_core.methods.ablation.check import STILL_TARGET, WEAK_EFFECT, held_out_pairs, pair_latents
 from ablation_core.methods.ablation.loop import _anchors_by_pair, _prompt_pairs
 from ablation_core.methods.prompts import mentions, prompts_for
 
@@ -49,3 +49,28 @@ def test_a_joint_run_that_erases_every_target_does_not_warn(preset, caplog):
     assert evaluation.summary["target_recognised"] <= 0.05, "the case needs van gogh erased"
     assert result.warning is None and "barely changed" not in caplog.text, erased
     assert all(value >= 0.5 for value in erased.values()), erased
+    drawn = {t: c["images_still_target"] for t, c in result.check["per_target"].items()}
+    assert all(value <= STILL_TARGET for value in drawn.values()), drawn
+
+
+def test_a_run_whose_gap_looks_done_but_whose_images_still_show_the_target_warns(caplog):
+    """nemo -> fish at 5 steps: the gap reads about half erased (no warning from it alone), while the classifier still
+    sees nemo in every image; the drawn check sees it too and says so."""
+    view = load_model("toy")
+    with caplog.at_level(logging.WARNING):
+        result = ablate(view, make_config("nemo", "fish", steps=5))
+    evaluation = evaluate_toy(view, result.patch, "nemo", "fish", per_set=8, preservation=False)
+    assert evaluation.summary["target_recognised"] >= 0.75, "the case needs nemo still drawn"
+    assert result.check["erased_fraction"] >= WEAK_EFFECT, "the case needs a gap that looks done"
+    assert result.check["images_still_target"] > STILL_TARGET
+    assert result.warning and "did not erase 'nemo' everywhere" in result.warning and "more steps" in result.warning
+
+
+def test_the_checks_progress_counts_unet_passes_up_to_its_total(caplog):
+    view = load_model("toy")
+    seen: list[Progress] = []
+    result = ablate(view, make_config(["snoopy", "nemo"], ["dog", "fish"], preset="fast"), on_progress=seen.append)
+    check = [(p.step, p.total) for p in seen if p.phase == "check"]
+    assert check[0] == (0, check[0][1]) and check[-1] == (check[0][1], check[0][1])
+    assert [s for s, _ in check] == sorted(s for s, _ in check)
+    assert check[0][1] == result.check["held_out_prompts"] * 10 + result.check["images"] * 3 * 8 * 2

@@ -34,10 +34,11 @@ def test_counted_evaluations_match_the_settings(sd1_view, objective, reuse, guid
     counted, result = _counted(sd1_view, tiny_config(**SMALL, objective=objective, reuse_sampler_states=reuse,
                                                      guidance=guidance))
     # 2 images x 2 solver steps x 2 (guidance; 1 without); 3 steps x 2 rows x (grad pass [+ frozen pass of the
-    # model-based loss, unless the sampler's states give it]); 1 prompt x 2 samples x 5
-    # (mixed: 1 of the 2 rows of each step has the frozen target)
+    # model-based loss, unless the sampler's states give it]); the check: 1 prompt x 2 samples x 5, and 3 guided
+    # images of that prompt x 2 solver steps (the run's own) x 2 (mixed: 1 of the 2 rows of each step has the
+    # frozen target)
     frozen = {"model": 0 if reuse else 2, "noise": 0, "mixed": 1}[objective]
-    expected = {"anchor_sampling": 8 if guidance != 1.0 else 4, "training": 3 * (2 + frozen), "check": 10}
+    expected = {"anchor_sampling": 8 if guidance != 1.0 else 4, "training": 3 * (2 + frozen), "check": 10 + 12}
     assert counted == expected
     assert unet_evaluations(result.config, held_out_prompts=1) == expected
 

@@ -17,7 +17,7 @@ from ..methods.progress import Progress, ProgressFn
 
 PHASE_LABELS = {"prompts": "encoding prompts", "anchors": "anchor images", "train": "training",
                 "check": "held-out check", "solve": "solving", "evaluate": "evaluating"}
-PHASE_UNITS = {"prompts": "prompt", "anchors": "image", "train": "step", "check": "check", "solve": "layer",
+PHASE_UNITS = {"prompts": "prompt", "anchors": "image", "train": "step", "check": "UNet pass", "solve": "layer",
                "evaluate": "pass"}
 
 

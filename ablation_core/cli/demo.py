@@ -14,6 +14,7 @@ from pathlib import Path
 from ..backends.loading import load_model
 from ..evaluation.toy_eval import evaluate_toy
 from ..files import write_text_atomic
+from ..methods.ablation.check import check_summary
 from ..methods.ablation.loop import ablate
 from ..methods.ablation.settings import make_config, resolve_for_view
 from .console import progress_bars
@@ -32,8 +33,8 @@ def run_demo(out: Path, target: str, anchor: str, group: str | None = None, obje
         result = ablate(view, config, on_progress)
     out.mkdir(parents=True, exist_ok=True)
     patch_path = result.patch.compressed().save(out / "patch.safetensors")
-    print(f"patch written to {patch_path} ({patch_path.stat().st_size / 1e3:.1f} kB); held-out check: the target "
-          f"moved {result.check['erased_fraction']:.0%} of the way to the anchor")
+    print(f"patch written to {patch_path} ({patch_path.stat().st_size / 1e3:.1f} kB); held-out check: "
+          f"{check_summary(result.check)}")
     print("evaluating: sampling target, misspelt, anchor and surrounding prompts before and after the patch")
     with progress_bars() as on_progress:
         # the preservation figures double the sampling; the demo keeps to its minute (``eval`` reports them)

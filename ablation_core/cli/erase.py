@@ -67,6 +67,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[str], anchor_prompts, base):
+    from ..methods.ablation.check import check_summary
     from ..methods.ablation.settings import make_config
     from ..methods.robust.rounds import robust_ablate
     from .console import progress_bars
@@ -85,7 +86,7 @@ def _trained(args: argparse.Namespace, view, targets: list[str], anchors: list[s
         result = robust_ablate(view, config, on_progress, base_patch=base)
     return result.patch, (f"loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}; anchors "
                           f"{result.seconds_anchors:.1f}s, training {result.seconds_training:.1f}s; held-out check: "
-                          f"the target moved {result.check['erased_fraction']:.0%} of the way to the anchor")
+                          f"{check_summary(result.check)}")
 
 
 def _closed_form(args: argparse.Namespace, view, targets: list[str], anchors: list[str], base):

@@ -137,7 +137,7 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
     times; robust rounds add the preserved prompts, the adversary's images and, each round, the adversary's searches
     and one more run."""
     from .ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
-    from .ablation.check import CHECK_PROMPTS
+    from .ablation.check import check_prompts_encoded
     from .ablation.preserve import preserved_prompts
     from .robust.rounds import adversary_budget
 
@@ -145,7 +145,7 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
     cost = prompt_cost(family)
     prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
     backward = 2 * gradient_passes_per_step(config) * int(config.steps)
-    check_prompts = 2 * CHECK_PROMPTS * len(config.pairs())  # held-out anchor prompts and their target twins
+    check_prompts = check_prompts_encoded(len(config.pairs()))
     run = {"prompts": prompts * cost, "anchors": passes["anchor_sampling"] * unet_pass(latent_size),
            "train": (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size),
            "check": passes["check"] * unet_pass(latent_size) + check_prompts * cost}

@@ -26,6 +26,7 @@ from ...evaluation.images import grid, save_image
 from ...files import check_output_file, write_text_atomic
 from ...methods import run_plan
 from ...methods.ablation.adapters import AdapterSet
+from ...methods.ablation.check import check_summary
 from ...methods.ablation.recipes import AUTO, guess_concept_type
 from ...methods.ablation.settings import AblationConfig, make_config, resolve_config
 from ...methods.closed_form.settings import ClosedFormConfig, make_closed_form_config, resolve_closed_form
@@ -246,10 +247,9 @@ def _trained(host: A1111Host, request: TabRequest, view: WebUIView, progress: Ru
     plan_trained(progress, config, view.default_latent_size, preview_units, view.family.name,
                  len(view.layers(config.group)) if request.storage == "low rank" else 0)
     result = robust_ablate(view, config, on_progress=progress, should_cancel=host.cancelled)
-    check = result.check.get("erased_fraction")
+    check = (f"; held-out check: {check_summary(result.check)}" if "erased_fraction" in result.check else "")
     summary = (f"'{config.target}' -> '{config.anchor}': {config.steps} steps, loss {result.losses[0]:.4g} -> "
-               f"{result.losses[-1]:.4g}" + (f"; target moved {check:.0%} toward the anchor on held-out prompts"
-                                             if check is not None else ""))
+               f"{result.losses[-1]:.4g}{check}")
     if result.warning:
         summary += f". WARNING: {result.warning}"
     return result.patch, summary

@@ -141,7 +141,7 @@ def stored_loss_curve(patch: AblationPatch) -> list[float]:
 
 def summarize(patch: AblationPatch, cached: bool) -> str:
     """"erased 97% ..." from the held-out check in the metadata, or the warning when the run barely changed anything."""
-    from ...methods.ablation.check import WEAK_EFFECT
+    from ...methods.ablation.check import STILL_TARGET, WEAK_EFFECT, check_summary
 
     prefix = "reused cached result; " if cached else ""
     try:
@@ -152,8 +152,10 @@ def summarize(patch: AblationPatch, cached: bool) -> str:
     if erased < WEAK_EFFECT:
         return (prefix + f"WARNING: the run barely changed the model (target moved {max(erased, 0):.0%} toward the "
                 "anchor on held-out prompts): try more steps, the paper preset, or check the target's spelling")
-    prompts = check.get("held_out_prompts", "?")
-    return prefix + f"target moved {erased:.0%} of the way to the anchor on {prompts} held-out prompts"
+    if float(check.get("images_still_target", 0.0)) > STILL_TARGET:
+        return (prefix + f"WARNING: the target is not erased everywhere ({check_summary(check)} on held-out "
+                "prompts): try more steps, the paper preset, or check the target's spelling")
+    return prefix + f"{check_summary(check)} on {check.get('held_out_prompts', '?')} held-out prompts"
 
 
 def apply_patches(model, clip, entries: list[tuple[AblationPatch, float]]) -> tuple[object, object]:

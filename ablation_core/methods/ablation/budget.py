@@ -4,19 +4,18 @@ One evaluation = the UNet applied to one latent. Anchor sampling with classifier
 and solver step (one at guidance 1, which has no unconditional pass); training costs, per batch row, one pass with
 gradients plus one frozen pass for the model-based target (none when the target comes from the sampler's states,
 ``reuse``) plus one per regularized row, and two per preserved row (``preserve``); the held-out check five per
-sample (unconditional, anchor and target before, anchor and target after). The benchmark checks this against
-counted evaluations on every run.
+sample of its gap (unconditional, anchor and target before, anchor and target after), and three guided images per
+drawn prompt (``check.drawn_effect``) at two passes per solver step (one on a distilled model). The benchmark checks
+this against counted evaluations on every run.
 """
 
 from __future__ import annotations
 
 from ...models.sampling import unguided
-from .check import CHECK_PROMPTS, SAMPLES_PER_PROMPT
+from .check import CHECK_PASSES, CHECK_PROMPTS, SAMPLES_PER_PROMPT, drawn_images, drawn_passes, drawn_steps
 from .objectives import model_rows
 from .reuse import uses_sampler_states
 from .settings import AblationConfig
-
-CHECK_PASSES = 5
 
 
 def gradient_passes_per_step(config: AblationConfig) -> int:
@@ -53,6 +52,9 @@ def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None
     ``guidance_input``: the model is guidance-distilled (``ModelView.guidance_input``)."""
     held_out = held_out_prompts if held_out_prompts is not None else CHECK_PROMPTS * len(config.pairs())
     sampling = sampling_passes(config, guidance_input)
+    targets = len(config.pairs())
+    drawn = targets * drawn_images(config, -(-held_out // targets))  # per target, from its share of the prompts
     return {"anchor_sampling": sampling * int(config.anchor_images) * int(config.sampler_steps),
             "training": int(config.steps) * training_passes_per_step(config),
-            "check": CHECK_PASSES * SAMPLES_PER_PROMPT * held_out}
+            "check": (CHECK_PASSES * SAMPLES_PER_PROMPT * held_out
+                      + 3 * drawn * drawn_steps(config) * drawn_passes(guidance_input))}

@@ -27,7 +27,7 @@ from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, encode_with_progress, no_progress
 from .adapters import AdapterSet
-from .check import combine, held_out_pairs, measure_effect, pair_latents, weak_effect_warning
+from .check import check_evaluations, check_pair, combine, held_out_pairs, pair_latents, weak_effect_warning
 from .fits import check_run_fits
 from .metadata import build_metadata
 from .objectives import ablation_loss, model_rows, regularization_loss
@@ -223,12 +223,16 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
             checks = {}
             prompt_pair = [pair for pair, prompts in enumerate(_anchors_by_pair(config)) for _ in prompts]
             held_out = held_out_pairs(config, anchor_prompts)
-            report(Progress("check", 0, len(held_out)))
+            sizes = [check_evaluations(view, config, len(prompts)) for _, prompts, _ in held_out]
+            report(Progress("check", 0, sum(sizes)))
             with _oom_guard(), view.uncached_text():
                 for pair, (target, check_anchors, check_targets) in enumerate(held_out):
                     own = pair_latents(latents, image_prompt, prompt_pair, pair)
-                    checks[target] = measure_effect(view, adapters, config, own, check_anchors, check_targets, base)
-                    report(Progress("check", pair + 1, len(held_out)))
+
+                    def within(done: Progress, offset: int = sum(sizes[:pair])) -> None:
+                        report(Progress("check", offset + done.step, sum(sizes)))
+                    checks[target] = check_pair(view, adapters, config, own, check_anchors, check_targets, base,
+                                                within)
             check = combine(checks)
         warning = weak_effect_warning(check, config)
         if warning:

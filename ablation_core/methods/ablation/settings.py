@@ -8,7 +8,8 @@ Real models: the reference implementation trains with lr 2e-6 scaled by the tota
 100 steps, on 1000 anchor images from 200 prompts sampled with DPM-Solver (25 steps, CFG 6). ``paper`` reproduces
 that on one GPU (batch 4, 200 steps, lr 2e-6 x 4). ``thorough`` keeps the batch of 8 and the steps of the
 reference but draws fewer anchor images with fewer solver steps, which is most of the time of the reference recipe
-(4,240 UNet evaluations). ``default`` takes under a third of that (1,236: 32 anchor images x 8 unguided solver
+(4,160 UNet evaluations, and the held-out check's 464 that every preset adds). ``default`` takes under a third of
+that (1,156: 32 anchor images x 8 unguided solver
 steps, then 100 steps of 5 rows, 2 of them with the model-based loss and 3 with the noise-based loss, which needs no
 frozen pass, and one preserved row that holds another concept at the frozen model's prediction); ``fast`` (no
 preserved row) halves the rest again.
@@ -27,14 +28,15 @@ from .recipes import CONCEPT_TYPES, memorized_variations, recipe_values
 BASE_LR = 2e-6
 PRESET_NAMES = ("fast", "default", "thorough", "paper")
 
-# The default (1,236 UNet evaluations, 29 % of ``thorough``'s 4,240): 32 anchor images drawn without guidance (one
-# pass per solver step: the model's own conditional distribution of the anchor), and the "mixed" loss on them: the
-# noise-based loss (Eq. 6, no frozen pass) on the 3 noisier rows of each batch of 5, the model-based loss (Eq. 5) on
-# the 2 least noisy ones, where the noise target varies most. On unguided samples of the anchor the two aim at the
-# same prediction in expectation. Plus one preserved row a step (``preserve.py``: a prompt of another concept held
-# at the frozen model's prediction, two passes) and the learning rate x1.5 to erase as far with it: without the row,
-# tree -> car took bird from 100 % to 62 % (an anchor a user could pick; the suggested tree -> house kept it).
-# Measured on every toy concept with two anchors each, on erasure and preservation (docs/speed.md).
+# The default (1,156 UNet evaluations, 28 % of ``thorough``'s 4,160, each before the held-out check's 464): 32 anchor
+# images drawn without guidance (one pass per solver step: the model's own conditional distribution of the anchor),
+# and the "mixed" loss on them: the noise-based loss (Eq. 6, no frozen pass) on the 3 noisier rows of each batch of
+# 5, the model-based loss (Eq. 5) on the 2 least noisy ones, where the noise target varies most. On unguided samples
+# of the anchor the two aim at the same prediction in expectation. Plus one preserved row a step (``preserve.py``: a
+# prompt of another concept held at the frozen model's prediction, two passes) and the learning rate x1.5 to erase as
+# far with it: without the row, tree -> car took bird from 100 % to 62 % (an anchor a user could pick; the suggested
+# tree -> house kept it). Measured on every toy concept with two anchors each, on erasure and preservation
+# (docs/speed.md).
 DEFAULTS: dict[str, object] = {
     "kind": "object", "group": "kv", "objective": "mixed", "regularization": False, "steps": 100, "batch_size": 5,
     "learning_rate": BASE_LR * 5, "lora_rank": 0, "anchor_prompt_count": 200, "anchor_images": 32,
