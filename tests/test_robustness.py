@@ -256,3 +256,26 @@ def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ablate", "--model", "toy", "--target", "nemo", "--anchor", "fish", "--robust", "-1",
                                    "--out", str(tmp_path / "p.safetensors")])
+
+
+def test_a_robust_rounds_kept_rows_are_held_at_the_original_model_not_at_the_last_round(sd1_view, monkeypatch):
+    """Each round builds on the last round's patch; its kept rows are held at the original model's prediction, so
+    harm a round did to a kept concept is undone by the next rather than kept (a user's own base patch stays the
+    reference of a plain run)."""
+    from ablation_core.methods.ablation import loop
+    from ablation_core.methods.ablation.adapters import AdapterSet
+
+    first = robust_ablate(sd1_view, tiny_config(steps=2))
+    base, fresh = AdapterSet.of_patch(sd1_view, first.patch), AdapterSet(sd1_view.layers("kv"))
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, sd1_view.latent_channels, 8, 8, generator=generator).to(sd1_view.device, sd1_view.dtype)
+    t, kept = torch.tensor([100, 600], device=sd1_view.device), sd1_view.encode(["a photo of a house", "a dog"])
+    with base.attached(), fresh.attached(), torch.no_grad():
+        assert float(loop._kept_loss(sd1_view, fresh, x_t, t, kept)) == 0.0  # held at the base: nothing to undo
+        assert float(loop._kept_loss(sd1_view, fresh, x_t, t, kept, base)) > 0.0  # held at the original
+
+    calls = []
+    real = loop.ablate
+    monkeypatch.setattr(loop, "ablate", lambda *a, **k: calls.append(k.get("kept_at_original")) or real(*a, **k))
+    robust_ablate(sd1_view, tiny_config(steps=2, robust_rounds=1), budget=TINY_ADVERSARY)
+    assert calls == [None, True], "the first run has no base; the round is held at the original"

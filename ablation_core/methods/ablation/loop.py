@@ -117,7 +117,8 @@ def _prompt_pairs(config: AblationConfig) -> tuple[list[str], list[str]]:
 
 def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | None = None,
            should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
-           extra_targets: Conditioning | None = None, preserved: Conditioning | None = None) -> AblationResult:
+           extra_targets: Conditioning | None = None, preserved: Conditioning | None = None,
+           kept_at_original: bool = False) -> AblationResult:
     """Run one ablation and return its patch; raises ``AblationCancelled`` if ``should_cancel()`` turns true.
 
     Settings the config leaves open are chosen for this model (``resolve_config``); the result carries them. With
@@ -126,7 +127,8 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     more target conditionings (adversarial embeddings, say) trained toward the anchors like the target prompts:
     blocks of one row per anchor prompt, row ``i`` of each block the twin of anchor prompt ``i`` (``_prompt_pairs``).
     ``preserved`` are conditionings the run keeps as they were: each step one of them, on the same noisy images, is
-    held to the frozen model's prediction.
+    held to the frozen model's prediction: the model with ``base_patch`` applied, or without it where
+    ``kept_at_original`` (a robust round's base is its own earlier round, whose harm the kept rows should undo).
     """
     report = on_progress or no_progress
     canceller = Canceller(should_cancel)
@@ -202,7 +204,8 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                         if preserved is not None:
                             images, kept = kept_rows(len(x_t), int(config.preserved_rows or len(x_t)),
                                                      len(preserved), generator)
-                            kept_loss = _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept))
+                            kept_loss = _kept_loss(view, adapters, x_t[images], t[images], preserved.select(kept),
+                                                   base if kept_at_original else None)
                             loss = loss + kept_loss * kept_scale
                         if not math.isfinite(loss.item()):
                             raise TrainingDivergedError(
@@ -335,8 +338,10 @@ def _step_loss(view: ModelView, adapters: AdapterSet, config: AblationConfig, x_
     return loss
 
 
-def _kept_loss(view: ModelView, adapters: AdapterSet, x_t: Tensor, t: Tensor, kept: Conditioning) -> Tensor:
-    with torch.no_grad(), adapters.disabled():
+def _kept_loss(view: ModelView, adapters: AdapterSet, x_t: Tensor, t: Tensor, kept: Conditioning,
+               base: AdapterSet | None = None) -> Tensor:
+    """The kept rows held at the prediction without the adapters (and without ``base`` when given)."""
+    with torch.no_grad(), adapters.disabled(), base.disabled() if base is not None else contextlib.nullcontext():
         frozen = view.predict(x_t, t, kept)
     return regularization_loss("model", view.predict(x_t, t, kept), frozen, frozen)
 
