@@ -9,18 +9,19 @@ like its anchor, near 0 when the run barely changed anything (then the caller wa
 ``anchor_drift``: how much the anchor's own prediction moved, on the same scale (should stay near 0).
 
 The gap is a sum over noise levels and reads 0.88-0.94 whether a target is erased or still drawn in 88 % of its
-images (toy world, a joint run of three targets), so the check also draws: ``CHECK_IMAGES`` held-out target
-prompts, one image each, from the same noise with the original model (the target's image and its anchor twin's) and
-with the patched one (the target's). ``images_still_target`` is the share of patched images nearer the original
-image of the target than to the anchor's: on 16 toy runs from 5 steps to the default (per-set 16) it read 0.88-1.0
-where the classifier still saw the target in 88-100 % of the evaluation's images, 0.38-0.5 at 12-62 %, and 0-0.19
-at 0-6 %. The images are drawn as a user draws them (guided; a distilled model at its own guidance) in
+images (toy world, a joint run of three targets), so the check also draws: ``CHECK_IMAGES`` held-out target prompts,
+one image each, from the same noise with the original model (the target's image and its anchor twin's) and with the
+patched one (the target's). ``images_still_target`` is the share of patched images nearer the original image of the
+target than to the anchor's: on toy objects and instances from 5 steps to the default (per-set 16) it read 0.88-1.0
+where the classifier still saw the target in 88-100 % of the evaluation's images, 0.38-0.5 at 12-62 %, and 0-0.19 at
+0-6 %. The images are drawn as a user draws them (guided; a distilled model at its own guidance) in
 ``CHECK_SAMPLER_STEPS`` solver steps (no more than the run's own; nor more images than its anchor images). A style
 is checked in the phrasing it was trained on ("..., in the style of monet"): a run that erased those but not "a
-monet painting of a cat" reads 0 (toy, monet -> painting at 10 steps). Each target is measured on the anchor images
-drawn for its own pair, with its own anchor's prompts: in a joint run (snoopy -> dog, van gogh -> painting, bird ->
-fish) a check of van gogh on photos of dogs, or with "a photo of a dog" as a painting's prompt, read -54 % for a
-run that erased van gogh (issue 25).
+monet painting of a cat" reads 0 (toy, monet -> painting at 10 steps).
+
+Each target is measured on the anchor images drawn for its own pair, with its own anchor's prompts: in a joint run
+(snoopy -> dog, van gogh -> painting, bird -> fish) a check of van gogh on photos of dogs, or with "a photo of a
+dog" as a painting's prompt, read -54 % for a run that erased van gogh (issue 25).
 """
 
 from __future__ import annotations
