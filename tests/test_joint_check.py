@@ -74,3 +74,16 @@ def test_the_checks_progress_counts_unet_passes_up_to_its_total(caplog):
     assert check[0] == (0, check[0][1]) and check[-1] == (check[0][1], check[0][1])
     assert [s for s, _ in check] == sorted(s for s, _ in check)
     assert check[0][1] == result.check["held_out_prompts"] * 10 + result.check["images"] * 3 * 8 * 2
+
+
+def test_the_checks_summary_names_the_joint_runs_target_most_often_still_drawn():
+    from ablation_core.methods.ablation.check import check_summary
+
+    joint = {"erased_fraction": 0.9, "images": 16, "images_still_target": 0.375,
+             "per_target": {"snoopy": {"erased_fraction": 0.97, "images": 8, "images_still_target": 0.0},
+                            "nemo": {"erased_fraction": 0.9, "images": 8, "images_still_target": 0.375}}}
+    assert check_summary(joint).endswith("38% of 8 images drawn for 'nemo' stay nearer the original's")
+    single = {"erased_fraction": 0.95, "images": 8, "images_still_target": 0.0}
+    assert check_summary(single) == ("the target moved 95% of the way to the anchor; 0% of 8 images drawn for it "
+                                     "stay nearer the original's")
+    assert check_summary({"erased_fraction": 0.95}) == "the target moved 95% of the way to the anchor"  # older patch

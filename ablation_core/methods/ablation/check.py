@@ -237,9 +237,12 @@ def check_summary(check: dict) -> str:
     """"the target moved 96% of the way to the anchor; 0% of 8 images drawn for it stay nearer the original's" (a
     joint run's weakest figures), for consoles and nodes."""
     found = f"the target moved {check['erased_fraction']:.0%} of the way to the anchor"
-    if "images_still_target" in check:
-        found += (f"; {check['images_still_target']:.0%} of {check['images']} images drawn for it stay nearer the "
-                  "original's")
+    per_target = check.get("per_target", {"": check})
+    if all("images_still_target" in c for c in per_target.values()):
+        name = max(per_target, key=lambda t: per_target[t]["images_still_target"])
+        drawn = per_target[name]
+        found += (f"; {drawn['images_still_target']:.0%} of {drawn['images']} images drawn for "
+                  f"{repr(name) if name else 'it'} stay nearer the original's")
     return found
 
 
