@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..evaluation.cost import RunMeter, Signature
 from ..methods.ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
-from ..methods.ablation.check import CHECK_IMAGES, CHECK_PASSES, CHECK_PROMPTS, SAMPLES_PER_PROMPT
+from ..methods.ablation.check import CHECK_PROMPTS, drawn_prompts_encoded, gap_evaluations
 from ..methods.ablation.preserve import preserved_prompts
 from ..methods.ablation.reuse import uses_sampler_states
 from ..models.meta import call_cost, parameter_names
@@ -92,8 +92,8 @@ def default_preset_costs(view, meter: RunMeter, config, prefix: str) -> dict[str
     variants = 1 + int(config.misspelled_targets)
     kept = len(preserved_prompts(config, view.family.name)) if config.preserved_rows else 0  # encoded once
     prompts = (int(config.anchor_prompt_count) * (1 + variants) + 1 + kept
-               + CHECK_PASSES * SAMPLES_PER_PROMPT * CHECK_PROMPTS * len(config.pairs())
-               + 3 * (min(CHECK_IMAGES, CHECK_PROMPTS) + 1) * len(config.pairs()))  # the check's drawn images
+               + gap_evaluations(CHECK_PROMPTS * len(config.pairs()))  # the gap encodes a prompt per evaluation
+               + drawn_prompts_encoded(len(config.pairs())))
     return {
         f"{prefix}_unet_evaluations": sum(evaluations.values()),
         f"{prefix}_flops": frozen_rows * frozen + grad_rows * training + prompts * per_prompt,

@@ -12,7 +12,7 @@ this against counted evaluations on every run.
 from __future__ import annotations
 
 from ...models.sampling import unguided
-from .check import CHECK_PASSES, CHECK_PROMPTS, SAMPLES_PER_PROMPT, drawn_images, drawn_passes, drawn_steps
+from .check import CHECK_PROMPTS, drawn_evaluations, gap_evaluations
 from .objectives import model_rows
 from .reuse import uses_sampler_states
 from .settings import AblationConfig
@@ -53,8 +53,7 @@ def unet_evaluations(config: AblationConfig, held_out_prompts: int | None = None
     held_out = held_out_prompts if held_out_prompts is not None else CHECK_PROMPTS * len(config.pairs())
     sampling = sampling_passes(config, guidance_input)
     targets = len(config.pairs())
-    drawn = targets * drawn_images(config, -(-held_out // targets))  # per target, from its share of the prompts
+    drawn = targets * drawn_evaluations(config, -(-held_out // targets), guidance_input)  # each its share of prompts
     return {"anchor_sampling": sampling * int(config.anchor_images) * int(config.sampler_steps),
             "training": int(config.steps) * training_passes_per_step(config),
-            "check": (CHECK_PASSES * SAMPLES_PER_PROMPT * held_out
-                      + 3 * drawn * drawn_steps(config) * drawn_passes(guidance_input))}
+            "check": gap_evaluations(held_out) + drawn}

@@ -36,7 +36,6 @@ from torch import Tensor
 from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
 from .. import prompts as prompt_lib
-from ..progress import Progress, ProgressFn
 from .adapters import AdapterSet
 from .settings import AblationConfig, preset_values
 
@@ -78,10 +77,20 @@ def check_guidance(view: ModelView, config: AblationConfig) -> float:
 
 
 def check_evaluations(view: ModelView, config: AblationConfig, prompts: int) -> int:
-    """UNet evaluations of the check of one target with ``prompts`` held-out prompts: the gap's passes, and three
-    drawn images for each of ``drawn_images`` prompts."""
-    return (CHECK_PASSES * SAMPLES_PER_PROMPT * prompts
-            + 3 * drawn_images(config, prompts) * drawn_steps(config) * drawn_passes(view.guidance_input))
+    """UNet evaluations of the check of one target with ``prompts`` held-out prompts: the gap's and the drawn
+    images'."""
+    return gap_evaluations(prompts) + drawn_evaluations(config, prompts, view.guidance_input)
+
+
+def gap_evaluations(prompts: int) -> int:
+    """UNet evaluations of the gap (``measure_effect``) over ``prompts`` held-out prompts."""
+    return CHECK_PASSES * SAMPLES_PER_PROMPT * prompts
+
+
+def drawn_evaluations(config: AblationConfig, prompts: int, guidance_input: bool) -> int:
+    """UNet evaluations of the drawn images (``drawn_effect``) of one target with ``prompts`` held-out prompts: three
+    sets of ``drawn_images``."""
+    return 3 * drawn_images(config, prompts) * drawn_steps(config) * drawn_passes(guidance_input)
 
 
 def drawn_images(config: AblationConfig, prompts: int) -> int:
@@ -96,9 +105,15 @@ def drawn_steps(config: AblationConfig) -> int:
 
 
 def check_prompts_encoded(targets: int) -> int:
-    """Prompts the check encodes for ``targets`` targets: the gap's anchor prompts and twins, and the drawn images'
-    prompts with their empty prompt (three sets)."""
-    return (2 * CHECK_PROMPTS + 3 * (min(CHECK_IMAGES, CHECK_PROMPTS) + 1)) * targets  # the presets' sizes
+    """Prompts the check encodes for ``targets`` targets: the gap's anchor prompts and twins, and the drawn
+    images'."""
+    return 2 * CHECK_PROMPTS * targets + drawn_prompts_encoded(targets)
+
+
+def drawn_prompts_encoded(targets: int) -> int:
+    """Prompts the drawn images encode for ``targets`` targets at the presets' sizes: three sets of prompts, each
+    with its empty prompt."""
+    return 3 * (min(CHECK_IMAGES, CHECK_PROMPTS) + 1) * targets
 
 
 def drawn_passes(guidance_input: bool) -> int:
@@ -108,20 +123,15 @@ def drawn_passes(guidance_input: bool) -> int:
 
 def check_pair(view: ModelView, adapters: AdapterSet, config: AblationConfig, latents: Tensor,
                anchor_prompts: list[str], target_prompts: list[str], base: AdapterSet | None = None,
-               report: ProgressFn | None = None) -> dict[str, float]:
+               report: Callable[[int], None] | None = None) -> dict[str, float]:
     """Both measures of one target: the gap (``measure_effect``) and the drawn images (``drawn_effect``);
-    ``report(Progress("check", evaluations done, evaluations in all))``."""
-    total = check_evaluations(view, config, len(anchor_prompts))
-    gap = CHECK_PASSES * SAMPLES_PER_PROMPT * len(anchor_prompts)
-
-    def done(evaluations: float) -> None:
-        if report is not None:
-            report(Progress("check", min(int(evaluations), total), total))
-
+    ``report(UNet evaluations done)``, up to ``check_evaluations``."""
+    done = report or (lambda _evaluations: None)
+    gap = gap_evaluations(len(anchor_prompts))
     found = measure_effect(view, adapters, config, latents, anchor_prompts, target_prompts, base)
     done(gap)
     found.update(drawn_effect(view, adapters, config, anchor_prompts, target_prompts, base,
-                              lambda evaluations: done(gap + evaluations)))
+                              lambda evaluations: done(gap + int(evaluations))))
     return found
 
 
@@ -199,7 +209,7 @@ def drawn_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig, 
     count, steps = drawn_images(config, len(anchor_prompts)), drawn_steps(config)
     index = torch.arange(count) % len(anchor_prompts)
     guidance = check_guidance(view, config)
-    per_set = count * steps * drawn_passes(view.guidance_input)
+    per_set = drawn_evaluations(config, len(anchor_prompts), view.guidance_input) // 3
     batch, seed = max(1, int(config.sample_batch_size)), config.seed + 3
     drawn: list[Tensor] = []
 

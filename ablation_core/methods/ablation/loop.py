@@ -232,8 +232,8 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
                 for pair, (target, check_anchors, check_targets) in enumerate(held_out):
                     own = pair_latents(latents, image_prompt, prompt_pair, pair)
 
-                    def within(done: Progress, offset: int = sum(sizes[:pair])) -> None:
-                        report(Progress("check", offset + done.step, sum(sizes)))
+                    def within(done: int, offset: int = sum(sizes[:pair])) -> None:
+                        report(Progress("check", offset + done, sum(sizes)))
                     checks[target] = check_pair(view, adapters, config, own, check_anchors, check_targets, base,
                                                 within)
             check = combine(checks)
