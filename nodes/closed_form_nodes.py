@@ -21,7 +21,7 @@ class EraseConceptsClosedForm:
                    "SD1.5's shapes in float32 on one shared CPU core, 1 concept in 82 s and 10 in 186 s (ten took "
                    "232 s in ComfyUI 0.3.64 on a CPU); not measured on a GPU. On Flux the prompts go through T5-XXL: "
                    "45-54 s each on a CPU in ComfyUI 0.3.64 (one concept with the bank is about 250 prompts, hours; "
-                   "use a GPU). The progress bar says the time left. "
+                   "use a GPU, or turn builtin_bank off: about 55 prompts). The progress bar says the time left. "
                    "The input model is left untouched.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", PATCH_TYPE)
@@ -55,16 +55,20 @@ class EraseConceptsClosedForm:
                                                        "the weights with it applied and the output patch holds both "
                                                        "changes. A MODEL from our nodes already brings its patches."}),
                 "robust_rounds": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": ROBUST_TOOLTIP}),
+                "builtin_bank": ("BOOLEAN", {"default": True,
+                                             "tooltip": "keep the built-in bank of 50 everyday concepts (200 prompts) "
+                                                        "as well as the anchors and the list above; off encodes only "
+                                                        "your own prompts, which on Flux on a CPU saves hours"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def erase(self, model, clip, concepts, anchor, kind, mode, preserve_weight, preserve="", base_patch=None,
-              robust_rounds=0, unique_id=None):
+              robust_rounds=0, builtin_bank=True, unique_id=None):
         targets, anchors = parse_concept_lines(concepts, anchor)
         config = make_closed_form_config(targets, anchors, kind=kind, mode=mode, preserve_weight=preserve_weight,
                                          preserve=[line for line in preserve.splitlines() if line.strip()],
-                                         robust_rounds=robust_rounds)
+                                         robust_rounds=robust_rounds, builtin_preserve=bool(builtin_bank))
         model_out, _, patch, summary = backend.erase_concepts(model, clip, config, node_id=unique_id,
                                                               base_patch=base_patch)
         return {"ui": {"text": [summary]}, "result": (model_out, patch)}

@@ -71,3 +71,18 @@ def test_interrupted_ablation_writes_nothing(checkpoint_files, tmp_path, monkeyp
                  "--out", str(out), *TINY])
     assert code == 130 and not out.exists() and list(tmp_path.iterdir()) == []
     assert "nothing was written" in capsys.readouterr().err
+
+
+def test_the_closed_form_can_leave_out_the_builtin_bank(checkpoint_files, tmp_path):
+    from safetensors import safe_open
+
+    preserved = {}
+    for flags in ([], ["--no-builtin-bank"]):
+        out = tmp_path / f"vangogh{len(flags)}.safetensors"
+        assert main(["ablate", "--model", str(checkpoint_files["sd1"]), "--method", "closed-form", "--target",
+                     "Van Gogh", "--anchor", "painting", "--kind", "style", "--preserve", "Monet", "--out", str(out),
+                     "--device", "cpu", *flags]) == 0
+        with safe_open(str(out), "pt") as f:
+            preserved[bool(flags)] = int(f.metadata()["ablation.preserved_prompts"])
+    # the bank's 50 words x 4 templates, less "painting" (the anchor is kept either way)
+    assert preserved == {False: 4 * 51, True: 4 * 2}

@@ -257,3 +257,24 @@ def test_t5_tokenizer_options_do_not_change_what_the_nodes_encode(comfy, method)
     assert sorted(patches[0].deltas) == sorted(patches[1].deltas)
     for key, delta in patches[0].deltas.items():
         torch.testing.assert_close(patches[1].deltas[key].full(), delta.full())
+
+
+def test_the_erase_node_can_leave_out_the_builtin_bank(comfy):
+    """On Flux each prompt is a T5-XXL pass (20-50 s on a CPU): with the bank off the node encodes only the pairs,
+    the anchors and the user's own list, about 200 prompts fewer, and still erases."""
+    from ablation_core.methods.closed_form.embeddings import MOMENT_CACHE
+    from tests.test_nodes import _import_nodes
+
+    erase = _import_nodes().NODE_CLASS_MAPPINGS["EraseConceptsClosedForm"]()
+    counts = {}
+    for bank in (True, False):
+        MOMENT_CACHE.clear()
+        model, clip, _ = flux_fakes.make_flux()
+        messages = _encodes_between_prompt_reports(comfy, clip)
+        start = len(messages)
+        output = erase.erase(model, clip, "grumpy cat -> cat", "", "object", "least-squares", 0.5,
+                             preserve="dog", builtin_bank=bank)
+        counts[bank] = sum(1 for event, _ in messages[start:] if event == "encode")
+        patch = output["result"][1]
+        assert sorted(patch.deltas) == ["lora_unet_txt_in", "lora_unet_vector_in_in_layer"]
+    assert counts[True] - counts[False] >= 190 and counts[False] <= 60, counts

@@ -97,7 +97,8 @@ def _closed_form(args: argparse.Namespace, view, targets: list[str], anchors: li
     kind = args.kind or ("style" if args.concept_type == "style" else None)
     config = make_closed_form_config(targets, anchors, kind=kind, mode=args.mode, preserve=args.preserve,
                                      preserve_weight=args.preserve_weight, seed=args.seed,
-                                     robust_rounds=getattr(args, "robust", 0))
+                                     robust_rounds=getattr(args, "robust", 0),
+                                     builtin_preserve=getattr(args, "builtin_bank", True))
     with progress_bars() as on_progress:
         result = robust_erase_closed_form(view, config, on_progress, base_patch=base)
     stats = result.stats
