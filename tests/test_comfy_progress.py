@@ -10,7 +10,7 @@ import torch
 from ablation_core.backends import comfy as backend
 from ablation_core.methods import phases
 from ablation_core.methods.progress import Progress
-from ablation_core.methods.run_plan import SCALE, RunPlan
+from ablation_core.methods.run_plan import SCALE, SVD_UNIT_WORK, RunPlan
 from tests import comfy_fakes as fakes
 from tests.test_nodes import _nodes, _tiny_inputs, comfy  # noqa: F401  (comfy is a fixture)
 
@@ -108,8 +108,29 @@ def test_save_reports_compressing_and_writing(comfy, watch, tmp_path):  # noqa: 
     watch.check_one_monotone_bar()
     events = watch.events()
     compress = [e for e in events if e["phase"] == "compress"]
-    assert [e["step"] for e in compress] == list(range(len(deltas) + 1))
+    assert len(compress) == len(deltas) + 1 and compress[-1]["step"] == compress[-1]["total"] == patch.svd_work()
     assert [e["phase"] for e in events][-2:] == ["write", "done"]
+
+
+def test_the_bar_moves_with_the_work_of_each_svd_and_solve():
+    """Saved in the real ComfyUI, a Flux patch's 3072 x 4096 txt_in took 7.2 of its 7.4 s, with the bar at 5 % and
+    "140 s left" until it ended; the Erase node's 4096-wide solve sat at 99.7 % for 38 s, "6 s left"."""
+    from ablation_core import AblationPatch
+    from ablation_core.methods.closed_form.settings import make_closed_form_config, resolve_closed_form
+    from ablation_core.methods.run_plan import plan_closed_form, plan_compress, plan_write
+
+    patch = AblationPatch.from_deltas({"txt_in": torch.randn(3072, 4096), "vector_in": torch.randn(3072, 768)}, {})
+    reported = []
+    patch.compressed(rank=1, on_layer=lambda done, total: reported.append(done / total))
+    assert reported[0] > 0.95 and reported[-1] == 1.0
+    plan = RunPlan()
+    plan_compress(plan, patch.svd_work() / SVD_UNIT_WORK)
+    plan_write(plan, 2 * patch.numel() / 2**20)
+    assert plan.phases["compress"].units > 5 * plan.phases["write"].units
+    config = resolve_closed_form(make_closed_form_config("Van Gogh", "painting", builtin_preserve=False), "flux")
+    plan = RunPlan()
+    plan_closed_form(plan, config, 2, family="flux")
+    assert plan.phases["solve"].units / plan.phases["prompts"].units > 0.02  # 38 s of 1,859 s; 0.003 before
 
 
 def test_the_report_moves_one_bar_through_both_drawings(comfy, watch):  # noqa: F811
@@ -171,3 +192,19 @@ def test_a_robust_run_plans_its_rounds_and_each_one_moves_the_bar(comfy, watch, 
     assert len(starts) == 2, "two trainings: the run and its round"
     second = [e["fraction"] for e in events[starts[1]:] if e["phase"] == "train"]
     assert second[-1] > second[0] and second[-1] < 1, "the round's training moves the bar, within the plan"
+
+
+def test_a_run_with_preserved_rows_plans_them_after_its_own_prompts():
+    """Flux's default trains one preserved row: the node encoded the run's 2 prompts, then the 200 kept ones; the
+    plan had put the kept ones first, so the bar stood at 64 % through them while the time left grew from 25 s."""
+    from ablation_core import make_config, resolve_config
+    from ablation_core.methods.run_plan import plan_trained
+
+    config = resolve_config(make_config("Van Gogh", "painting", anchor_prompts=("a painting of a village",),
+                                        preserved_rows=1), "flux")
+    plan = RunPlan()
+    plan_trained(plan, config, 16, "flux")
+    assert list(plan.phases)[:3] == ["prompts", "preserved", "anchors"]
+    assert plan.phases["prompts"].units < plan.phases["preserved"].units / 50  # 2 prompts against 200
+    before = plan.advance(Progress("prompts", 2, 2))
+    assert plan.advance(Progress("preserved", 100, 200)) > before

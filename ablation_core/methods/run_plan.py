@@ -23,7 +23,11 @@ SCALE = 10000  # the bar's total: it moves in hundredths of a percent
 PROMPT_COST = 0.025  # one prompt through the text encoder, in 512 px UNet passes (CLIP-L: ~2 % of the UNet's work)
 FLUX_PROMPT_COST = 0.22  # T5-XXL at 512 tokens (4.8 TFLOPs) and CLIP-L, in Flux.1 passes at 512 px (21.5 TFLOPs)
 SOLVE_COST = 0.02  # one layer's closed-form solve
+# Flux's text map is solved at T5's width, 4096: its eigendecompositions took 38 s in ComfyUI 0.3.64 on a 2-core
+# CPU, about 1.2 T5 prompts (a bar planned at SOLVE_COST a layer sat at 99.7 % through them, "6 s left")
+FLUX_SOLVE_COST = 0.27
 SVD_COST = 0.1  # one layer's low-rank compression (an SVD of an SD1 K/V weight, or a fusion's solve of one)
+SVD_UNIT_WORK = 640 * 768 * 640  # that SVD's work (rows x columns x the smaller of the two): SD1's middle K/V
 WRITE_COST = 0.05  # one megabyte of patch file written
 DECODE_COST = 2.0  # one VAE decode, in UNet passes at the same size
 PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor images", "train": "Training",
@@ -42,6 +46,15 @@ def prompt_cost(family: str) -> float:
 
     chosen = FAMILIES.get(family)
     return FLUX_PROMPT_COST if chosen is not None and chosen.flow and not chosen.toy else PROMPT_COST
+
+
+def solve_cost(family: str, layers: int) -> float:
+    """The closed form's solve of ``layers`` layers: a small cost a layer, and on Flux its 4096-wide text map."""
+    from ..models.families import FAMILIES
+
+    chosen = FAMILIES.get(family)
+    flux = chosen is not None and chosen.flow and not chosen.toy
+    return max(layers, 1) * SOLVE_COST + (FLUX_SOLVE_COST if flux else 0.0)
 
 
 def unet_pass(latent_size: int) -> float:
@@ -138,20 +151,26 @@ def plan_trained(plan, config, latent_size: int, family: str = "sd1") -> None:
     and one more run."""
     from .ablation.budget import gradient_passes_per_step, training_passes_per_step, unet_evaluations
     from .ablation.check import check_prompts_encoded
+    from .ablation.loop import _prompt_pairs
     from .ablation.preserve import preserved_prompts
     from .robust.rounds import adversary_budget
 
     passes = unet_evaluations(config)
     cost = prompt_cost(family)
-    prompts = int(config.anchor_prompt_count) * (2 + int(config.misspelled_targets or 0)) * len(config.pairs())
+    anchors, targets = _prompt_pairs(config)  # a user's own list of anchor prompts may hold just one
     backward = 2 * gradient_passes_per_step(config) * int(config.steps)
     check_prompts = check_prompts_encoded(len(config.pairs()))
-    run = {"prompts": prompts * cost, "anchors": passes["anchor_sampling"] * unet_pass(latent_size),
+    run = {"prompts": (len(anchors) + len(targets)) * cost,
+           "anchors": passes["anchor_sampling"] * unet_pass(latent_size),
            "train": (int(config.steps) * training_passes_per_step(config) + backward) * unet_pass(latent_size),
            "check": passes["check"] * unet_pass(latent_size) + check_prompts * cost}
     rounds = int(config.robust_rounds or 0)
-    if rounds or config.preserved_rows:
-        plan.plan("preserved", len(preserved_prompts(config, family)) * cost)
+    kept = len(preserved_prompts(config, family)) * cost if rounds or config.preserved_rows else 0.0
+    if rounds:  # robust rounds encode the kept prompts before their first run
+        plan.plan("preserved", kept)
+    elif kept:  # a run with preserved rows, after its own prompts (a bar planned the other way round sat still
+        # through Flux's 200 kept prompts in ComfyUI, 50 s each on a CPU, with its time left growing)
+        run = {"prompts": run.pop("prompts"), "preserved": kept, **run}
     _plan_run(plan, run, rounds, len(config.pairs()), latent_size, adversary_budget(config.preset),
               int(config.sampler_steps))
 
@@ -173,7 +192,7 @@ def plan_closed_form(plan, config, layers: int, latent_size: int = 64, view=None
     else:
         pairs, preserved = int(config.prompts_per_target) * len(config.targets), len(config.preserved_prompts or ())
         prompts = 2 * pairs + preserved + -(-pairs // CHUNK) + -(-preserved // CHUNK)
-    run = {"prompts": prompts * prompt_cost(family), "solve": max(layers, 1) * SOLVE_COST}
+    run = {"prompts": prompts * prompt_cost(family), "solve": solve_cost(family, layers)}
     _plan_run(plan, run, int(config.robust_rounds or 0), len(config.targets), latent_size, BUDGET, 50)
 
 
@@ -191,7 +210,9 @@ def _plan_run(plan, run: dict[str, float], rounds: int, pairs: int, latent_size:
             plan.plan(phase, units)
 
 
-def plan_compress(plan, layers: int) -> None:
+def plan_compress(plan, layers: float) -> None:
+    """``layers``: SVDs to run, counted in SD1 K/V weights (``AblationPatch.svd_work() / SVD_UNIT_WORK``): a Flux
+    ``txt_in`` (3072 x 4096) is 123 of them, 7 s on a CPU, where its file is written in a fraction of a second."""
     plan.plan("compress", max(layers, 1) * SVD_COST)
 
 

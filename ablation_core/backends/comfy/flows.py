@@ -25,6 +25,7 @@ from ...methods.progress import Canceller, Progress, cancel_checks
 from ...methods.robust.rounds import robust_ablate
 from ...methods.run_plan import (
     DECODE_COST,
+    SVD_UNIT_WORK,
     plan_compress,
     plan_trained,
     plan_write,
@@ -255,10 +256,10 @@ def save_patch(value: AblationPatch | PatchStack, path: str | Path, energy: floa
     progress = NodeProgress(node_id)
     single = as_single_patch(value)
     if energy is not None:
-        plan_compress(progress, len(single.deltas))
+        plan_compress(progress, single.svd_work() / SVD_UNIT_WORK)
     plan_write(progress, 2 * single.numel() / 2**20)  # 16-bit numbers
     if energy is not None:
-        progress(Progress("compress", 0, len(single.deltas)))
+        progress(Progress("compress", 0, single.svd_work()))
         single = single.compressed(energy, on_layer=progress.step("compress"))
     progress(Progress("write", 0, 1))
     written = single.save(path)
