@@ -20,7 +20,7 @@ class EraseConceptsClosedForm:
                    "first time in a session a bank of 204 everyday ones. On a CPU that takes minutes: measured with "
                    "SD1.5's shapes in float32 on one shared CPU core, 1 concept in 82 s and 10 in 186 s (ten took "
                    "232 s in ComfyUI 0.3.64 on a CPU); not measured on a GPU. On Flux the prompts go through T5-XXL: "
-                   "45-54 s each on a CPU in ComfyUI 0.3.64 (one concept with the bank is about 250 prompts, hours; "
+                   "22-54 s each on a CPU in ComfyUI 0.3.64 (one concept with the bank is about 250 prompts, hours; "
                    "use a GPU, or turn builtin_bank off: about 55 prompts). The progress bar says the time left. "
                    "The input model is left untouched.")
     CATEGORY = CATEGORY

@@ -30,17 +30,6 @@ def test_a_style_pair_of_a_joint_run_takes_no_prompt_of_another_pairs_anchor():
     assert prompts_for("painting", ["a photo of a dog"], "style", ["dog", "painting"]) == ["a photo of a dog"]
 
 
-def test_a_style_is_checked_under_two_names_and_trained_under_one():
-    """Monet -> painting at 10 steps erased "..., in the style of monet" and left "a monet painting of a cat" in
-    100 % of the evaluation's images; checked only as trained, its images read 0 % still monet."""
-    config = resolve_config(make_config("monet", "painting"), "toy")
-    anchors, targets = _prompt_pairs(config)
-    assert targets and all(t.endswith(", in the style of monet") for t in targets)
-    (_, held_out, twins), = held_out_pairs(config, anchors)
-    assert [t.endswith(", in the style of monet") for t in twins] == [i % 2 == 0 for i in range(len(twins))]
-    assert all(t == f"{a}, painted by monet" for a, t in zip(held_out[1::2], twins[1::2]))
-
-
 def test_pair_latents_are_the_images_drawn_for_that_pairs_prompts():
     latents = torch.arange(6.0).view(6, 1)
     image_prompt = torch.tensor([0, 3, 1, 2, 3, 0])

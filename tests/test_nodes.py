@@ -608,3 +608,21 @@ def test_the_group_widget_defaults_to_the_presets_choice_for_the_model(comfy, mo
     for group in ("auto", "kv"):
         node().ablate(None, None, "Van Gogh", "painting", "style", group, "default", 0, 0, use_cache=False)
     assert [config.group for config in seen] == [None, "kv"]
+
+
+def test_a_run_that_cannot_fit_names_the_nodes_own_settings(comfy, monkeypatch):
+    """In the real ComfyUI a run that did not fit said "Try gradient checkpointing (--gradient-checkpointing ...),
+    a smaller training batch (--batch-size, now 5), smaller latents (--latent-size, now 32), bf16 weights (--dtype
+    bf16)": command-line flags a node user cannot give."""
+    from ablation_core.models import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    model, clip = fakes.make_model(), fakes.make_clip()
+    with pytest.raises(AblationError) as raised:
+        _nodes()["AblateConcept"]().ablate(*_tiny_inputs(model, clip, monkeypatch), image_size=256)
+    message = str(raised.value)
+    assert "nothing was started" in message and "--" not in message.replace("--bf16-unet", ""), message
+    assert "weight_dtype" in message and model.patches == {}
+    with pytest.raises(AblationError, match=r"image_size, now 256 px.*weight_dtype"):
+        memory.check_fits(memory.estimate("sd1", 32, 5, torch.float32, 0), "cpu", 5, 32, torch.float32, False,
+                          backend.ComfyModelView.setting_names)

@@ -132,16 +132,10 @@ def _swap(prompt: str, anchor: str, target: str) -> str | None:
     return pattern.sub(target, prompt) if pattern.search(prompt) else None
 
 
-STYLE_PHRASINGS = ("{prompt}, in the style of {style}", "{prompt}, painted by {style}")
-
-
-def target_prompts(anchor_prompts: list[str], anchor: str, target: str, kind: Kind,
-                   phrasings: int = 1) -> list[str]:
-    """The target twin of each anchor prompt. Styles are named as training names them ("..., in the style of X");
-    ``phrasings=2`` names every second one another way ("..., painted by X"), as the held-out check does: a run can
-    erase the phrasing it trained on and leave the style under its other names."""
+def target_prompts(anchor_prompts: list[str], anchor: str, target: str, kind: Kind) -> list[str]:
+    """The target twin of each anchor prompt."""
     if kind == "style":
-        return [STYLE_PHRASINGS[i % phrasings].format(prompt=p, style=target) for i, p in enumerate(anchor_prompts)]
+        return [f"{p}, in the style of {target}" for p in anchor_prompts]
     if kind == "memorization":
         return [target for _ in anchor_prompts]
     swapped = [_swap(p, anchor, target) for p in anchor_prompts]

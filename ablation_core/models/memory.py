@@ -99,27 +99,40 @@ def available_bytes(device: torch.device | str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+# How each entry point names the settings a memory hint suggests ({batch}, {latent}, {pixels}: the run's own);
+# a setting it does not offer is left out of its hints
+CLI_SETTING_NAMES = {
+    "lora": "--lora-rank 8", "checkpointing": "--gradient-checkpointing", "batch": "--batch-size, now {batch}",
+    "latents": "smaller latents (--latent-size, now {latent})", "dtype": "bf16 weights (--dtype bf16)",
+    "device": "a larger device, or --device cpu",
+}
+
+
 def check_fits(needed: MemoryEstimate, device: torch.device | str, batch: int, latent_size: int,
-               dtype: torch.dtype, checkpointing: bool | None = None) -> None:
-    """Raise ``OutOfMemoryError`` naming what to change when ``needed`` exceeds the free memory of ``device``."""
+               dtype: torch.dtype, checkpointing: bool | None = None,
+               names: dict[str, str | None] | None = None) -> None:
+    """Raise ``OutOfMemoryError`` naming what to change when ``needed`` exceeds the free memory of ``device``, in
+    the words of the entry point (``names``, default the command line's)."""
     free = available_bytes(device)
     if needed.total <= free:
         return
+    named = {key: text.format(batch=batch, latent=latent_size, pixels=8 * latent_size) if text else None
+             for key, text in {**CLI_SETTING_NAMES, **(names or {})}.items()}
     hints = []
-    if needed.trained > GIB:
-        hints.append(f"low-rank deltas (--lora-rank 8; full-rank deltas with their optimizer state take "
+    if needed.trained > GIB and named["lora"]:
+        hints.append(f"low-rank deltas ({named['lora']}; full-rank deltas with their optimizer state take "
                      f"{needed.trained / GIB:.1f} GiB)")
-    if checkpointing is False and needed.activations > GIB:
-        hints.append(f"gradient checkpointing (--gradient-checkpointing; training activations take "
+    if checkpointing is False and needed.activations > GIB and named["checkpointing"]:
+        hints.append(f"gradient checkpointing ({named['checkpointing']}; training activations take "
                      f"{needed.activations / GIB:.1f} GiB, about a third or less with it)")
-    if batch > 1:
-        hints.append(f"a smaller training batch (--batch-size, now {batch})")
-    if latent_size > 16:
-        hints.append(f"smaller latents (--latent-size, now {latent_size})")
-    if torch.empty((), dtype=dtype).element_size() > 2:
-        hints.append("bf16 weights (--dtype bf16)")
-    if torch.device(device).type != "cpu":
-        hints.append("a larger device, or --device cpu")
+    if batch > 1 and named["batch"]:
+        hints.append(f"a smaller training batch ({named['batch']})")
+    if latent_size > 16 and named["latents"]:
+        hints.append(named["latents"])
+    if torch.empty((), dtype=dtype).element_size() > 2 and named["dtype"]:
+        hints.append(named["dtype"])
+    if torch.device(device).type != "cpu" and named["device"]:
+        hints.append(named["device"])
     raise OutOfMemoryError(f"this run needs about {needed.describe()}, but {torch.device(device)} has "
                            f"{free / GIB:.1f} GiB free; nothing was started. Try " + ", ".join(hints)
                            + " (or set ABLATION_SKIP_MEMORY_CHECK=1 to try anyway)")

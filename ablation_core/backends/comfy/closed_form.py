@@ -17,7 +17,7 @@ from ...methods.closed_form.fusion import fuse_patches, fusion_prompts
 from ...methods.closed_form.settings import ClosedFormConfig, resolve_closed_form
 from ...methods.progress import Canceller, cancel_checks
 from ...methods.robust.rounds import robust_erase_closed_form
-from ...methods.run_plan import SVD_COST, plan_closed_form, prompt_cost
+from ...methods.run_plan import FUSE_COST, plan_closed_form, prompt_cost
 from ...patches.patch import META, AblationPatch
 from .flows import PatchStack, apply_patches, on_original_weights
 from .flux_view import comfy_view
@@ -58,7 +58,7 @@ def fuse(model, clip, patches: list[AblationPatch], weights: list[float],
         view = comfy_view(model, clip, original_weights=True)
         pairs, preserved = fusion_prompts(view, patches)
         progress.plan("prompts", encoded_prompts(pairs, preserved) * prompt_cost(view.family.name))
-        progress.plan("fuse", sum(len(layers) for layers in view.closed_form_layers().values()) * SVD_COST)
+        progress.plan("fuse", sum(len(layers) for layers in view.closed_form_layers().values()) * FUSE_COST)
         with cancel_checks(_text_modules(clip), Canceller(cancel_requested)):
             fused = fuse_patches(view, patches, weights, on_progress=progress, should_cancel=cancel_requested)
     progress.finish(describe_merge(fused, len(patches)))

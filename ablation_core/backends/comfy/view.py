@@ -110,6 +110,14 @@ class ComfyModelView(ModelView):
     model); training views report the weights as loaded on the device.
     """
 
+    # what a memory hint names (``models.memory.check_fits``): the node's own widgets and the model loader's
+    setting_names = {
+        "lora": None, "batch": None, "checkpointing": "the node's gradient_checkpointing switch",
+        "latents": "smaller anchor images (the node's image_size, now {pixels} px)",
+        "dtype": "fp8 or bf16 weights (UNETLoader's weight_dtype, or ComfyUI's --bf16-unet)",
+        "device": "a GPU with more free memory",
+    }
+
     def __init__(self, patcher, clip=None, latent_size: int | None = None, original_weights: bool = False):
         self.patcher, self.clip = patcher, clip
         self.model = patcher.model

@@ -46,7 +46,6 @@ CHECK_IMAGES = 8
 CHECK_SAMPLER_STEPS = 8
 WEAK_EFFECT = 0.5
 STILL_TARGET = 0.25  # warn above: 3 of 8 images or more
-STYLE_PHRASINGS = 2  # a style's held-out prompts alternate its trained phrasing with another (prompts.STYLE_PHRASINGS)
 
 
 def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[str, list[str], list[str]]]:
@@ -65,7 +64,7 @@ def held_out_pairs(config: AblationConfig, trained_on: list[str]) -> list[tuple[
         # as in training: an anchor prompt naming another target of the run would measure that one's erasure too
         candidates = prompt_lib.without_targets(candidates, targets)
         anchors = random.Random(config.seed + 1).sample(candidates, min(CHECK_PROMPTS, len(candidates)))
-        found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, kind, STYLE_PHRASINGS)))
+        found.append((target, anchors, prompt_lib.target_prompts(anchors, anchor, target, kind)))
     return found
 
 

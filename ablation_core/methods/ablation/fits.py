@@ -40,4 +40,5 @@ def check_run_fits(view: ModelView, config: AblationConfig, layers: list[Layer])
     if os.environ.get(SKIP_VARIABLE) == "1":
         return
     check_fits(run_estimate(view, config, layers), view.device, int(config.batch_size),
-               config.latent_size or view.default_latent_size, view.dtype, bool(config.gradient_checkpointing))
+               config.latent_size or view.default_latent_size, view.dtype, bool(config.gradient_checkpointing),
+               getattr(view, "setting_names", None))
