@@ -26,12 +26,12 @@ SOLVE_COST = 0.02  # one layer's closed-form solve
 # Flux's text map is solved at T5's width, 4096: its eigendecompositions took 38 s in ComfyUI 0.3.64 on a 2-core
 # CPU, about 1.2 T5 prompts (a bar planned at SOLVE_COST a layer sat at 99.7 % through them, "6 s left")
 FLUX_SOLVE_COST = 0.27
-# Saving, timed in the real ComfyUI on a CPU: a Flux patch's SVDs took 7.2 s and writing it 0.02 s; a fused SD1.5
-# patch (32 K/V layers) 45 s and 0.1 s (28.6 MB; the CPU shared). At 0.1 a layer and 0.05 a megabyte the bar had
-# given writing 90 % of the save, "140 s left" after the SVDs were done.
+# Saving, timed in the real ComfyUI on a 2-core CPU: a Flux patch's SVDs took 7.2 s and writing it 0.02 s; a fused
+# SD1.5 patch (32 K/V layers) 2.2 s and 0.1 s (28.6 MB). At 0.1 a layer and 0.05 a megabyte the bar had given
+# writing 90 % of the save, "140 s left" after the SVDs were done.
 SVD_COST = 0.02  # one layer's low-rank compression (an SVD of SD1's middle K/V weight)
 SVD_UNIT_WORK = 640 * 768 * 640  # that SVD's work (rows x columns x the smaller of the two)
-FUSE_COST = 0.3  # one layer's solve in a fusion: 32 SD1.5 layers took 123 s where its 356 prompts took 42 s
+FUSE_COST = 0.04  # one layer's solve in a fusion: 32 SD1.5 layers in 4.8 s, against 0.1-0.2 s a CLIP prompt
 WRITE_COST = 0.001  # one megabyte of patch file written
 DECODE_COST = 2.0  # one VAE decode, in UNet passes at the same size
 PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor images", "train": "Training",
