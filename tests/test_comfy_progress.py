@@ -114,12 +114,13 @@ def test_save_reports_compressing_and_writing(comfy, watch, tmp_path):  # noqa: 
 
 def test_the_bar_moves_with_the_work_of_each_svd_and_solve():
     """Saved in the real ComfyUI, a Flux patch's 3072 x 4096 txt_in took 7.2 of its 7.4 s, with the bar at 5 % and
-    "140 s left" until it ended; the Erase node's 4096-wide solve sat at 99.7 % for 38 s, "6 s left"."""
+    "140 s left" until it ended (here a quarter-size pair of the same disproportion); the Erase node's 4096-wide
+    solve sat at 99.7 % for 38 s, "6 s left"."""
     from ablation_core import AblationPatch
     from ablation_core.methods.closed_form.settings import make_closed_form_config, resolve_closed_form
     from ablation_core.methods.run_plan import plan_closed_form, plan_compress, plan_write
 
-    patch = AblationPatch.from_deltas({"txt_in": torch.randn(3072, 4096), "vector_in": torch.randn(3072, 768)}, {})
+    patch = AblationPatch.from_deltas({"txt_in": torch.randn(768, 1024), "vector_in": torch.randn(768, 64)}, {})
     reported = []
     patch.compressed(rank=1, on_layer=lambda done, total: reported.append(done / total))
     assert reported[0] > 0.95 and reported[-1] == 1.0
