@@ -44,21 +44,22 @@ PHASE_TITLES = {"prompts": "Encoding prompts", "anchors": "Sampling anchor image
                 "after": "Drawing the images after"}
 
 
-def prompt_cost(family: str) -> float:
-    """One prompt through the family's text encoders, in its own transformer or UNet passes at 512 px."""
+def _real_flow(family: str) -> bool:
+    """A flow transformer of the real size (Flux.1), whose text encoder and text map are T5-XXL's width."""
     from ..models.families import FAMILIES
 
     chosen = FAMILIES.get(family)
-    return FLUX_PROMPT_COST if chosen is not None and chosen.flow and not chosen.toy else PROMPT_COST
+    return chosen is not None and chosen.flow and not chosen.toy
+
+
+def prompt_cost(family: str) -> float:
+    """One prompt through the family's text encoders, in its own transformer or UNet passes at 512 px."""
+    return FLUX_PROMPT_COST if _real_flow(family) else PROMPT_COST
 
 
 def solve_cost(family: str, layers: int) -> float:
     """The closed form's solve of ``layers`` layers: a small cost a layer, and on Flux its 4096-wide text map."""
-    from ..models.families import FAMILIES
-
-    chosen = FAMILIES.get(family)
-    flux = chosen is not None and chosen.flow and not chosen.toy
-    return max(layers, 1) * SOLVE_COST + (FLUX_SOLVE_COST if flux else 0.0)
+    return max(layers, 1) * SOLVE_COST + (FLUX_SOLVE_COST if _real_flow(family) else 0.0)
 
 
 def unet_pass(latent_size: int) -> float:

@@ -255,11 +255,12 @@ def save_patch(value: AblationPatch | PatchStack, path: str | Path, energy: floa
     layer: seconds for an SD1 K/V patch on a CPU), then written; ComfyUI's bar follows both."""
     progress = NodeProgress(node_id)
     single = as_single_patch(value)
+    work = single.svd_work()
     if energy is not None:
-        plan_compress(progress, single.svd_work() / SVD_UNIT_WORK)
+        plan_compress(progress, work / SVD_UNIT_WORK)
     plan_write(progress, 2 * single.numel() / 2**20)  # 16-bit numbers
     if energy is not None:
-        progress(Progress("compress", 0, single.svd_work()))
+        progress(Progress("compress", 0, work))
         single = single.compressed(energy, on_layer=progress.step("compress"))
     progress(Progress("write", 0, 1))
     written = single.save(path)

@@ -128,8 +128,7 @@ def check_pair(view: ModelView, adapters: AdapterSet, config: AblationConfig, la
     ``report(UNet evaluations done)``, up to ``check_evaluations``."""
     done = report or (lambda _evaluations: None)
     gap = gap_evaluations(len(anchor_prompts))
-    found = measure_effect(view, adapters, config, latents, anchor_prompts, target_prompts, base, done)
-    done(gap)
+    found = measure_effect(view, adapters, config, latents, anchor_prompts, target_prompts, base, done)  # to gap
     found.update(drawn_effect(view, adapters, config, anchor_prompts, target_prompts, base,
                               lambda evaluations: done(gap + int(evaluations))))
     return found
