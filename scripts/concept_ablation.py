@@ -89,7 +89,8 @@ def model_text() -> str:
 
 def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, preset: str, steps: float,
         seed: float, resolution: float, anchor_images: float, batch_size: float, storage: str, name: str,
-        overwrite: bool, preview: bool, preview_size: float, preview_steps: float, robust_rounds: float = 0):
+        overwrite: bool, preview: bool, preview_size: float, preview_steps: float, robust_rounds: float = 0,
+        gradient_checkpointing: bool = False):
     """The Ablate button (through A1111's ``wrap_gradio_gpu_call``: queue lock, ``shared.state``, progress)."""
     from ablation_core.backends.a1111 import TabRequest, run_request
     from ablation_core.errors import AblationCancelled, AblationError
@@ -97,7 +98,7 @@ def run(id_task: str, target: str, anchor: str, concept_type: str, method: str, 
     request = TabRequest(target or "", anchor or "", concept_type, method, preset, int(steps or 0), int(seed or 0),
                          int(resolution or 0), int(anchor_images or 0), int(batch_size or 0), storage, name or "",
                          bool(overwrite), bool(preview), int(preview_size or 0), int(preview_steps or 0),
-                         int(robust_rounds or 0))
+                         int(robust_rounds or 0), bool(gradient_checkpointing))
     try:
         outcome = run_request(make_host(), request)
     except AblationCancelled as err:
@@ -246,6 +247,9 @@ def on_ui_tabs():
                         resolution = gr.Number(value=0, precision=0, label="Training resolution, px (0: the model's)")
                         anchor_images = gr.Number(value=0, precision=0, label="Anchor images (0: the preset's)")
                         batch_size = gr.Number(value=0, precision=0, label="Batch size (0: the preset's)")
+                        checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing",
+                                                    info="trained method: much less training memory, about a "
+                                                         "third slower; the run says when it is needed")
                     storage = gr.Radio(list(STORAGE), value=STORAGE[0], label="File")
                     with gr.Row():
                         preview = gr.Checkbox(value=True, label="Draw a before/after preview",
@@ -287,7 +291,8 @@ def on_ui_tabs():
             measured = gr.HTML()
 
         inputs = [dummy, target, anchor, concept_type, method, preset, steps, seed, resolution, anchor_images,
-                  batch_size, storage, name, overwrite, preview, preview_size, preview_steps, robust_rounds]
+                  batch_size, storage, name, overwrite, preview, preview_size, preview_steps, robust_rounds,
+                  checkpointing]
         start.click(fn=wrap_gradio_gpu_call(run, extra_outputs=[None, gr.update(), gr.update()]), **start_js,
                     inputs=inputs, outputs=[result_image, table, chosen, result])
         stop.click(fn=interrupt, inputs=[], outputs=[])

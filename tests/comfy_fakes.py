@@ -43,7 +43,7 @@ class Attention(nn.Module):
         return self.to_out(F.scaled_dot_product_attention(q, k, v))
 
 
-class TransformerBlock(nn.Module):
+class BasicTransformerBlock(nn.Module):  # ComfyUI and A1111 (ldm) name it so; gradient checkpointing finds it by name
     def __init__(self, dim: int, context_dim: int):
         super().__init__()
         self.attn1 = Attention(dim, dim)
@@ -59,7 +59,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, dim: int, context_dim: int):
         super().__init__()
         self.proj_in = nn.Conv2d(dim, dim, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, context_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, context_dim)])
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:

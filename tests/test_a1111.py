@@ -21,7 +21,7 @@ from torch import nn
 
 from ablation_core import AblationPatch, LayerDelta, load_patch
 from ablation_core.backends.a1111 import A1111Host, A1111ModelView, TabRequest, list_patches, run_request
-from ablation_core.errors import AblationCancelled
+from ablation_core.errors import AblationCancelled, AblationError
 from ablation_core.models.configs import unet_config
 from ablation_core.models.layers import kohya_key, select_unet_modules
 from ablation_core.models.ldm_keys import UNetLayout, unet_module_to_ldm
@@ -377,3 +377,46 @@ def test_a_text_encoder_returning_nan_gets_a_clear_message_and_writes_nothing(a1
                                                                "Anchor: what it should become": "cap"}))
         assert "NaN or infinite" in message and "Emphasis mode" in message, message
         assert not list(a1111.lora_dir.glob("*.safetensors"))
+
+
+def test_a_run_that_cannot_fit_names_the_tabs_own_controls(a1111, monkeypatch):
+    """A memory hint used to name the command line's flags (--gradient-checkpointing, --batch-size, --latent-size),
+    which a tab user cannot give; it names the tab's controls and the web UI's own start flag instead."""
+    from ablation_core.models import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    model = a1111.shared.sd_model
+    before = fakes.model_weights(model)
+    _, buttons = build_tab(a1111)
+    *_, message = press(buttons["Ablate"], form(**{"Batch size (0: the preset's)": 2}))
+    assert "nothing was started" in message and "Traceback" not in message
+    assert "Advanced &gt; Batch size, now 2" in message and "--no-half" in message, message
+    assert "--batch-size" not in message and "--dtype" not in message and "--lora-rank" not in message
+    assert not list(a1111.lora_dir.iterdir()) and fakes.hooks_left(model) == 0
+    after = fakes.model_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # at SD1.5's size every hint applies: each names a control of the tab
+    needed = memory.estimate("sd1", 64, 5, torch.float32, 0)
+    with pytest.raises(AblationError) as raised:
+        memory.check_fits(needed, "cpu", 5, 64, torch.float32, False, A1111ModelView.setting_names)
+    message = str(raised.value)
+    for named in ("Advanced > Gradient checkpointing box", "Batch size, now 5", "Training resolution (now 512 px)"):
+        assert named in message, message
+    assert "--" not in message.replace("--no-half", ""), message
+
+
+def test_the_gradient_checkpointing_box_recomputes_the_blocks_and_writes_the_patch(a1111, monkeypatch):
+    from ablation_core.models import checkpointing
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    model = a1111.shared.sd_model
+    before = fakes.model_weights(model)
+    _, buttons = build_tab(a1111)
+    *_, message = press(buttons["Ablate"], form(**{"Gradient checkpointing": True}))
+    assert (a1111.lora_dir / "ablate_Van_Gogh_to_painting.safetensors").exists(), message
+    assert calls, "no block was checkpointed"
+    after = fakes.model_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and fakes.hooks_left(model) == 0
+    assert all("forward" not in vars(block) for block in A1111ModelView(model).transformer_blocks())

@@ -15,6 +15,7 @@ from ablation_core import load_patch
 from ablation_core.backends.a1111 import A1111Host, TabRequest, list_patches, run_request
 from ablation_core.backends.forge import ForgeModelView, copied_inference_weights, out_of_place_residuals
 from ablation_core.errors import AblationError, UnsupportedModelError
+from ablation_core.models.checkpointing import checkpointed
 from ablation_core.models.view import Conditioning
 from ablation_core.patches.patch import META
 from tests import a1111_fakes
@@ -63,6 +64,14 @@ def test_the_fake_refuses_backward_as_forge_does():
         (unet(x + delta, t, context=context) ** 2).mean().backward()
     assert delta.grad is not None and torch.isfinite(delta.grad).all()
     assert a1111_fakes.hooks_left(unet) == 0 and all(p.is_inference() for p in unet.parameters())
+    # gradient checkpointing recomputes the in-place blocks from their unchanged input: the same gradient
+    plain = delta.grad.clone()
+    delta.grad = None
+    blocks = ForgeModelView(engine).transformer_blocks()
+    with copied_inference_weights(unet), out_of_place_residuals(blocks), checkpointed(blocks) as count:
+        (unet(x + delta, t, context=context) ** 2).mean().backward()
+    assert count == len(blocks) > 0 and torch.allclose(delta.grad, plain, rtol=1e-5, atol=1e-7)
+    assert a1111_fakes.hooks_left(unet) == 0 and all("forward" not in vars(b) for b in blocks)
 
 
 @pytest.mark.parametrize("method", ["trained", "closed form"])
@@ -169,3 +178,23 @@ def test_robust_rounds_in_forge_get_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(AblationError, match="Robust rounds to 0"):
         run_request(host, TabRequest("Van Gogh", "painting", "style", "closed form", robust_rounds=1))
     assert_unchanged(engine, before)
+
+
+def test_gradient_checkpointing_in_forge_trains_through_its_in_place_blocks(forge, monkeypatch):
+    """Forge disables gradient checkpointing in its UNet; the tab's box checkpoints the blocks itself, around the
+    out-of-place residuals that make Forge's blocks trainable at all."""
+    from ablation_core.models import checkpointing, memory
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    _, buttons = build_tab(forge)
+    engine = loaded_engine(forge)
+    before = fakes.unet_weights(engine)
+    *_, message = press(buttons["Ablate"], form("trained", **{"Gradient checkpointing": True}))
+    assert (forge.lora_dir / f"{PATCH_NAME}.safetensors").exists(), message
+    assert calls, "no block was checkpointed"
+    assert_unchanged(engine, before)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    *_, message = press(buttons["Ablate"], form("trained", **{"Replace an existing file": True}))
+    assert "nothing was started" in message and "--unet-in-fp16" in message and "--dtype" not in message

@@ -626,3 +626,22 @@ def test_a_run_that_cannot_fit_names_the_nodes_own_settings(comfy, monkeypatch):
     with pytest.raises(AblationError, match=r"image_size, now 256 px.*weight_dtype"):
         memory.check_fits(memory.estimate("sd1", 32, 5, torch.float32, 0), "cpu", 5, 32, torch.float32, False,
                           backend.ComfyModelView.setting_names)
+
+
+def test_the_gradient_checkpointing_switch_recomputes_the_blocks_and_gives_the_same_patch(comfy, monkeypatch):
+    """The fake's blocks carry ComfyUI's class name, so the switch really checkpoints them (it used to find none)."""
+    from ablation_core.models import checkpointing
+
+    calls = []
+    real = checkpointing.checkpoint
+    monkeypatch.setattr(checkpointing, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    patches = []
+    for switch in (False, True):
+        model, clip = fakes.make_model(), fakes.make_clip()
+        output = _nodes()["AblateConcept"]().ablate(*_tiny_inputs(model, clip, monkeypatch),
+                                                    image_size=TINY["latent_size"] * 8, use_cache=False,
+                                                    gradient_checkpointing=switch)
+        patches.append(output["result"][2])
+        assert bool(calls) == switch and model.patches == {}
+    for key, delta in patches[0].deltas.items():
+        torch.testing.assert_close(patches[1].deltas[key].full(), delta.full(), rtol=1e-4, atol=1e-6)

@@ -29,6 +29,12 @@ def transformer_blocks(unet: nn.Module) -> list[nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ in TRANSFORMER_BLOCK_NAMES]
 
 
+def _on_a_copy(forward, x, *args, **kwargs):
+    """The block on a copy of its input: a block that adds to its input in place (Forge's ``x += n``) would
+    otherwise change what the recompute starts from, and autograd refuses the changed tensor."""
+    return forward(x.clone() if isinstance(x, torch.Tensor) else x, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def checkpointed(blocks: list[nn.Module]) -> Iterator[int]:
     """Gradient checkpointing of ``blocks`` inside the block; yields how many blocks are checkpointed."""
@@ -40,7 +46,7 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[int]:
 
         def run(*args, _forward=forward, **kwargs):
             if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_on_a_copy, _forward, *args, use_reentrant=False, **kwargs)
             return _forward(*args, **kwargs)
 
         block.forward = run

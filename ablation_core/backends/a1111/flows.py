@@ -100,6 +100,7 @@ class TabRequest:
     preview_size: int = 0  # 0: sized to the device (``preview_defaults``)
     preview_steps: int = 0
     robust_rounds: int = 0
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -129,7 +130,8 @@ def trained_config(request: TabRequest, view: WebUIView) -> AblationConfig:
               "latent_size": _latent_size(request.resolution, view),
               "robust_rounds": max(int(request.robust_rounds), 0)}
     config = make_config(request.target, request.anchor, request.preset, concept_type=request.concept_type,
-                         seed=int(request.seed), **{k: int(v) for k, v in chosen.items() if v})
+                         seed=int(request.seed), gradient_checkpointing=bool(request.gradient_checkpointing),
+                         **{k: int(v) for k, v in chosen.items() if v})
     config = resolve_config(config, view.family.name)
     if config.group == "embedding":
         raise AblationError("A1111's Lora extension cannot apply token-embedding changes; this tab trains UNet "

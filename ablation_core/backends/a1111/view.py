@@ -88,6 +88,15 @@ def compute_modules(root: nn.Module | None) -> list[nn.Module]:
     return [m for m in root.modules() if layer_kind(m) in ("linear", "conv")] if root is not None else []
 
 
+# what a memory hint names (``models.memory.check_fits``): the tab's own controls and the web UI's start flags
+TAB_SETTING_NAMES: dict[str, str | None] = {
+    "lora": None, "checkpointing": "the tab's Advanced > Gradient checkpointing box",
+    "batch": "Advanced > Batch size, now {batch}",
+    "latents": "a lower Advanced > Training resolution (now {pixels} px)",
+    "device": "a GPU with more free memory",
+}
+
+
 class A1111ModelView(ModelView):
     """``shared.sd_model`` of A1111 as a ``ModelView``.
 
@@ -97,6 +106,7 @@ class A1111ModelView(ModelView):
     """
 
     program = "A1111"
+    setting_names = {**TAB_SETTING_NAMES, "dtype": "half-precision weights (start the web UI without --no-half)"}
 
     def __init__(self, sd_model: Any, latent_size: int | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,

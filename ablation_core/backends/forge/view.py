@@ -27,7 +27,7 @@ from ...models.families import FAMILIES, MMDIT_TEXT, Family, family_by_context_d
 from ...models.layers import Layer, kohya_key, layer_kind, select_unet_modules
 from ...models.schedules import EpsSchedule
 from ...models.view import Conditioning, ModelView, PromptCache
-from ..a1111.view import DEFAULT_LATENT_SIZE, UNET_PREFIX, SizedPrompts, compute_modules
+from ..a1111.view import DEFAULT_LATENT_SIZE, TAB_SETTING_NAMES, UNET_PREFIX, SizedPrompts, compute_modules
 from .autograd import copied_inference_weights, out_of_place_residuals
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ class ForgeModelView(ModelView):
     """``shared.sd_model`` of Forge (a ``ForgeDiffusionEngine``) as a ``ModelView``."""
 
     program = "Forge"
+    setting_names = {**TAB_SETTING_NAMES, "dtype": "16-bit or fp8 UNet weights (start Forge with --unet-in-fp16, "
+                                                    "--unet-in-bf16 or --unet-in-fp8-e4m3fn)"}
 
     def __init__(self, sd_model: Any, latent_size: int | None = None):
         self.sd_model = sd_model
