@@ -12,8 +12,8 @@ For each toy concept (with its suggested anchor) and each entry point, makes a p
     ComfyUI MODEL/CLIP (the fakes of ``tests/comfy_fakes.py`` around the shipped toy weights; for toy-flux those of
     ``tests/comfy_flux_fakes.py``, a ComfyUI Flux MODEL and flux CLIP), with the node's default widgets except
     target, anchor and kind;
-(``--settings`` adds config settings to the api entry's call, ``--compare-presets`` makes and measures each concept
-once per named preset; the api rows count the run's UNet evaluations with a hook),
+(``--settings`` adds config settings to the api entry's call, trained or closed form; ``--compare-presets`` makes
+and measures each concept once per named preset; the api rows count the run's UNet evaluations with a hook),
 then measures it with ``evaluate_toy`` (evaluation templates and noise disjoint from the run's). No settings are
 given beyond what each entry point's user types, so the figures show what users get.
 """
@@ -51,7 +51,7 @@ def patch_from_api(method: str, target: str, anchor: str, folder: Path):
         from ablation_core.methods.closed_form.settings import make_closed_form_config
         from ablation_core.methods.closed_form.solve import erase_closed_form
 
-        return erase_closed_form(load_model(MODEL[0]), make_closed_form_config(target, anchor)).patch
+        return erase_closed_form(load_model(MODEL[0]), make_closed_form_config(target, anchor, **API_SETTINGS)).patch
     view = load_model(MODEL[0])
     calls = []
     handle = _network(view).register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="api entry: make and measure each pair with run seeds 0..N-1 (mean +- sd in the table)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="trained api entry: config settings (values read as JSON, else as text)")
+                        help="api entry: config settings of the method (values read as JSON, else as text), e.g. "
+                             "preserve_weight=2 or builtin_preserve=false for the closed form")
     parser.add_argument("--compare-presets", nargs="+", default=None, metavar="PRESET",
                         help="trained api entry: each concept once per preset (e.g. default thorough fast)")
     args = parser.parse_args(argv)

@@ -10,7 +10,11 @@ classifier says what each image shows. For each merge:
 - *target shown*: per source target, the share of its prompts' images still showing it, under the merge and under
   the source's own patch; "gap" is merge minus own (how much of each erasure did not survive the merge);
 - *anchors kept*: images of the anchors still showing their anchor, relative to before (sum over anchors);
-- *surroundings kept*: the same for every concept that is neither a target nor an anchor of the merge.
+- *surroundings kept*: the same for every concept that is neither a target nor an anchor of the merge;
+- the preservation figures of ``eval --json`` over every concept the merge should keep (anchors and surroundings):
+  *neighbour change* (mean and worst concept; 1.0 = the typical distance between two concepts' samples) and
+  *neighbour FID* with its noise floor (the unpatched model's samples from a second noise seed). The model-side
+  prediction drift is left out: it is scaled by one target-anchor gap, and a merge has several.
 
 Sampling uses the evaluation caption templates (the patches were made on the others) and seeds past the runs'.
 """
@@ -25,7 +29,13 @@ from pathlib import Path
 import torch
 
 from ablation_core import apply_patch, load_model, make_config, merge_weighted
-from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET, _classify_samples, _shown
+from ablation_core.evaluation.preservation import (
+    PreservedSamples,
+    classifier_features,
+    concept_scale,
+    measure_preservation,
+)
+from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET, FLOOR_SEED_OFFSET, _classify_samples, _shown
 from ablation_core.files import write_text_atomic
 from ablation_core.methods.ablation.loop import ablate
 from ablation_core.methods.closed_form.fusion import fuse_patches
@@ -48,7 +58,9 @@ def make_patch(view, method: str, target: str, anchor: str):
 
 
 class Shown:
-    """Share of each concept's evaluation prompts whose images show it, before (cached) and after a patch."""
+    """Share of each concept's evaluation prompts whose images show it, before (cached) and after a patch, and the
+    classifier features of those images (the preservation figures); ``floor``: the unpatched model's features from
+    a second noise seed."""
 
     def __init__(self, view, per_set: int):
         from ablation_core.toy.classifier import load_toy_classifier
@@ -57,20 +69,35 @@ class Shown:
         self.view, self.per_set = view, per_set
         self.classifier = load_toy_classifier()
         self.settings = (DEFAULT_STEPS, DEFAULT_GUIDANCE)
-        self.before = {c: self._sample(c) for c in WORLD}
+        self.features: dict[str, torch.Tensor] = {}
+        self.before = {c: self._sample(c, self.features) for c in WORLD}
+        self.before_features = dict(self.features)
+        self.floor: dict[str, torch.Tensor] = {}
+        for c in WORLD:
+            self._sample(c, self.floor, FLOOR_SEED_OFFSET)
+        self.scale = concept_scale(self.before_features)
 
     def _prompts(self, concept: str) -> list[str]:
         found = captions_of(concept, "eval")
         return [found[i % len(found)] for i in range(self.per_set)]
 
-    def _sample(self, concept: str) -> float:
-        seed = EVAL_SEED_OFFSET + WORLD.index(concept)
-        predictions, _ = _classify_samples(self.view, self.classifier, self._prompts(concept), seed, *self.settings)
+    def _sample(self, concept: str, features: dict, offset: int = 0) -> float:
+        seed = EVAL_SEED_OFFSET + offset + WORLD.index(concept)
+        predictions, images = _classify_samples(self.view, self.classifier, self._prompts(concept), seed,
+                                                *self.settings)
+        features[concept] = classifier_features(self.classifier, images)
         return _shown(predictions, concept)
 
     def after(self, patch, concepts: list[str]) -> dict[str, float]:
         with apply_patch(self.view, patch):
-            return {c: self._sample(c) for c in concepts}
+            return {c: self._sample(c, self.features) for c in concepts}
+
+    def preservation(self, kept_concepts: list[str]) -> dict:
+        """The figures for the concepts of the last ``after`` that the merge should keep."""
+        samples = [PreservedSamples(c, c, self._prompts(c), self.before_features[c], self.features[c])
+                   for c in kept_concepts]
+        floor = torch.cat([self.floor[c] for c in kept_concepts])
+        return measure_preservation(samples, self.scale, floor).as_json()
 
 
 def kept(shown: Shown, after: dict[str, float], concepts: list[str]) -> float:
@@ -97,6 +124,7 @@ def run(method: str, sizes: list[int], per_set: int) -> list[dict]:
         fuse_seconds = time.perf_counter() - started
         for merge, patch in (("weighted sum", merge_weighted(patches[:size])), ("fusion", fused)):
             after = shown.after(patch, WORLD)
+            preservation = shown.preservation([c for c in WORLD if c not in targets])
             gaps = [after[t] - own[t] for t in targets]
             rows.append({
                 "method": method, "patches": size, "merge": merge, "per_set": per_set,
@@ -107,18 +135,22 @@ def run(method: str, sizes: list[int], per_set: int) -> list[dict]:
                 "anchors_kept": kept(shown, after, anchors), "surroundings_kept": kept(shown, after, surroundings),
                 "surroundings": surroundings, "fuse_seconds": round(fuse_seconds, 2) if merge == "fusion" else None,
                 "shown_before": {c: shown.before[c] for c in WORLD}, "shown_after": after,
-                "own_shown": {t: own[t] for t in targets}})
+                "own_shown": {t: own[t] for t in targets}, "preservation": preservation})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| patches | merge | target shown (mean / worst) | own patches (mean) | worst gap to own | anchors kept "
-             "| surroundings kept |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| surroundings kept | neighbour change mean / worst (concept) | neighbour FID (floor) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        change, fid = r["preservation"]["neighbour_change"], r["preservation"]["neighbour_fid"]
         lines.append(f"| {r['patches']} {r['method']} | {r['merge']} | {r['target_shown_mean']:.0%} / "
                      f"{r['target_shown_max']:.0%} | {r['own_patch_target_shown_mean']:.0%} | "
-                     f"{100 * r['gap_max']:+.0f} pts | {r['anchors_kept']:.0%} | {r['surroundings_kept']:.0%} |")
+                     f"{100 * r['gap_max']:+.0f} pts | {r['anchors_kept']:.0%} | {r['surroundings_kept']:.0%} | "
+                     f"{change['mean']:.2f} / **{change['worst']:.2f}** ({change['worst_set']}) | "
+                     f"{fid['value']:.4f} ({fid['floor']:.4f}) |")
     return "\n".join(lines)
 
 
