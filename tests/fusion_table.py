@@ -11,7 +11,8 @@ classifier says what each image shows. For each merge:
   the source's own patch; "gap" is merge minus own (how much of each erasure did not survive the merge);
 - *anchors kept*: images of the anchors still showing their anchor, relative to before (sum over anchors);
 - *surroundings kept*: the same for every concept that is neither a target nor an anchor of the merge;
-- the preservation figures of ``eval --json`` over every concept the merge should keep (anchors and surroundings):
+- the preservation figures of ``eval --json`` over every concept the merge should keep (anchors and surroundings),
+  on their captions that name no target of the merge (as ``eval`` leaves them out):
   *neighbour change* (mean and worst concept; 1.0 = the typical distance between two concepts' samples) and
   *neighbour FID* with its noise floor (the unpatched model's samples from a second noise seed). The model-side
   prediction drift is left out: it is scaled by one target-anchor gap, and a merge has several.
@@ -35,7 +36,7 @@ from ablation_core.evaluation.preservation import (
     concept_scale,
     measure_preservation,
 )
-from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET, FLOOR_SEED_OFFSET, _classify_samples, _shown
+from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET, FLOOR_SEED_OFFSET, _classify_samples, _names, _shown
 from ablation_core.files import write_text_atomic
 from ablation_core.methods.ablation.loop import ablate
 from ablation_core.methods.closed_form.fusion import fuse_patches
@@ -58,9 +59,8 @@ def make_patch(view, method: str, target: str, anchor: str):
 
 
 class Shown:
-    """Share of each concept's evaluation prompts whose images show it, before (cached) and after a patch, and the
-    classifier features of those images (the preservation figures); ``floor``: the unpatched model's features from
-    a second noise seed."""
+    """Share of each concept's evaluation prompts whose images show it, before (cached) and after a patch; and the
+    preservation figures of a merge's kept concepts."""
 
     def __init__(self, view, per_set: int):
         from ablation_core.toy.classifier import load_toy_classifier
@@ -69,35 +69,49 @@ class Shown:
         self.view, self.per_set = view, per_set
         self.classifier = load_toy_classifier()
         self.settings = (DEFAULT_STEPS, DEFAULT_GUIDANCE)
-        self.features: dict[str, torch.Tensor] = {}
-        self.before = {c: self._sample(c, self.features) for c in WORLD}
-        self.before_features = dict(self.features)
-        self.floor: dict[str, torch.Tensor] = {}
-        for c in WORLD:
-            self._sample(c, self.floor, FLOOR_SEED_OFFSET)
-        self.scale = concept_scale(self.before_features)
+        features: dict[str, torch.Tensor] = {}
+        self.before = {c: self._sample(c, self._prompts(c), features) for c in WORLD}
+        self.scale = concept_scale(features)  # the typical distance between two concepts' samples
+        self.unpatched: dict[tuple, torch.Tensor] = {}
 
-    def _prompts(self, concept: str) -> list[str]:
+    def _prompts(self, concept: str, avoid: tuple[str, ...] = ()) -> list[str]:
+        """Its evaluation captions; with ``avoid``, those naming none of them (a kept concept's captions that name
+        an erased one, "a monet painting of a cat", are meant to change)."""
         found = captions_of(concept, "eval")
+        found = [p for p in found if not any(_names(p, a) for a in avoid if a != concept)] or found
         return [found[i % len(found)] for i in range(self.per_set)]
 
-    def _sample(self, concept: str, features: dict, offset: int = 0) -> float:
+    def _sample(self, concept: str, prompts: list[str], features: dict | None = None, offset: int = 0) -> float:
         seed = EVAL_SEED_OFFSET + offset + WORLD.index(concept)
-        predictions, images = _classify_samples(self.view, self.classifier, self._prompts(concept), seed,
-                                                *self.settings)
-        features[concept] = classifier_features(self.classifier, images)
+        predictions, images = _classify_samples(self.view, self.classifier, prompts, seed, *self.settings)
+        if features is not None:
+            features[concept] = classifier_features(self.classifier, images)
         return _shown(predictions, concept)
 
     def after(self, patch, concepts: list[str]) -> dict[str, float]:
         with apply_patch(self.view, patch):
-            return {c: self._sample(c, self.features) for c in concepts}
+            return {c: self._sample(c, self._prompts(c)) for c in concepts}
 
-    def preservation(self, kept_concepts: list[str]) -> dict:
-        """The figures for the concepts of the last ``after`` that the merge should keep."""
-        samples = [PreservedSamples(c, c, self._prompts(c), self.before_features[c], self.features[c])
-                   for c in kept_concepts]
-        floor = torch.cat([self.floor[c] for c in kept_concepts])
-        return measure_preservation(samples, self.scale, floor).as_json()
+    def _unpatched(self, concept: str, prompts: list[str], offset: int) -> torch.Tensor:
+        key = (concept, tuple(prompts), offset)
+        if key not in self.unpatched:
+            found: dict[str, torch.Tensor] = {}
+            self._sample(concept, prompts, found, offset)
+            self.unpatched[key] = found[concept]
+        return self.unpatched[key]
+
+    def preservation(self, patch, kept_concepts: list[str], targets: list[str]) -> dict:
+        """``eval --json``'s figures over the concepts a merge keeps, on their captions that name no target of it;
+        the floor: the unpatched model's samples of the same prompts from a second noise seed."""
+        samples, floor = [], []
+        for c in kept_concepts:
+            prompts = self._prompts(c, tuple(targets))
+            after: dict[str, torch.Tensor] = {}
+            with apply_patch(self.view, patch):
+                self._sample(c, prompts, after)
+            samples.append(PreservedSamples(c, c, prompts, self._unpatched(c, prompts, 0), after[c]))
+            floor.append(self._unpatched(c, prompts, FLOOR_SEED_OFFSET))
+        return measure_preservation(samples, self.scale, torch.cat(floor)).as_json()
 
 
 def kept(shown: Shown, after: dict[str, float], concepts: list[str]) -> float:
@@ -124,7 +138,7 @@ def run(method: str, sizes: list[int], per_set: int) -> list[dict]:
         fuse_seconds = time.perf_counter() - started
         for merge, patch in (("weighted sum", merge_weighted(patches[:size])), ("fusion", fused)):
             after = shown.after(patch, WORLD)
-            preservation = shown.preservation([c for c in WORLD if c not in targets])
+            preservation = shown.preservation(patch, [c for c in WORLD if c not in targets], targets)
             gaps = [after[t] - own[t] for t in targets]
             rows.append({
                 "method": method, "patches": size, "merge": merge, "per_set": per_set,
