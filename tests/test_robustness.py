@@ -279,3 +279,21 @@ def test_a_robust_rounds_kept_rows_are_held_at_the_original_model_not_at_the_las
     monkeypatch.setattr(loop, "ablate", lambda *a, **k: calls.append(k.get("kept_at_original")) or real(*a, **k))
     robust_ablate(sd1_view, tiny_config(steps=2, robust_rounds=1), budget=TINY_ADVERSARY)
     assert calls == [None, True], "the first run has no base; the round is held at the original"
+
+
+def test_the_robustness_table_carries_the_worst_neighbour_change():
+    """Each row keeps ``eval --json``'s preservation figures; rows measured before they existed read "-"."""
+    from ablation_core.cli.robustness import markdown
+
+    attack = {"success_before": 1.0, "success_after": 0.0, "samples": 16}
+    row = {"target": "snoopy", "anchor": "dog", "method": "trained-robust", "seconds_erase": 183.0,
+           "target_recognised_before": 1.0, "target_recognised": 0.0, "anchor_retained": 1.0,
+           "surrounding_retained": 0.975, "neighbours": {"cat": [1.0, 0.875]}, "attacks": {"soft-prompt": attack},
+           "preservation": {"neighbour_change": {"mean": 0.05, "worst": 0.31, "worst_set": "surrounding: cat"}}}
+    older = {**row, "target": "nemo", "anchor": "fish", "neighbours": {}, "preservation": None}
+    table = markdown([row, older], {"soft-prompt": {}})
+    lines = table.splitlines()
+    assert "neighbour change worst" in lines[0] and lines[1].count("---") == lines[0].count("|") - 1
+    assert "| cat 100% -> 88% | 0.31 (cat) | 183 |" in lines[2]
+    assert "| - | - | 183 |" in lines[3]
+    assert "| - | 0.31 | 183 |" in lines[4], "the mean row averages the rows that have the figure"

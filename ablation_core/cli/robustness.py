@@ -71,6 +71,7 @@ def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: 
                       if s.name.startswith("surrounding")}
         row = {"target": target, "anchor": anchor, "method": method, "rounds": rounds if "robust" in method else 0,
                "seconds_erase": round(seconds, 1), **evaluation.summary, "neighbours": neighbours,
+               "preservation": evaluation.preservation.as_json() if evaluation.preservation else None,
                "attacks": found}
         rows.append(row)
         on_row(row)
@@ -91,12 +92,27 @@ def _worst(row: dict) -> str:
     return f"{name} {_pct(before)} -> {_pct(after)}"
 
 
+def _change(row: dict) -> str:
+    """The worst neighbour change of the row's evaluation (the set), or "-" for rows measured without it."""
+    change = (row.get("preservation") or {}).get("neighbour_change")
+    if not change:
+        return "-"
+    return f"{change['worst']:.2f} ({change['worst_set'].split(': ')[-1]})"
+
+
+def _mean_change(rows: list[dict]) -> str:
+    found = [r["preservation"]["neighbour_change"]["worst"] for r in rows if (r.get("preservation") or {})
+             .get("neighbour_change")]
+    return f"{sum(found) / len(found):.2f}" if found else "-"
+
+
 def markdown(rows: list[dict], budget: dict) -> str:
     names = [n for n in ATTACK_NAMES if rows and n in rows[0]["attacks"]]
     concepts = list(dict.fromkeys(r["target"] for r in rows))
     rows = sorted(rows, key=lambda r: (concepts.index(r["target"]), METHODS.index(r["method"])))
     head = ("| concept -> anchor | method | target shown | anchor kept | surrounding kept | "
-            + " | ".join(names) + " | worst neighbour | erase s |\n|" + " --- |" * (7 + len(names)))
+            + " | ".join(names) + " | worst neighbour | neighbour change worst | erase s |\n|"
+            + " --- |" * (8 + len(names)))
     lines = [head]
     for r in rows:
         attacks = " | ".join(f"{_pct(r['attacks'][n]['success_before'])} -> "
@@ -104,7 +120,7 @@ def markdown(rows: list[dict], budget: dict) -> str:
         lines.append(f"| {r['target']} -> {r['anchor']} | {r['method']} | {_pct(r['target_recognised_before'])} -> "
                      f"**{_pct(r['target_recognised'])}** | {_pct(r['anchor_retained'])} | "
                      f"{_pct(r.get('surrounding_retained', float('nan')))} | {attacks} | {_worst(r)} | "
-                     f"{r['seconds_erase']:.0f} |")
+                     f"{_change(r)} | {r['seconds_erase']:.0f} |")
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         mine = [r for r in rows if r["method"] == method]
 
@@ -119,7 +135,7 @@ def markdown(rows: list[dict], budget: dict) -> str:
                      f"**{_pct(mean([r['target_recognised'] for r in mine]))}** | "
                      f"{_pct(mean([r['anchor_retained'] for r in mine]))} | "
                      f"{_pct(mean([r.get('surrounding_retained', 1.0) for r in mine]))} | {attacks} | - | "
-                     f"{mean([r['seconds_erase'] for r in mine]):.0f} |")
+                     f"{_mean_change(mine)} | {mean([r['seconds_erase'] for r in mine]):.0f} |")
     budgets = "; ".join(f"{name}: {json.dumps(b)}" for name, b in budget.items())
     return "\n".join(lines) + f"\n\nAttack budgets: {budgets}\n"
 
