@@ -248,8 +248,8 @@ def on_ui_tabs():
                         anchor_images = gr.Number(value=0, precision=0, label="Anchor images (0: the preset's)")
                         batch_size = gr.Number(value=0, precision=0, label="Batch size (0: the preset's)")
                         checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing",
-                                                    info="trained method: much less training memory, about a "
-                                                         "third slower; the run says when it is needed")
+                                                    info="trained method: less training memory for one more "
+                                                         "forward pass of each block; the run says when it is needed")
                     storage = gr.Radio(list(STORAGE), value=STORAGE[0], label="File")
                     with gr.Row():
                         preview = gr.Checkbox(value=True, label="Draw a before/after preview",
