@@ -36,14 +36,19 @@ from ablation_core.evaluation.preservation import (
     concept_scale,
     measure_preservation,
 )
-from ablation_core.evaluation.toy_eval import EVAL_SEED_OFFSET, FLOOR_SEED_OFFSET, _classify_samples, _names, _shown
+from ablation_core.evaluation.toy_eval import (
+    EVAL_SEED_OFFSET,
+    FLOOR_SEED_OFFSET,
+    _classify_samples,
+    _shown,
+    eval_captions,
+)
 from ablation_core.files import write_text_atomic
 from ablation_core.methods.ablation.loop import ablate
 from ablation_core.methods.closed_form.fusion import fuse_patches
 from ablation_core.methods.closed_form.settings import make_closed_form_config
 from ablation_core.methods.closed_form.solve import erase_closed_form
 from ablation_core.toy.concepts import CONCEPTS_BY_NAME
-from ablation_core.toy.prompts import captions_of
 
 # Ten erasures whose anchors are never erased (the five kept concepts are the anchors and "photo").
 PAIRS = [("snoopy", "dog"), ("grumpy cat", "cat"), ("nemo", "fish"), ("van gogh", "painting"), ("monet", "painting"),
@@ -77,9 +82,7 @@ class Shown:
     def _prompts(self, concept: str, avoid: tuple[str, ...] = ()) -> list[str]:
         """Its evaluation captions; with ``avoid``, those naming none of them (a kept concept's captions that name
         an erased one, "a monet painting of a cat", are meant to change)."""
-        found = captions_of(concept, "eval")
-        found = [p for p in found if not any(_names(p, a) for a in avoid if a != concept)] or found
-        return [found[i % len(found)] for i in range(self.per_set)]
+        return eval_captions(concept, self.per_set, tuple(a for a in avoid if a != concept))
 
     def _sample(self, concept: str, prompts: list[str], features: dict | None = None, offset: int = 0) -> float:
         seed = EVAL_SEED_OFFSET + offset + WORLD.index(concept)

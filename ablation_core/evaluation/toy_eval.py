@@ -84,7 +84,6 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     other targets of a joint patch: they are meant to change), whose names the neighbours' and unrelated prompts
     avoid too."""
     from ..toy.concepts import CONCEPTS, CONCEPTS_BY_NAME, axis_of
-    from ..toy.prompts import captions_of
 
     target, anchor = target.lower().strip(), anchor.lower().strip()
     axis_of(target)
@@ -94,9 +93,7 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
     neighbours = [n for n in (concept.neighbours if concept else ()) if n not in (anchor, *gone)]
 
     def captions(name: str, count: int = per_set, avoid: tuple[str, ...] = ()) -> list[str]:
-        found = captions_of(name, "eval")
-        found = [p for p in found if not any(_names(p, a) for a in avoid)] or found
-        return [found[i % len(found)] for i in range(count)]
+        return eval_captions(name, count, avoid)
 
     target_prompts = captions(target)
     typos = misspellings(target, 4, seed)
@@ -115,6 +112,16 @@ def toy_prompt_sets(target: str, anchor: str, per_set: int = 48, seed: int = 0, 
         for name in [c.name for c in CONCEPTS if c.name not in skipped]:
             sets.append(PromptSet(f"unrelated: {name}", name, captions(name, per_neighbour, gone)))
     return sets
+
+
+def eval_captions(name: str, count: int, avoid: tuple[str, ...] = ()) -> list[str]:
+    """``count`` of the concept's evaluation captions in turn; with ``avoid``, only those naming none of these
+    (all of them where none is left)."""
+    from ..toy.prompts import captions_of
+
+    found = captions_of(name, "eval")
+    found = [p for p in found if not any(_names(p, a) for a in avoid)] or found
+    return [found[i % len(found)] for i in range(count)]
 
 
 def _names(prompt: str, concept: str) -> bool:
