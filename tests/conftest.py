@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads a process; under pytest-xdist the cores are shared among the workers (one each on a 2-core machine)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 from ablation_core import make_config  # noqa: E402
 from ablation_core.backends.diffusers import DiffusersModelView  # noqa: E402

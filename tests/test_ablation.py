@@ -165,3 +165,23 @@ def test_ablation_moves_the_target_onto_the_anchor(sd1_view, sd1_result):
     gaps = prediction_gaps(sd1_view, sd1_result.patch, target_prompts(anchors, "cat", "Grumpy Cat", "object"), anchors)
     assert gaps["target_anchor_gap_before"] > 0.01
     assert gaps["target_anchor_gap_after"] < 0.7 * gaps["target_anchor_gap_before"]
+
+
+def test_the_held_out_check_draws_its_images_at_the_runs_latent_size(sd1_view, monkeypatch):
+    """A run at a lower training resolution (the memory hint's advice) checks its effect at that size too: the check
+    drew at the model's own size, 4 times the work and memory of a run at half of SD1's 64 latents."""
+    from ablation_core.methods.ablation import check
+
+    drawn_sizes: list[int] = []
+    draw = check.sample_latents
+
+    def recorded(*args, **kwargs):
+        latents = draw(*args, **kwargs)
+        drawn_sizes.append(latents.shape[-1])
+        return latents
+
+    monkeypatch.setattr(check, "sample_latents", recorded)
+    size = sd1_view.default_latent_size // 2
+    result = ablate(sd1_view, tiny_config(steps=2, latent_size=size))
+    assert drawn_sizes and set(drawn_sizes) == {size}
+    assert result.check["images"] > 0

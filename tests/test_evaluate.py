@@ -31,7 +31,8 @@ def test_toy_prompt_sets_cover_target_typos_anchor_and_neighbours():
 def test_toy_ablation_removes_the_target_and_keeps_the_anchor(toy_view, tmp_path):
     result = ablate(toy_view, make_config("grumpy cat", "cat", steps=50, anchor_images=16, sampler_steps=12))
     grid = tmp_path / "grid.png"
-    evaluation = evaluate_toy(toy_view, result.patch, "grumpy cat", "cat", per_set=8, grid_path=str(grid))
+    evaluation = evaluate_toy(toy_view, result.patch, "grumpy cat", "cat", per_set=8, grid_path=str(grid),
+                              preservation=False)
     summary = evaluation.summary
     assert summary["target_recognised_before"] >= 0.9, "the shipped toy model should draw grumpy cats"
     assert summary["target_recognised"] <= 0.2

@@ -419,7 +419,7 @@ def test_closed_form_node_erases_a_list_of_concepts_on_the_toy_model(comfy):
     assert patch.listed("targets") == ["snoopy", "nemo"] and model.patches == {}
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
     assert set(out_model.patches) == {backend.ComfyModelView(model).state_key(k)[1] for k in patch.deltas}
-    evaluation = evaluate_toy(load_model("toy"), patch, "snoopy", "dog", per_set=8)
+    evaluation = evaluate_toy(load_model("toy"), patch, "snoopy", "dog", per_set=8, preservation=False)
     assert evaluation.summary["target_recognised"] <= 0.2 and evaluation.summary["anchor_retained"] >= 0.9
 
 

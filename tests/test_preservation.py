@@ -107,3 +107,23 @@ def test_unrelated_sets_leave_out_what_the_patch_erases():
     joint = toy_prompt_sets("bird", "fish", per_set=8, erased=("bird", "van gogh"))
     assert not any("van gogh" in p for s in joint if s.name.startswith("surrounding") for p in s.prompts)
     assert any("van gogh" in p for s in toy_prompt_sets("bird", "fish", per_set=8) for p in s.prompts)
+
+
+def test_the_unpatched_models_samples_are_drawn_once_and_again_when_its_weights_change(monkeypatch):
+    from ablation_core.evaluation import toy_eval
+
+    view, drawn = load_model("toy"), []
+    monkeypatch.setattr(toy_eval, "_UNPATCHED", {})
+    monkeypatch.setattr(toy_eval, "_classify_samples", lambda *args: drawn.append(args[2]) or ([], None))
+    key = toy_eval._weights_key(view)
+    toy_eval._unpatched_samples(view, key, None, ["a cat"], 1, 4, 3.0)
+    toy_eval._unpatched_samples(view, key, None, ["a cat"], 1, 4, 3.0)
+    toy_eval._unpatched_samples(view, key, None, ["a cat"], 2, 4, 3.0)
+    assert drawn == [["a cat"], ["a cat"]], "the same prompts and noise are drawn once"
+    layer = next(iter(view.all_layers().values()))
+    original = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight[0, 0] += 1e-5  # a tiny change is a change: the key hashes the exact float32 values
+        changed = toy_eval._weights_key(view)
+        layer.weight.copy_(original)
+    assert changed != key and toy_eval._weights_key(view) == key

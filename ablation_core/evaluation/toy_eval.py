@@ -15,6 +15,7 @@ caption templates (ablation runs use the other half, ``toy.prompts``), and the n
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -141,6 +142,32 @@ def _classify_samples(view: ModelView, classifier, prompts: list[str], seed: int
     return classify(classifier, latents.clamp(-1, 1)), latents
 
 
+# The unpatched model's classified samples, by its weights, the prompts and the noise: harnesses and tests evaluate
+# several patches of one model on the same sets and seeds, and the "before" half (with the Frechet floor's samples)
+# is the same each time. Keyed by a hash of every layer a patch can change, so a changed model samples anew.
+_UNPATCHED: dict[tuple, tuple] = {}
+_UNPATCHED_ENTRIES = 512
+
+
+def _weights_key(view: ModelView) -> str:
+    digest = hashlib.sha256(f"{view.dtype} {view.device}".encode())
+    for key, layer in sorted(view.all_layers().items()):
+        digest.update(key.encode())
+        digest.update(layer.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unpatched_samples(view: ModelView, weights: str, classifier, prompts: list[str], seed: int, steps: int,
+                       guidance: float):
+    """``_classify_samples`` of the unpatched model (whose weights hash to ``weights``), drawn once per process."""
+    key = (weights, tuple(prompts), seed, steps, guidance)
+    if key not in _UNPATCHED:
+        if len(_UNPATCHED) >= _UNPATCHED_ENTRIES:
+            _UNPATCHED.pop(next(iter(_UNPATCHED)))
+        _UNPATCHED[key] = _classify_samples(view, classifier, prompts, seed, steps, guidance)
+    return _UNPATCHED[key]
+
+
 def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str, per_set: int = 48, seed: int = 0,
                  strength: float = 1.0, grid_path: str | None = None,
                  on_progress: ProgressFn | None = None, preservation: bool = True) -> Evaluation:
@@ -162,11 +189,12 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
     preserved = [s for s in sets if s.name.startswith(PRESERVED) and s.concept not in erased] if preservation else []
     total = 2 * len(sets) + len(preserved)
     report(Progress("evaluate", 0, total))
+    weights = _weights_key(view)
     for index, prompt_set in enumerate(sets):
         noise_seed = seed + EVAL_SEED_OFFSET + index
         shown_prompt = [prompt_set.prompts[0]] * GRID_SAMPLES if grid_path else []
-        before, before_images = _classify_samples(view, classifier, prompt_set.prompts + shown_prompt, noise_seed,
-                                                  DEFAULT_STEPS, DEFAULT_GUIDANCE)
+        before, before_images = _unpatched_samples(view, weights, classifier, prompt_set.prompts + shown_prompt,
+                                                   noise_seed, DEFAULT_STEPS, DEFAULT_GUIDANCE)
         report(Progress("evaluate", 2 * index + 1, total))
         with apply_patch(view, patch, strength):
             after, after_images = _classify_samples(view, classifier, prompt_set.prompts + shown_prompt, noise_seed,
@@ -184,7 +212,7 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
                        f"{prompt_set.name}, after\n'{prompt_set.prompts[0]}'"]
     evaluation = Evaluation(target, anchor, results, _summary(results))
     if preserved:
-        evaluation.preservation = _preservation(view, classifier, sets, preserved, features, seed,
+        evaluation.preservation = _preservation(view, weights, classifier, sets, preserved, features, seed,
                                                 lambda done: report(Progress("evaluate", 2 * len(sets) + done, total)))
         evaluation.preservation.drift = _prediction_drift(view, patch, sets, preserved, seed, strength)
     if grid_path:
@@ -193,7 +221,7 @@ def evaluate_toy(view: ModelView, patch: AblationPatch, target: str, anchor: str
     return evaluation
 
 
-def _preservation(view: ModelView, classifier, sets: list[PromptSet], preserved: list[PromptSet],
+def _preservation(view: ModelView, weights: str, classifier, sets: list[PromptSet], preserved: list[PromptSet],
                   features: dict[str, tuple], seed: int, done) -> Preservation:
     """The sensitive figures: the scale from every set's before samples (by concept), the preserved sets' changes,
     and their before samples drawn again from other noise (the Frechet distance's floor)."""
@@ -206,8 +234,8 @@ def _preservation(view: ModelView, classifier, sets: list[PromptSet], preserved:
     floor = []
     for index, prompt_set in enumerate(preserved):
         noise_seed = seed + EVAL_SEED_OFFSET + FLOOR_SEED_OFFSET + index
-        images = sample_latents(view, prompt_set.prompts, torch.arange(len(prompt_set.prompts)), DEFAULT_STEPS,
-                                DEFAULT_GUIDANCE, 64, noise_seed)
+        _, images = _unpatched_samples(view, weights, classifier, prompt_set.prompts, noise_seed, DEFAULT_STEPS,
+                                       DEFAULT_GUIDANCE)
         floor.append(classifier_features(classifier, images))
         done(index + 1)
     samples = [PreservedSamples(s.name, s.concept, s.prompts, *features[s.name]) for s in preserved]

@@ -221,7 +221,8 @@ def drawn_effect(view: ModelView, adapters: AdapterSet, config: AblationConfig, 
         def step(images: float, _total: int) -> None:
             if report is not None:
                 report(done + per_set * images / count)
-        drawn.append(sample_latents(view, prompts[:count], index, steps, guidance, batch, seed, on_progress=step))
+        drawn.append(sample_latents(view, prompts[:count], index, steps, guidance, batch, seed, config.latent_size,
+                                    on_progress=step))
         return drawn[-1]
 
     with adapters.disabled(), base.disabled() if base is not None else contextlib.nullcontext():
