@@ -209,3 +209,56 @@ def test_a_run_with_preserved_rows_plans_them_after_its_own_prompts():
     assert plan.phases["prompts"].units < plan.phases["preserved"].units / 50  # 2 prompts against 200
     before = plan.advance(Progress("prompts", 2, 2))
     assert plan.advance(Progress("preserved", 100, 200)) > before
+
+
+def test_between_steps_the_pacer_reports_the_share_of_the_next_step_from_the_phases_own_pace():
+    from ablation_core.methods.progress import PULSE_CAP, Pacer
+
+    now, sent = [0.0], []
+    pacer = Pacer(sent.append, clock=lambda: now[0])
+    pacer.pulse()
+    pacer(Progress("train", 0, 4))
+    now[0] = 5.0
+    pacer.pulse()
+    assert sent == [Progress("train", 0, 4)], "no pace is known before the phase's first step ends"
+    now[0] = 10.0
+    pacer(Progress("train", 1, 4, loss=0.5, eta_seconds=30.0))  # 10 s a step
+    now[0] = 10.5
+    pacer.pulse()
+    assert len(sent) == 2, "at most one report a second"
+    now[0] = 14.0
+    pacer.pulse()
+    assert sent[-1] == Progress("train", 1, 4, loss=0.5, eta_seconds=26.0, within=pytest.approx(0.4))
+    now[0] = 30.0
+    pacer.pulse()
+    assert sent[-1].within == PULSE_CAP and sent[-1].eta_seconds == 10.0, "a slow step never claims to be done"
+    pacer(Progress("train", 4, 4, loss=0.1, eta_seconds=0.0))
+    now[0] = 60.0
+    pacer.pulse()
+    pacer(Progress("check", 0, 10))
+    now[0] = 70.0
+    pacer.pulse()
+    assert [p.phase for p in sent[-2:]] == ["train", "check"], "nothing after a phase's end, nor from its pace"
+    inner = Progress("train", 2, 4, within=0.3)
+    pacer(inner)
+    assert sent[-1] is inner and pacer.last.phase == "check", "a nested run's pulse passes through"
+
+
+def test_a_long_training_step_moves_the_bar_while_it_runs_and_not_the_loss_curve(comfy, watch, monkeypatch):  # noqa: F811
+    """A CPU's step of SD1.5 or Flux takes tens of seconds: the node's bar and time left move inside it (here every
+    layer, with the intervals at 0), monotone, and the curve gets one point a step."""
+    from ablation_core.methods import progress
+
+    monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress, "PULSE_INTERVAL_S", 0.0)
+    node = _nodes()["AblateConcept"]()
+    node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), use_cache=False, unique_id="5")
+    watch.check_one_monotone_bar()
+    train = [e for e in watch.events() if e["phase"] == "train"]
+    pulses = [e for e in train if e["within"] > 0]
+    steps = [e for e in train if e["within"] == 0]
+    assert pulses and all(0 < e["within"] <= progress.PULSE_CAP for e in pulses)
+    assert {e["step"] for e in pulses} <= set(range(1, steps[-1]["total"])), "between a first and a last step"
+    inside = [b["fraction"] for a, b in zip(train, train[1:]) if b["within"] > 0 and b["fraction"] > a["fraction"]]
+    assert inside, "a pulse moves the bar on"
+    assert len([e for e in steps if e["loss"] is not None]) == steps[-1]["total"], "one loss a step"

@@ -158,8 +158,11 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
   const state = node.ablation;
   Object.assign(state, { running: detail.phase !== "done", stopped: false });
   if (detail.phase === "train") {
-    if (detail.step <= 1) state.losses = [];
-    if (detail.loss != null) state.losses.push(detail.loss);
+    // a report while a step runs ("within" > 0) repeats the last step's loss: the bar moves, the curve does not
+    if (!(detail.within > 0)) {
+      if (detail.step <= 1) state.losses = [];
+      if (detail.loss != null) state.losses.push(detail.loss);
+    }
     state.total = detail.total;
     state.activity = `step ${detail.step}/${detail.total}`;
     const loss = detail.loss != null ? `  loss ${detail.loss.toPrecision(4)}` : "";

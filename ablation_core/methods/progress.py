@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -20,6 +20,8 @@ from ..models.view import Conditioning, ModelView
 from . import phases
 
 CHECK_INTERVAL_S = 0.05
+PULSE_INTERVAL_S = 1.0  # between two steps, a report at most this often (``Pacer``)
+PULSE_CAP = 0.9  # the share of a step a pulse may claim before the step's own report comes
 
 
 @dataclass
@@ -27,7 +29,8 @@ class Progress:
     """What a progress bar shows: the phase, step of total, the loss and time left.
 
     Phases: "prompts" (encoding), "anchors" (sampling anchor images), "train", "check" (the held-out measure),
-    "solve" (closed-form methods), "evaluate".
+    "solve" (closed-form methods), "evaluate". ``within``: the share of step ``step + 1`` done, in a report sent
+    while that step runs (``Pacer``); bars that count whole steps ignore it.
     """
 
     phase: str
@@ -35,6 +38,7 @@ class Progress:
     total: int
     loss: float | None = None
     eta_seconds: float | None = None
+    within: float = 0.0
 
 
 ProgressFn = Callable[[Progress], None]
@@ -55,8 +59,9 @@ class Canceller:
     Setting ``phase`` also tells the listeners of ``methods.phases`` (the benchmark's meters), so the run needs no
     second set of phase markers."""
 
-    def __init__(self, should_cancel: CancelFn | None):
+    def __init__(self, should_cancel: CancelFn | None, pulse: Callable[[], None] | None = None):
         self.should_cancel = should_cancel or never_cancel
+        self.pulse = pulse  # called from inside the model's layers with each check (``Pacer.pulse``)
         self.phase = "starting"
 
     @property
@@ -75,8 +80,9 @@ class Canceller:
 
 @contextlib.contextmanager
 def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterator[None]:
-    """Check for cancel inside the forward and backward of ``modules`` (throttled), for the duration of the block."""
-    if canceller.should_cancel is never_cancel:
+    """Check for cancel inside the forward and backward of ``modules`` (throttled), for the duration of the block;
+    the canceller's ``pulse`` (progress between steps) is called from the same places."""
+    if canceller.should_cancel is never_cancel and canceller.pulse is None:
         yield
         return
     last = time.monotonic()
@@ -87,6 +93,8 @@ def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterato
         if now - last >= CHECK_INTERVAL_S:
             last = now
             canceller.check()
+            if canceller.pulse is not None:
+                canceller.pulse()
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         check()
@@ -106,6 +114,56 @@ def cancel_checks(modules: Iterable[nn.Module], canceller: Canceller) -> Iterato
     finally:
         for handle in handles:
             handle.remove()
+
+
+class Pacer:
+    """A progress callback that also reports between a phase's steps. A step of SD1.5 or Flux takes tens of seconds
+    on a CPU, and a bar that moves only when a step ends sits still that long: ``pulse`` (called from inside the
+    model's layers, through ``Canceller.pulse``) sends the last report again, at most every ``PULSE_INTERVAL_S``,
+    with ``within``: the share of the next step done, from the phase's own pace so far (at most ``PULSE_CAP``, so
+    the step's own report always moves the bar on), and its time left counted down. Nothing is sent before the
+    phase's first step has finished, nor after its last."""
+
+    def __init__(self, report: ProgressFn, clock: Callable[[], float] = time.monotonic):
+        self.report = report
+        self.clock = clock
+        self.last: Progress | None = None
+        self.last_at = self.first_at = self.sent_at = 0.0
+        self.first_step = 0
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.within > 0:  # a pulse from a run inside this one: pass it on
+            self.report(progress)
+            return
+        now = self.clock()
+        last = self.last
+        if last is None or last.phase != progress.phase or progress.step < last.step or last.total != progress.total:
+            self.first_at, self.first_step = now, progress.step
+        self.last, self.last_at, self.sent_at = progress, now, now
+        self.report(progress)
+
+    def pulse(self) -> None:
+        last, now = self.last, self.clock()
+        if last is None or last.step >= last.total or last.step <= self.first_step:
+            return
+        if now - self.sent_at < PULSE_INTERVAL_S:
+            return
+        per_step = (self.last_at - self.first_at) / (last.step - self.first_step)
+        if per_step <= 0:
+            return
+        waited = now - self.last_at
+        eta = max(last.eta_seconds - waited, 0.0) if last.eta_seconds is not None else None
+        self.sent_at = now
+        self.report(replace(last, within=min(waited / per_step, PULSE_CAP), eta_seconds=eta))
+
+
+def paced(on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> tuple[ProgressFn, Canceller]:
+    """The report and canceller of a run that draws models: ``on_progress`` through a ``Pacer`` whose pulses come
+    from the canceller's checks (inside ``cancel_checks``). Without ``on_progress``, no pulses."""
+    if on_progress is None:
+        return no_progress, Canceller(should_cancel)
+    pacer = Pacer(on_progress)
+    return pacer, Canceller(should_cancel, pacer.pulse)
 
 
 @dataclass

@@ -134,7 +134,7 @@ class RunPlan:
         key = self.key(progress)
         self.current = key
         phase = self.phases[key]
-        share = min(max(progress.step / progress.total, 0.0), 1.0) if progress.total > 0 else 1.0
+        share = min(max((progress.step + progress.within) / progress.total, 0.0), 1.0) if progress.total > 0 else 1.0
         self.fraction = min(max(self.fraction, (phase.offset + share * phase.units) / self.total), 1.0)
         return self.fraction
 

@@ -5,7 +5,8 @@ The bar is made when the node starts, with one fixed total (``SCALE``), and move
 node (prompts, anchor images, training, the check, the solve, fusing, compressing, writing, a robust run's rounds)
 is planned first with its cost, so ComfyUI's bar and queue show the whole run from its first prompts. Each event
 carries the phase's own step of total and loss, the run's ``fraction`` done and ``eta``: seconds left of the whole
-node, from the plan.
+node, from the plan; ``within`` > 0 marks a report sent while a step runs (``methods.progress.Pacer``), which moves the
+bar and the time left but adds no point to the loss curve.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class NodeProgress:
         self.bar.update_absolute(self.value, SCALE)
         eta = self.run.eta(self.value / SCALE) if self.value < SCALE else 0.0
         send_event({"node": self.node_id, "phase": progress.phase, "step": progress.step, "total": progress.total,
-                    "loss": progress.loss, "eta": eta, "fraction": self.value / SCALE,
+                    "loss": progress.loss, "eta": eta, "fraction": self.value / SCALE, "within": progress.within,
                     "title": title(self.run.current or progress.phase)})
 
     def step(self, phase: str) -> Callable[[int, int], None]:

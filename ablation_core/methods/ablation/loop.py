@@ -25,7 +25,7 @@ from ...models.sampling import sample_latents
 from ...models.view import Conditioning, ModelView
 from ...patches.patch import AblationPatch
 from .. import prompts as prompt_lib
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, encode_with_progress, no_progress
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, encode_with_progress, paced
 from .adapters import AdapterSet
 from .check import check_evaluations, check_pair, combine, held_out_pairs, pair_latents, weak_effect_warning
 from .fits import check_run_fits
@@ -130,8 +130,7 @@ def ablate(view: ModelView, config: AblationConfig, on_progress: ProgressFn | No
     held to the frozen model's prediction: the model with ``base_patch`` applied, or without it where
     ``kept_at_original`` (a robust round's base is its own earlier round, whose harm the kept rows should undo).
     """
-    report = on_progress or no_progress
-    canceller = Canceller(should_cancel)
+    report, canceller = paced(on_progress, should_cancel)
 
     # 1. Settings for this model, inputs, and the layers the group trains.
     config = resolve_for_view(config, view)

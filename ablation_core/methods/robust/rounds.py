@@ -30,7 +30,7 @@ from ...models.view import Conditioning, ModelView
 from ...patches.patch import META, AblationPatch
 from ..ablation.adapters import AdapterSet
 from ..ablation.preserve import encode_preserved
-from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, no_progress
+from ..progress import CancelFn, Canceller, Progress, ProgressFn, cancel_checks, paced
 from .adversarial_set import Adversary, adversarial_moments, adversarial_rows, describe, pair_of_rows
 from .adversary import denoising_task, draw_images, invert_embedding, reference_task, search_start, search_tokens
 from .token_hook import PLACEHOLDER
@@ -149,7 +149,7 @@ def robust_ablate(view: ModelView, config, on_progress: ProgressFn | None = None
     rounds = int(config.robust_rounds or 0)
     if rounds == 0:
         return ablate(view, config, on_progress, should_cancel, base_patch)
-    report, canceller = on_progress or no_progress, Canceller(should_cancel)
+    report, canceller = paced(on_progress, should_cancel)
     # Robust rounds train with the thorough preset where the default is asked for: the model-based loss on guided
     # anchor images, what the robustness table measured (the adversary also draws its target images with guidance).
     preset = ROBUST_PRESET if config.preset == "default" else config.preset
@@ -193,7 +193,7 @@ def robust_erase_closed_form(view: ModelView, config, on_progress: ProgressFn | 
     result = erase_closed_form(view, config, on_progress, should_cancel, base_patch)
     if rounds == 0:
         return result
-    report, canceller = on_progress or no_progress, Canceller(should_cancel)
+    report, canceller = paced(on_progress, should_cancel)
     config = resolve_closed_form(config, view.family.name)
     twins, anchors = _prompt_pairs(config)
     targets = [t for t, _ in config.pairs()]
