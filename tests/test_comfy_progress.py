@@ -189,7 +189,7 @@ def test_a_robust_run_plans_its_rounds_and_each_one_moves_the_bar(comfy, watch, 
     events = [e for e in watch.events() if e["phase"] != "done"]
     assert events[0]["phase"] == "preserved", "the kept concepts' prompts are encoded first, and say so"
     assert "adversary images" in {e["phase"] for e in events}
-    starts = [i for i, e in enumerate(events) if e["phase"] == "train" and e["step"] == 0]
+    starts = [i for i, e in enumerate(events) if e["phase"] == "train" and e["step"] == 0 and not e["within"]]
     assert len(starts) == 2, "two trainings: the run and its round"
     second = [e["fraction"] for e in events[starts[1]:] if e["phase"] == "train"]
     assert second[-1] > second[0] and second[-1] < 1, "the round's training moves the bar, within the plan"
@@ -239,9 +239,44 @@ def test_between_steps_the_pacer_reports_the_share_of_the_next_step_from_the_pha
     now[0] = 70.0
     pacer.pulse()
     assert [p.phase for p in sent[-2:]] == ["train", "check"], "nothing after a phase's end, nor from its pace"
+    pacer(Progress("anchors", 0, 10))
+    now[0] = 71.0
+    pacer(Progress("anchors", 1, 10))  # a step of a second: its own reports come often enough
+    now[0] = 73.0
+    pacer.pulse()
+    assert sent[-1] == Progress("anchors", 1, 10)
     inner = Progress("train", 2, 4, within=0.3)
     pacer(inner)
-    assert sent[-1] is inner and pacer.last.phase == "check", "a nested run's pulse passes through"
+    assert sent[-1] is inner and pacer.last.phase == "anchors", "a nested run's pulse passes through"
+
+
+def test_a_phases_first_step_moves_at_the_runs_pace_and_later_ones_at_the_phases_own():
+    from ablation_core.methods.progress import PULSE_CAP, Pacer
+
+    class Shown(list):
+        def __call__(self, progress: Progress) -> None:
+            self.append(progress)
+
+        def step_seconds(self, progress: Progress) -> float:  # what the front end's plan says a step takes
+            return 20.0
+
+    now, sent = [0.0], Shown()
+    pacer = Pacer(sent, clock=lambda: now[0])
+    pacer(Progress("anchors", 0, 16))
+    now[0] = 5.0
+    pacer.pulse()
+    assert sent[-1].within == pytest.approx(0.25), "5 s of a step the plan gives 20 s"
+    now[0] = 45.0
+    pacer.pulse()
+    assert sent[-1].within == pytest.approx(2.25), "a first report may cover several steps: up to the phase's end"
+    now[0] = 60.0
+    pacer(Progress("anchors", 2, 16))  # a sampler step of the whole batch: two images a report, 30 s each
+    now[0] = 105.0
+    pacer.pulse()
+    assert sent[-1].step == 2 and sent[-1].within == pytest.approx(1.5), "the phase's own pace, images a report"
+    now[0] = 200.0
+    pacer.pulse()
+    assert sent[-1].within == pytest.approx(2 * PULSE_CAP), "short of the next report's two images"
 
 
 def test_a_long_training_step_moves_the_bar_while_it_runs_and_not_the_loss_curve(comfy, watch, monkeypatch):  # noqa: F811
@@ -251,14 +286,16 @@ def test_a_long_training_step_moves_the_bar_while_it_runs_and_not_the_loss_curve
 
     monkeypatch.setattr(progress, "CHECK_INTERVAL_S", 0.0)
     monkeypatch.setattr(progress, "PULSE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress, "PULSE_MIN_STEP_S", 0.0)
     node = _nodes()["AblateConcept"]()
     node.ablate(*_tiny_inputs(fakes.make_model(), fakes.make_clip(), monkeypatch), use_cache=False, unique_id="5")
     watch.check_one_monotone_bar()
     train = [e for e in watch.events() if e["phase"] == "train"]
     pulses = [e for e in train if e["within"] > 0]
     steps = [e for e in train if e["within"] == 0]
-    assert pulses and all(0 < e["within"] <= progress.PULSE_CAP for e in pulses)
-    assert {e["step"] for e in pulses} <= set(range(1, steps[-1]["total"])), "between a first and a last step"
+    assert pulses and all(0 < e["within"] <= progress.PULSE_CAP * e["total"] for e in pulses)
+    assert {e["step"] for e in pulses} <= set(range(steps[-1]["total"])), "never after the last step"
+    assert 0 in {e["step"] for e in pulses}, "the first step moves the bar too, at the node's pace so far"
     inside = [b["fraction"] for a, b in zip(train, train[1:]) if b["within"] > 0 and b["fraction"] > a["fraction"]]
     assert inside, "a pulse moves the bar on"
     assert len([e for e in steps if e["loss"] is not None]) == steps[-1]["total"], "one loss a step"

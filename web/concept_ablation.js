@@ -177,7 +177,7 @@ api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
     if (detail.summary) setText(node, detail.summary);
   } else {
     // prompts, anchor images, the held-out check, a robust round's adversary, writing the cache: the curve stays
-    if (detail.phase === "prompts" && detail.step === 0) state.losses = [];
+    if (detail.phase === "prompts" && detail.step === 0 && !(detail.within > 0)) state.losses = [];
     state.activity = phaseLine(detail);
     state.status = state.activity;
   }

@@ -22,6 +22,9 @@ from . import phases
 CHECK_INTERVAL_S = 0.05
 PULSE_INTERVAL_S = 1.0  # between two steps, a report at most this often (``Pacer``)
 PULSE_CAP = 0.9  # the share of a step a pulse may claim before the step's own report comes
+# reports this close already move the bar often enough: pulses between them made ComfyUI's time left flicker (each
+# came just before the next report, with a later clock and almost the same share)
+PULSE_MIN_STEP_S = 2.0
 
 
 @dataclass
@@ -29,8 +32,8 @@ class Progress:
     """What a progress bar shows: the phase, step of total, the loss and time left.
 
     Phases: "prompts" (encoding), "anchors" (sampling anchor images), "train", "check" (the held-out measure),
-    "solve" (closed-form methods), "evaluate". ``within``: the share of step ``step + 1`` done, in a report sent
-    while that step runs (``Pacer``); bars that count whole steps ignore it.
+    "solve" (closed-form methods), "evaluate". ``within``: the steps done past ``step``, in a report sent while
+    the next ones run (``Pacer``); bars that count whole steps ignore it.
     """
 
     phase: str
@@ -120,16 +123,19 @@ class Pacer:
     """A progress callback that also reports between a phase's steps. A step of SD1.5 or Flux takes tens of seconds
     on a CPU, and a bar that moves only when a step ends sits still that long: ``pulse`` (called from inside the
     model's layers, through ``Canceller.pulse``) sends the last report again, at most every ``PULSE_INTERVAL_S``,
-    with ``within``: the share of the next step done, from the phase's own pace so far (at most ``PULSE_CAP``, so
-    the step's own report always moves the bar on), and its time left counted down. Nothing is sent before the
-    phase's first step has finished, nor after its last."""
+    with ``within``: the steps done past ``step``, from the phase's own pace so far (the seconds a step and the
+    steps a report moves), or, before the phase has timed a step, from the run's pace where the callback offers
+    ``step_seconds(progress)`` (the front ends' plans do). ``within`` stops at ``PULSE_CAP`` of a report's steps
+    (of the phase's, before its pace is known), so the next report moves the bar on; the time left counts down.
+    Nothing is sent after a phase's last step, nor where its reports come at least every ``PULSE_MIN_STEP_S``."""
 
     def __init__(self, report: ProgressFn, clock: Callable[[], float] = time.monotonic):
         self.report = report
         self.clock = clock
+        self.step_seconds: Callable[[Progress], float | None] | None = getattr(report, "step_seconds", None)
         self.last: Progress | None = None
         self.last_at = self.first_at = self.sent_at = 0.0
-        self.first_step = 0
+        self.first_step = self.reports = 0  # the phase's first step reported, and the reports since
 
     def __call__(self, progress: Progress) -> None:
         if progress.within > 0:  # a pulse from a run inside this one: pass it on
@@ -138,23 +144,34 @@ class Pacer:
         now = self.clock()
         last = self.last
         if last is None or last.phase != progress.phase or progress.step < last.step or last.total != progress.total:
-            self.first_at, self.first_step = now, progress.step
+            self.first_at, self.first_step, self.reports = now, progress.step, 0
+        else:
+            self.reports += 1
         self.last, self.last_at, self.sent_at = progress, now, now
         self.report(progress)
 
+    def _pace(self, last: Progress) -> tuple[float, float] | None:
+        """(seconds a step, the most steps a pulse may add): the phase's own pace, up to ``PULSE_CAP`` of the steps
+        a report moves; before the phase has timed any, the run's guess of a step, up to ``PULSE_CAP`` of what is
+        left of the phase (its first report may cover many steps: the check's first came 25 evaluations in)."""
+        if self.reports and last.step > self.first_step:
+            steps = last.step - self.first_step
+            per_step, stride = (self.last_at - self.first_at) / steps, steps / self.reports
+            return None if per_step * stride < PULSE_MIN_STEP_S else (per_step, PULSE_CAP * stride)
+        seconds = self.step_seconds(last) if self.step_seconds is not None else None
+        return (seconds, PULSE_CAP * (last.total - last.step)) if seconds else None
+
     def pulse(self) -> None:
         last, now = self.last, self.clock()
-        if last is None or last.step >= last.total or last.step <= self.first_step:
+        if last is None or last.step >= last.total or now - self.sent_at < PULSE_INTERVAL_S:
             return
-        if now - self.sent_at < PULSE_INTERVAL_S:
+        pace = self._pace(last)
+        if pace is None:
             return
-        per_step = (self.last_at - self.first_at) / (last.step - self.first_step)
-        if per_step <= 0:
-            return
-        waited = now - self.last_at
+        (per_step, most), waited = pace, now - self.last_at
         eta = max(last.eta_seconds - waited, 0.0) if last.eta_seconds is not None else None
         self.sent_at = now
-        self.report(replace(last, within=min(waited / per_step, PULSE_CAP), eta_seconds=eta))
+        self.report(replace(last, within=min(waited / per_step, most), eta_seconds=eta))
 
 
 def paced(on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> tuple[ProgressFn, Canceller]:

@@ -138,6 +138,17 @@ class RunPlan:
         self.fraction = min(max(self.fraction, (phase.offset + share * phase.units) / self.total), 1.0)
         return self.fraction
 
+    def step_seconds(self, progress: Progress) -> float | None:
+        """One step of the current phase at the run's pace so far: its share of the plan times the seconds each unit
+        of the plan has taken (``Pacer``'s guess for a step the phase has not timed); None before the bar moved."""
+        if self.current is None or base_phase(self.current) != progress.phase or progress.total <= 0:
+            return None
+        done_units = self.fraction * self.total
+        if done_units <= 0:
+            return None
+        seconds_per_unit = max(self.clock() - self.started, 0.0) / done_units
+        return self.phases[self.current].units / progress.total * seconds_per_unit
+
     def eta(self, fraction: float | None = None) -> float | None:
         """Seconds left: the time since the run began, stretched to the fraction done (``fraction``: the one shown,
         where the bar rounds it)."""

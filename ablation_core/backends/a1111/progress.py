@@ -44,6 +44,10 @@ class RunProgress:
         """Declare a phase (in order) and its cost in 512 px UNet passes."""
         return self.run.plan(phase, units)
 
+    def step_seconds(self, progress: Progress) -> float | None:
+        """One step of ``progress``'s phase at the run's pace so far (``methods.progress.Pacer``)."""
+        return self.run.step_seconds(progress)
+
     def eta(self) -> float | None:
         """What A1111's bar shows: the time since the job began, stretched to the fraction done."""
         return self.run.eta(int(getattr(self.state, "sampling_step", 0)) / SCALE)  # the bar's own fraction

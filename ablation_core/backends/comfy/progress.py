@@ -54,6 +54,10 @@ class NodeProgress:
                     "loss": progress.loss, "eta": eta, "fraction": self.value / SCALE, "within": progress.within,
                     "title": title(self.run.current or progress.phase)})
 
+    def step_seconds(self, progress: Progress) -> float | None:
+        """One step of ``progress``'s phase at the node's pace so far (``methods.progress.Pacer``)."""
+        return self.run.step_seconds(progress)
+
     def step(self, phase: str) -> Callable[[int, int], None]:
         """``(done, total)`` reports of ``phase``, for callbacks that count (an SVD per layer, images drawn)."""
         return lambda done, total: self(Progress(phase, int(done), int(total)))

@@ -281,7 +281,8 @@ def _anchor_latents(view: ModelView, config: AblationConfig, anchor_prompts: lis
     image_prompt = torch.arange(config.anchor_images) % len(anchor_prompts)
     image_prompt = image_prompt[torch.randperm(len(image_prompt), generator=generator)]
     started = time.perf_counter()
-    reported = -1
+    reported = 0
+    report(Progress("anchors", 0, len(image_prompt)))  # a CPU's first solver step of SD1.5 can take a minute
 
     def on_sampler_step(done: float, total: int) -> None:
         nonlocal reported
