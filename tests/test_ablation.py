@@ -76,7 +76,7 @@ def test_runs_are_deterministic_on_cpu(sd1_view):
 def test_progress_reports_loss_and_eta(sd1_view):
     seen: list[Progress] = []
     ablate(sd1_view, tiny_config(steps=3), on_progress=seen.append)
-    train = [p for p in seen if p.phase == "train"]
+    train = [p for p in seen if p.phase == "train" and not p.within]  # not the reports while a step runs
     assert [p.step for p in train] == [0, 1, 2, 3] and all(p.loss is not None for p in train[1:])  # 0: it began
     assert train[-1].eta_seconds == 0 and any(p.phase == "anchors" for p in seen)
     phases = list(dict.fromkeys(p.phase for p in seen))
@@ -90,8 +90,8 @@ def test_anchor_sampling_reports_and_cancels_within_a_batch(sd1_view):
     seen: list[Progress] = []
     config = tiny_config(steps=1, anchor_images=4, sample_batch_size=4, sampler_steps=4)
     ablate(sd1_view, config, on_progress=seen.append)
-    anchors = [p.step for p in seen if p.phase == "anchors"]
-    assert anchors == [1, 2, 3, 4] and all(p.total == 4 for p in seen if p.phase == "anchors")
+    anchors = [p.step for p in seen if p.phase == "anchors" and not p.within]
+    assert anchors == [0, 1, 2, 3, 4] and all(p.total == 4 for p in seen if p.phase == "anchors")
     checks, entered = iter(range(100)), []  # the second check once sampling began: inside the batch
     with phases.listening(entered.append), pytest.raises(AblationCancelled, match="sampling anchor images"):
         ablate(sd1_view, config, should_cancel=lambda: "sampling anchor images" in entered and next(checks) >= 1)
