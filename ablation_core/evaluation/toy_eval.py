@@ -15,7 +15,6 @@ caption templates (ablation runs use the other half, ``toy.prompts``), and the n
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +25,7 @@ from ..methods.prompts import misspellings
 from ..models.sampling import sample_latents
 from ..models.view import ModelView
 from ..patches.apply import apply_patch
-from ..patches.patch import AblationPatch
+from ..patches.patch import AblationPatch, fingerprint
 from .images import grid, save_image
 from .preservation import Preservation, PreservedSamples, classifier_features, concept_scale, measure_preservation
 
@@ -150,11 +149,8 @@ _UNPATCHED_ENTRIES = 512
 
 
 def _weights_key(view: ModelView) -> str:
-    digest = hashlib.sha256(f"{view.dtype} {view.device}".encode())
-    for key, layer in sorted(view.all_layers().items()):
-        digest.update(key.encode())
-        digest.update(layer.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    exact = fingerprint({key: layer.weight for key, layer in view.all_layers().items()}, torch.float32)
+    return f"{view.dtype} {view.device} {exact}"
 
 
 def _unpatched_samples(view: ModelView, weights: str, classifier, prompts: list[str], seed: int, steps: int,

@@ -105,12 +105,13 @@ def low_rank(delta: Tensor, energy: float = DEFAULT_ENERGY, rank: int | None = N
     return LayerDelta(up=up.contiguous(), down=down.contiguous(), alpha=float(rank)), error
 
 
-def fingerprint(weights: dict[str, Tensor]) -> str:
-    """A hash of the original weights a patch touches (rounded to fp16, so fp16/fp32 copies of a model agree)."""
+def fingerprint(weights: dict[str, Tensor], dtype: torch.dtype = torch.float16) -> str:
+    """A hash of the original weights a patch touches (rounded to fp16, so fp16/fp32 copies of a model agree; with
+    ``dtype=torch.float32``, of their exact values)."""
     digest = hashlib.sha256()
     for key in sorted(weights):
         digest.update(key.encode())
-        digest.update(weights[key].detach().to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes())
+        digest.update(weights[key].detach().to("cpu", dtype).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
