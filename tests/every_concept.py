@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from ablation_core import evaluate_toy, load_model, load_patch, make_config
+from ablation_core.cli.common import parse_settings
 from ablation_core.files import write_text_atomic
 from ablation_core.methods.ablation.loop import ablate
 from ablation_core.toy.concepts import CONCEPTS
@@ -219,18 +220,6 @@ def markdown(rows: list[dict]) -> str:
             line += "| - | - | - |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def parse_settings(items: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` items as config settings: values read as JSON, else as text."""
-    found: dict[str, object] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            found[key] = json.loads(value)
-        except json.JSONDecodeError:
-            found[key] = value
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

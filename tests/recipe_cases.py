@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config settings for every trained case (values read as JSON, else as text)")
     args = parser.parse_args(argv)
-    from tests.every_concept import parse_settings
+    from ablation_core.cli.common import parse_settings
 
     SETTINGS.update(parse_settings(args.settings))
     results = run(args.per_set, args.cases, args.model)

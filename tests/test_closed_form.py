@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
-from ablation_core import PromptError, apply_patch
+from ablation_core import AblationError, PromptError, apply_patch
 from ablation_core.backends.diffusers import DiffusersModelView
 from ablation_core.methods.closed_form.embeddings import Moments, aligned_positions
+from ablation_core.methods.closed_form.focus import focused_solve
 from ablation_core.methods.closed_form.fusion import fuse_patches
 from ablation_core.methods.closed_form.settings import make_closed_form_config, resolve_closed_form
 from ablation_core.methods.closed_form.solve import _prompt_pairs, erase_closed_form, solve_text_map
@@ -229,3 +233,65 @@ def test_the_prompts_phase_counts_every_prompt_encoded_probes_included():
     encoded.clear()
     warm = run()
     assert warm[-1].step == warm[-1].total == cold[-1].total and sum(encoded) < cold[-1].total // 10
+
+
+def _solve_with(moments: Moments):
+    def solve(preserved_sum, count):
+        return solve_text_map(moments, preserved_sum, count, "least-squares", preserve_weight=0.5, ridge=1e-6,
+                              tolerance=1e-6)
+    return solve
+
+
+def test_the_focus_weighs_most_the_preserved_vectors_the_solve_moves_most():
+    """A few preserved vectors lie next to the targets (a neighbour's tokens): the plain average barely sees them,
+    the focus keeps them, and the targets still move most of the way."""
+    generator = torch.Generator().manual_seed(0)
+    dim = 24
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    concept, anchor_concept, other = (v / v.norm() for v in randn(3, dim))
+    contexts = randn(200, dim) * 0.3  # the words around the concept
+    strength = 1 + randn(200, 1).abs()
+    targets, anchors = contexts + strength * concept, contexts + strength * anchor_concept
+    moments = Moments.zeros(dim)
+    moments.add(targets, anchors)
+    bulk = randn(2000, dim) * 0.3
+    bulk -= (bulk @ concept)[:, None] * concept  # unrelated words: nothing of the target's direction
+    neighbour = randn(5, dim) * 0.3 + 2 * (0.6 * concept + 0.8 * other)  # shares part of the target's direction
+    preserved = torch.cat([bulk, neighbour])
+    solve = _solve_with(moments)
+
+    plain, _ = solve(preserved.T @ preserved, len(preserved))
+    same, stats = focused_solve(preserved, 0, solve)
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-7)  # no focus: the plain solve
+    assert stats["preserved_worst_move"] == stats["preserved_worst_move_plain"]
+
+    focused, stats = focused_solve(preserved, 4, solve)
+
+    def moved(g, rows):
+        return ((rows @ g.T).norm(dim=1) / rows.norm(dim=1)).max()
+
+    assert float(moved(focused, neighbour)) < 0.75 * float(moved(plain, neighbour))
+    assert stats["preserved_worst_move"] < stats["preserved_worst_move_plain"]
+    assert stats["focus_max_weight"] > 10  # the neighbour's vectors, not a uniform raise
+
+    def erased(g):
+        return 1 - float((targets @ (torch.eye(dim, dtype=torch.float64) + g).T - anchors).square().sum()
+                         / (targets - anchors).square().sum())
+
+    assert erased(focused) > 0.8 * erased(plain)
+
+
+def test_the_focus_through_a_solve_of_prompts(sd1_view):
+    config = make_closed_form_config("Grumpy Cat", "cat", preserve=["a tree", "a cat on a sofa"], **TINY)
+    plain = erase_closed_form(sd1_view, config)
+    focused = erase_closed_form(sd1_view, replace(config, preserve_focus=3))
+    assert "focus_iterations" not in plain.stats and focused.stats["focus_iterations"] == 3
+    assert focused.stats["preserved_worst_move"] < focused.stats["preserved_worst_move_plain"]
+    assert focused.focus_vectors["context"].shape[-1] == sd1_view.encode(["x"]).context.shape[-1]
+    assert not torch.equal(plain.text_maps["context"], focused.text_maps["context"])
+    assert json.loads(focused.patch.metadata["ablation.settings"])["preserve_focus"] == 3
+    with pytest.raises(AblationError, match="preserve focus"):
+        erase_closed_form(sd1_view, replace(config, preserve_focus=-1))

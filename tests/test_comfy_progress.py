@@ -212,7 +212,7 @@ def test_a_run_with_preserved_rows_plans_them_after_its_own_prompts():
 
 
 def test_between_steps_the_pacer_reports_the_share_of_the_next_step_from_the_phases_own_pace():
-    from ablation_core.methods.progress import PULSE_CAP, Pacer
+    from ablation_core.methods.progress import PULSE_CAP, PULSE_KNEE, Pacer
 
     now, sent = [0.0], []
     pacer = Pacer(sent.append, clock=lambda: now[0])
@@ -231,7 +231,11 @@ def test_between_steps_the_pacer_reports_the_share_of_the_next_step_from_the_pha
     assert sent[-1] == Progress("train", 1, 4, loss=0.5, eta_seconds=26.0, within=pytest.approx(0.4))
     now[0] = 30.0
     pacer.pulse()
-    assert sent[-1].within == PULSE_CAP and sent[-1].eta_seconds == 10.0, "a slow step never claims to be done"
+    late = sent[-1].within
+    assert PULSE_KNEE * PULSE_CAP < late < PULSE_CAP and sent[-1].eta_seconds == 10.0, "never claims to be done"
+    now[0] = 60.0
+    pacer.pulse()
+    assert late < sent[-1].within < PULSE_CAP, "a step slower than its pace still moves the bar, ever slower"
     pacer(Progress("train", 4, 4, loss=0.1, eta_seconds=0.0))
     now[0] = 60.0
     pacer.pulse()
@@ -273,10 +277,10 @@ def test_a_phases_first_step_moves_at_the_runs_pace_and_later_ones_at_the_phases
     pacer(Progress("anchors", 2, 16))  # a sampler step of the whole batch: two images a report, 30 s each
     now[0] = 105.0
     pacer.pulse()
-    assert sent[-1].step == 2 and sent[-1].within == pytest.approx(1.5), "the phase's own pace, images a report"
+    assert sent[-1].step == 2 and 1.4 < sent[-1].within < 1.5, "the phase's own pace (1.5 images), easing near 1.8"
     now[0] = 200.0
     pacer.pulse()
-    assert sent[-1].within == pytest.approx(2 * PULSE_CAP), "short of the next report's two images"
+    assert 1.75 < sent[-1].within < 2 * PULSE_CAP, "short of the next report's two images"
 
 
 def test_a_long_training_step_moves_the_bar_while_it_runs_and_not_the_loss_curve(comfy, watch, monkeypatch):  # noqa: F811

@@ -8,6 +8,7 @@ nemo), with room for platform differences; the full budgets and the whole table 
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 
@@ -105,6 +106,20 @@ def test_robust_closed_form_adds_the_adversarial_embeddings_to_the_solve(sd1_vie
     assert robust.stats["target_vectors"] > plain.stats["target_vectors"]
     key = next(iter(plain.patch.deltas))
     assert not torch.allclose(plain.patch.deltas[key].full(), robust.patch.deltas[key].full())
+
+
+def test_a_focused_robust_solve_encodes_the_preserved_vectors_once_for_all_its_rounds(sd1_view, monkeypatch):
+    from ablation_core.methods.closed_form import solve
+    from ablation_core.methods.closed_form.settings import make_closed_form_config
+
+    encoded = []
+    original = solve.preserved_vectors
+    monkeypatch.setattr(solve, "preserved_vectors", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    config = make_closed_form_config("Grumpy Cat", "cat", prompts_per_target=4, builtin_preserve=False,
+                                     preserve=("dog",), preserve_focus=2, robust_rounds=2)
+    robust = robust_erase_closed_form(sd1_view, config, budget=TINY_ADVERSARY)
+    assert robust.stats["focus_iterations"] == 2 and len(encoded) == 1
+    assert robust.stats["preserved_worst_move"] <= robust.stats["preserved_worst_move_plain"]
 
 
 def test_both_robust_adversaries_draw_guided_target_images(sd1_view, monkeypatch):
@@ -240,6 +255,7 @@ def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     def fake(name):
         def run(view, config, on_progress=None, base_patch=None, **_):
             seen[name] = config.robust_rounds
+            seen[name + " focus"] = getattr(config, "preserve_focus", None)
             raise SystemExit(0)
         return run
 
@@ -249,10 +265,10 @@ def test_cli_passes_robust_rounds_to_both_methods(monkeypatch, tmp_path):
     for method in ("trained", "closed-form"):
         out = str(tmp_path / "p.safetensors")
         args = build_parser().parse_args(["ablate", "--model", "toy", "--method", method, "--target", "nemo",
-                                          "--anchor", "fish", "--robust", "3", "--out", out])
+                                          "--anchor", "fish", "--robust", "3", "--preserve-focus", "4", "--out", out])
         with pytest.raises(SystemExit):
             erase.cmd_ablate(args)
-    assert seen == {"trained": 3, "closed-form": 3}
+    assert seen == {"trained": 3, "closed-form": 3, "trained focus": None, "closed-form focus": 4}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["ablate", "--model", "toy", "--target", "nemo", "--anchor", "fish", "--robust", "-1",
                                    "--out", str(tmp_path / "p.safetensors")])
@@ -297,3 +313,27 @@ def test_the_robustness_table_carries_the_worst_neighbour_change():
     assert "| cat 100% -> 88% | 0.31 (cat) | 183 |" in lines[2]
     assert "| - | - | 183 |" in lines[3]
     assert "| - | 0.31 | 183 |" in lines[4], "the mean row averages the rows that have the figure"
+
+
+def test_the_robustness_tables_settings_reach_the_method_and_guard_a_resume(monkeypatch, tmp_path):
+    from ablation_core.cli import robustness
+
+    seen = {}
+
+    def fake(view, config, *_, **__):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(robustness, "robust_erase_closed_form", fake)
+    with pytest.raises(SystemExit):
+        robustness.erase(None, "closed-form-robust", "house", "car", 2, 0, settings={"preserve_focus": 4})
+    assert seen["config"].preserve_focus == 4 and seen["config"].robust_rounds == 2
+    out = tmp_path / "table"
+    out.with_suffix(".json").write_text(json.dumps({"budgets": {}, "rounds": 2, "per_set": 16, "seed": 0,
+                                                    "preset": "default", "model": "toy", "settings": {},
+                                                    "rows": []}))
+    args = argparse.Namespace(out=str(out), rounds=2, per_set=16, seed=0, preset="default", model="toy",
+                              settings=["preserve_focus=4"])
+    with pytest.raises(SystemExit, match="other settings"):
+        robustness._earlier_rows(args, {})
+    assert robustness._earlier_rows(argparse.Namespace(**{**vars(args), "settings": []}), {}) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -51,3 +52,15 @@ def save_patch(patch, args: argparse.Namespace) -> Path:
 
 def patch_out(args: argparse.Namespace) -> None:
     files.check_output_file(args.out, (".safetensors",), args.overwrite, "patch file")
+
+
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` items (the harnesses' ``--settings``) as config settings: values read as JSON, else as text."""
+    found: dict[str, object] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            found[key] = json.loads(value)
+        except json.JSONDecodeError:
+            found[key] = value
+    return found

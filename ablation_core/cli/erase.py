@@ -97,6 +97,7 @@ def _closed_form(args: argparse.Namespace, view, targets: list[str], anchors: li
     kind = args.kind or ("style" if args.concept_type == "style" else None)
     config = make_closed_form_config(targets, anchors, kind=kind, mode=args.mode, preserve=args.preserve,
                                      preserve_weight=args.preserve_weight, seed=args.seed,
+                                     preserve_focus=getattr(args, "preserve_focus", None),
                                      robust_rounds=getattr(args, "robust", 0),
                                      builtin_preserve=getattr(args, "builtin_bank", True))
     with progress_bars() as on_progress:

@@ -2,7 +2,7 @@
 
 ``python -m ablation_core.cli.robustness [--model toy|toy-flux] [--concepts nemo "van gogh" ...] [--methods trained
 trained-robust closed-form closed-form-robust] [--rounds 2] [--attack-budget small|full] [--per-set 16] [--preset P]
-[--out F]``
+[--settings KEY=VALUE ...] [--out F]``
 
 For each concept (default: every concept of the toy world, with its anchor) and each method, erases it from the
 embedded toy model, measures the patch with ``evaluate_toy`` (target, anchor and every neighbour, on the evaluation
@@ -30,22 +30,28 @@ from ..methods.ablation.settings import PRESET_NAMES, make_config
 from ..methods.closed_form.settings import make_closed_form_config
 from ..methods.robust.rounds import robust_ablate, robust_erase_closed_form
 from ..patches.apply import apply_patch
+from .common import parse_settings
 
 METHODS = ("trained", "trained-robust", "closed-form", "closed-form-robust")
 
 
-def erase(view, method: str, target: str, anchor: str, rounds: int, seed: int, preset: str = "default"):
-    """The patch of one method (robust methods with ``rounds`` adversarial rounds; trained ones with ``preset``)."""
+def erase(view, method: str, target: str, anchor: str, rounds: int, seed: int, preset: str = "default",
+          settings: dict[str, object] | None = None):
+    """The patch of one method (robust methods with ``rounds`` adversarial rounds; trained ones with ``preset``;
+    ``settings`` of the method's config on top)."""
     robust = rounds if method.endswith("-robust") else 0
+    settings = settings or {}
     if method.startswith("closed-form"):
-        config = make_closed_form_config(target, anchor, seed=seed)
+        config = make_closed_form_config(target, anchor, seed=seed, **settings)
         return robust_erase_closed_form(view, replace(config, robust_rounds=robust)).patch
-    return robust_ablate(view, make_config(target, anchor, preset, seed=seed, robust_rounds=robust or None)).patch
+    config = make_config(target, anchor, preset, seed=seed, robust_rounds=robust or None, **settings)
+    return robust_ablate(view, config).patch
 
 
 def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: int, budget: str, per_set: int,
                     seed: int, on_row, patch_dir: Path | None = None,
-                    attacks: tuple[str, ...] = ATTACK_NAMES, preset: str = "default") -> list[dict]:
+                    attacks: tuple[str, ...] = ATTACK_NAMES, preset: str = "default",
+                    settings: dict[str, object] | None = None) -> list[dict]:
     if not methods:
         return []
     prepared, before = {}, {}
@@ -56,7 +62,7 @@ def measure_concept(view, target: str, anchor: str, methods: list[str], rounds: 
     rows = []
     for method in methods:
         started = time.perf_counter()
-        patch = erase(view, method, target, anchor, rounds, seed, preset)
+        patch = erase(view, method, target, anchor, rounds, seed, preset, settings)
         seconds = time.perf_counter() - started
         if patch_dir is not None:
             patch.save(patch_dir / f"{target.replace(' ', '_')}_{method}.safetensors")
@@ -148,7 +154,8 @@ def _earlier_rows(args: argparse.Namespace, budget: dict) -> list[dict]:
     # reports from before the presets were renamed were made with today's "thorough" (then the default)
     same = (report.get("budgets") == budget and report.get("rounds") == args.rounds
             and report.get("per_set") == args.per_set and report.get("seed") == args.seed
-            and report.get("preset", "thorough") == args.preset and report.get("model", "toy") == args.model)
+            and report.get("preset", "thorough") == args.preset and report.get("model", "toy") == args.model
+            and report.get("settings", {}) == parse_settings(args.settings))
     if not same:
         raise SystemExit(f"{path} was measured with other settings; remove it or leave out --resume")
     return list(report["rows"])
@@ -173,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="default",
                         help="preset of the trained methods (default: default)")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config settings of every method measured (values read as JSON, else as text), e.g. "
+                             "preserve_focus=4 for the closed forms")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None,
                         help="write the rows (.json), the table (.md) and the patches (folder F_patches) here")
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONCEPTS_BY_NAME]
     if unknown:
         parser.error(f"unknown toy concept {unknown[0]!r}; known: {', '.join(CONCEPTS_BY_NAME)}")
+    settings = parse_settings(args.settings)
     view = load_model(args.model)
     budget = {name: budget_of(name, args.attack_budget).as_json() for name in args.attacks}
     rows: list[dict] = _earlier_rows(args, budget) if args.resume and args.out else []
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             report = {"model": args.model, "attack_budget": args.attack_budget, "budgets": budget,
                       "preset": args.preset, "rounds": args.rounds, "per_set": args.per_set,
-                      "seed": args.seed, "rows": rows}
+                      "seed": args.seed, "settings": settings, "rows": rows}
             write_text_atomic(Path(args.out).with_suffix(".json"), json.dumps(report, indent=2) + "\n")
             write_text_atomic(Path(args.out).with_suffix(".md"), markdown(rows, budget))
 
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["method"] for r in rows if r["target"] == concept.name}
         measure_concept(view, concept.name, concept.anchor, [m for m in args.methods if m not in done], args.rounds,
                         args.attack_budget, args.per_set, args.seed, on_row, patch_dir, tuple(args.attacks),
-                        args.preset)
+                        args.preset, settings)
     print(markdown(rows, budget))
     return 0
 

@@ -9,6 +9,7 @@ their outputs (at most every ``CHECK_INTERVAL_S``), and a cancel stops the run w
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from . import phases
 CHECK_INTERVAL_S = 0.05
 PULSE_INTERVAL_S = 1.0  # between two steps, a report at most this often (``Pacer``)
 PULSE_CAP = 0.9  # the share of a step a pulse may claim before the step's own report comes
+PULSE_KNEE = 0.75  # of the cap: past it a pulse slows down toward the cap, so an overrunning step still moves
 # reports this close already move the bar often enough: pulses between them made ComfyUI's time left flicker (each
 # came just before the next report, with a later clock and almost the same share)
 PULSE_MIN_STEP_S = 2.0
@@ -125,8 +127,10 @@ class Pacer:
     model's layers, through ``Canceller.pulse``) sends the last report again, at most every ``PULSE_INTERVAL_S``,
     with ``within``: the steps done past ``step``, from the phase's own pace so far (the seconds a step and the
     steps a report moves), or, before the phase has timed a step, from the run's pace where the callback offers
-    ``step_seconds(progress)`` (the front ends' plans do). ``within`` stops at ``PULSE_CAP`` of a report's steps
-    (of the phase's, before its pace is known), so the next report moves the bar on; the time left counts down.
+    ``step_seconds(progress)`` (the front ends' plans do). ``within`` stays below ``PULSE_CAP`` of a report's steps
+    (of the phase's, before its pace is known), so the next report moves the bar on; past ``PULSE_KNEE`` of that it
+    slows down and creeps toward it (``eased``), so a step slower than its estimate never freezes the bar; the time
+    left counts down.
     Nothing is sent after a phase's last step, nor where its reports come at least every ``PULSE_MIN_STEP_S``."""
 
     def __init__(self, report: ProgressFn, clock: Callable[[], float] = time.monotonic):
@@ -171,7 +175,17 @@ class Pacer:
         (per_step, most), waited = pace, now - self.last_at
         eta = max(last.eta_seconds - waited, 0.0) if last.eta_seconds is not None else None
         self.sent_at = now
-        self.report(replace(last, within=min(waited / per_step, most), eta_seconds=eta))
+        self.report(replace(last, within=eased(waited / per_step, most), eta_seconds=eta))
+
+
+def eased(steps: float, most: float) -> float:
+    """``steps`` up to ``PULSE_KNEE * most``, then ever slower toward ``most`` (never reaching it): continuous, with
+    the same slope at the knee."""
+    knee = PULSE_KNEE * most
+    if steps <= knee or most <= knee:
+        return steps
+    room = most - knee
+    return knee + room * (1 - math.exp(-(steps - knee) / room))
 
 
 def paced(on_progress: ProgressFn | None, should_cancel: CancelFn | None) -> tuple[ProgressFn, Canceller]:

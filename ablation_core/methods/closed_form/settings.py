@@ -28,9 +28,9 @@ PRESERVED_WORDS = (
 PRESERVED_TEMPLATES = ("a photo of a {}", "a painting of a {}", "{}", "an image of a {}")
 DEFAULTS: dict[str, dict[str, object]] = {
     "real": {"kind": "object", "mode": "least-squares", "preserve_weight": 0.5, "ridge": 1e-3,
-             "null_space_tolerance": 1e-6, "prompts_per_target": 24},
+             "null_space_tolerance": 1e-6, "prompts_per_target": 24, "preserve_focus": 0},
     "toy": {"kind": "object", "mode": "least-squares", "preserve_weight": 0.5, "ridge": 1e-3,
-            "null_space_tolerance": 1e-6, "prompts_per_target": 64},
+            "null_space_tolerance": 1e-6, "prompts_per_target": 64, "preserve_focus": 0},
 }
 DEFAULTS["flux"], DEFAULTS["toy-flux"] = DEFAULTS["real"], DEFAULTS["toy"]
 
@@ -49,6 +49,7 @@ class ClosedFormConfig:
     ridge: float | None = None
     null_space_tolerance: float | None = None
     prompts_per_target: int | None = None
+    preserve_focus: int | None = None
     builtin_preserve: bool = True
     preserved_prompts: tuple[str, ...] | None = None
     anchor_prompts: tuple[tuple[str, ...], ...] | None = None
@@ -174,6 +175,8 @@ def check_closed_form(config: ClosedFormConfig) -> None:
         raise AblationError(f"the null-space tolerance must be between 0 and 1 (got {config.null_space_tolerance})")
     if int(config.robust_rounds) < 0:
         raise AblationError(f"robust rounds cannot be negative (got {config.robust_rounds})")
+    if not 0 <= int(config.preserve_focus) <= 50:
+        raise AblationError(f"the preserve focus is a number of extra solves, 0 to 50 (got {config.preserve_focus})")
     if int(config.prompts_per_target) < 1:
         raise AblationError("prompts per target must be at least 1")
     if len({t.lower() for t in config.targets}) != len(config.targets):

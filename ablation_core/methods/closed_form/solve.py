@@ -35,6 +35,7 @@ from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL, AblationPatch,
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, EncodeCount, Progress, ProgressFn, no_progress
 from .embeddings import Moments, encode_units, pair_moments, preserved_moments
+from .focus import focused_solve, preserved_vectors
 from .settings import ClosedFormConfig, resolve_closed_form
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ClosedFormResult:
     seconds: float
     text_maps: dict[str, Tensor] | None = None
     moments: dict[str, Moments] | None = None
+    focus_vectors: dict[str, Tensor] | None = None
 
 
 def solve_text_map(moments: Moments, preserved: Tensor, preserved_count: int, mode: str, preserve_weight: float,
@@ -109,13 +111,16 @@ def _prompt_pairs(config: ClosedFormConfig) -> tuple[list[str], list[str]]:
 
 def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: ProgressFn | None = None,
                       should_cancel: CancelFn | None = None, base_patch: AblationPatch | None = None,
-                      extra_moments: dict[str, Moments] | None = None) -> ClosedFormResult:
+                      extra_moments: dict[str, Moments] | None = None,
+                      focus_vectors: dict[str, Tensor] | None = None) -> ClosedFormResult:
     """Erase every target of ``config`` in one solve; the model is not modified (the result is a patch).
 
     With ``base_patch`` the solve starts from the weights with that earlier patch added, and the result holds both
     changes (with the original model's fingerprint). ``extra_moments`` are more (target, anchor) embedding pairs to
     erase beside the prompts' own, per input stream (adversarial embeddings, say); the result's ``moments`` are the
-    prompts' own. Each input stream (``view.closed_form_layers()``) gets its own map; SD has one."""
+    prompts' own. Each input stream (``view.closed_form_layers()``) gets its own map; SD has one. With
+    ``config.preserve_focus`` the solve is repeated that many times with the preserved vectors it moves most weighing
+    more (``focus``); ``focus_vectors`` are those vectors when the caller holds them (robust rounds)."""
     started = time.perf_counter()
     report, canceller = on_progress or no_progress, Canceller(should_cancel)
 
@@ -131,7 +136,9 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     canceller.phase = "encoding prompts"
     target_prompts, anchor_prompts = _prompt_pairs(config)
     preserved_prompts = list(config.preserved_prompts or ())
-    count = EncodeCount(report, canceller, encode_units(view, target_prompts, anchor_prompts, preserved_prompts))
+    focus = int(config.preserve_focus) if preserved_prompts else 0
+    units = encode_units(view, target_prompts, anchor_prompts, preserved_prompts)
+    count = EncodeCount(report, canceller, units + (len(preserved_prompts) if focus and not focus_vectors else 0))
     count.add(0)
     own_moments = pair_moments(view, target_prompts, anchor_prompts, count)
     if all(m.count == 0 for m in own_moments.values()):
@@ -140,6 +147,8 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
                for s, m in own_moments.items()}
     preserved = (preserved_moments(view, preserved_prompts, count)
                  if preserved_prompts else {s: (torch.zeros_like(m.cc), 0) for s, m in moments.items()})
+    if focus and not focus_vectors:
+        focus_vectors = preserved_vectors(view, preserved_prompts, count, config.seed)
 
     # 3. Each stream's map, kept at low rank; 4. each layer's change ``W @ G`` as LoRA, and what it does.
     canceller.phase = "solving"
@@ -149,9 +158,13 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     maps: dict[str, Tensor] = {}
     done = 0
     for stream, layers in streams.items():
-        g, found = solve_text_map(moments[stream], *preserved[stream], str(config.mode),
+        def solve(preserved_sum: Tensor, preserved_count: int, stream: str = stream) -> tuple[Tensor, dict]:
+            return solve_text_map(moments[stream], preserved_sum, preserved_count, str(config.mode),
                                   float(config.preserve_weight), float(config.ridge),
                                   float(config.null_space_tolerance))
+
+        g, found = (focused_solve(focus_vectors[stream], focus, solve) if focus and focus_vectors
+                    else solve(*preserved[stream]))
         left, right, error = low_rank_map(g)
         found.update({"rank": left.shape[1], "map_relative_error": round(error, 8)})
         for layer in layers:
@@ -171,7 +184,7 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     patch.metadata[META + "base_fingerprint"] = fingerprint({layer.key: layer.weight for layer in all_layers})
     log.info("closed form: %d target(s) in %.2fs; targets moved %.0f%% onto their anchors", len(config.targets),
              seconds, 100 * stats["target_moved_fraction"])
-    return ClosedFormResult(patch, config, stats, seconds, maps, own_moments)
+    return ClosedFormResult(patch, config, stats, seconds, maps, own_moments, focus_vectors)
 
 
 def _layer_change(layer: Layer, left: Tensor, right: Tensor, base: dict[str, Tensor]) -> LayerDelta:

@@ -207,7 +207,8 @@ def robust_erase_closed_form(view: ModelView, config, on_progress: ProgressFn | 
         found += [describe(view, a) for a in adversaries]
         moments = adversarial_moments(view, twins, anchors, targets, adversaries)
         extra = moments if extra is None else {s: m.plus(moments[s]) for s, m in extra.items()}
-        result = erase_closed_form(view, config, on_progress, should_cancel, base_patch, extra_moments=extra)
+        result = erase_closed_form(view, config, on_progress, should_cancel, base_patch, extra_moments=extra,
+                                   focus_vectors=result.focus_vectors)
         seconds += result.seconds
     listed = (base_patch.listed("targets") if base_patch else []) + targets
     listed_anchors = (base_patch.listed("anchors") if base_patch else []) + [a for _, a in config.pairs()]
