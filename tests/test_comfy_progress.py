@@ -303,3 +303,14 @@ def test_a_long_training_step_moves_the_bar_while_it_runs_and_not_the_loss_curve
     inside = [b["fraction"] for a, b in zip(train, train[1:]) if b["within"] > 0 and b["fraction"] > a["fraction"]]
     assert inside, "a pulse moves the bar on"
     assert len([e for e in steps if e["loss"] is not None]) == steps[-1]["total"], "one loss a step"
+
+
+def test_a_pulses_share_is_continuous_monotone_and_below_its_cap():
+    from ablation_core.methods.progress import PULSE_KNEE, eased
+
+    shares = [eased(0.05 * k, 1.8) for k in range(200)]
+    below = [k for k in range(200) if 0.05 * k <= PULSE_KNEE * 1.8]
+    assert len(below) >= 26 and [shares[k] for k in below] == pytest.approx([0.05 * k for k in below])
+    assert all(b > a for a, b in zip(shares, shares[1:])) and shares[-1] < 1.8
+    assert max(abs(b - a) for a, b in zip(shares, shares[1:])) <= 0.05 + 1e-9, "no jump at the knee"
+    assert eased(3.0, 0.0) == 0.0, "nothing left to claim"

@@ -181,8 +181,10 @@ class Pacer:
 def eased(steps: float, most: float) -> float:
     """``steps`` up to ``PULSE_KNEE * most``, then ever slower toward ``most`` (never reaching it): continuous, with
     the same slope at the knee."""
+    if most <= 0:
+        return 0.0
     knee = PULSE_KNEE * most
-    if steps <= knee or most <= knee:
+    if steps <= knee:
         return steps
     room = most - knee
     return knee + room * (1 - math.exp(-(steps - knee) / room))
