@@ -295,3 +295,24 @@ def test_the_focus_through_a_solve_of_prompts(sd1_view):
     assert json.loads(focused.patch.metadata["ablation.settings"])["preserve_focus"] == 3
     with pytest.raises(AblationError, match="preserve focus"):
         erase_closed_form(sd1_view, replace(config, preserve_focus=-1))
+
+
+def test_a_focused_solve_encodes_the_preserved_prompts_once_and_holds_at_most_its_budget(sd1_view, monkeypatch):
+    from ablation_core.methods.closed_form import focus, solve
+    from ablation_core.methods.progress import EncodeCount, no_progress
+
+    def refuse(*_, **__):
+        raise AssertionError("the focus keeps the preserved set as vectors: no second encoding of its prompts")
+
+    monkeypatch.setattr(solve, "preserved_moments", refuse)
+    config = make_closed_form_config("Grumpy Cat", "cat", preserve=["a tree", "a dog"], preserve_focus=1, **TINY)
+    result = erase_closed_form(sd1_view, config)
+    prompts = list(result.config.preserved_prompts)
+    full = result.focus_vectors["context"]
+    assert result.stats["preserved_vectors"] == len(full)
+
+    monkeypatch.setattr(focus, "VECTOR_BYTES", full.numel())  # a quarter of the float32 rows' bytes
+    count = EncodeCount(no_progress, solve.Canceller(None), len(prompts))
+    sampled = focus.preserved_vectors(sd1_view, prompts, count)["context"]
+    assert 0 < len(sampled) <= len(full) // 4, "each chunk sampled to the budget's share"
+    assert count.done == len(prompts)

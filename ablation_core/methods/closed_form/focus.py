@@ -29,25 +29,31 @@ VECTOR_BYTES = 128 * 2**20  # preserved vectors kept for the focus, all streams 
 
 
 def preserved_vectors(view: ModelView, prompts: list[str], count: EncodeCount, seed: int = 0) -> dict[str, Tensor]:
-    """Every position of every preserved prompt, per input stream the closed form edits, as rows (float32, CPU); an
-    even sample of the rows where they would take more than ``VECTOR_BYTES``."""
+    """Every position of every preserved prompt, per input stream the closed form edits, as rows (float32, CPU); where
+    they would take more than ``VECTOR_BYTES``, an even sample of each chunk's rows, so no more is ever held."""
     streams = tuple(view.closed_form_layers())
     found: dict[str, list[Tensor]] = {stream: [] for stream in streams}
+    generator = torch.Generator().manual_seed(seed)
+    keep = 1.0
     step = max(1, view.encode_step)
     for start in range(0, len(prompts), step):
+        chunk = prompts[start:start + step]
         with torch.no_grad():
-            cond = encode_counted(view, prompts[start:start + step], count)
-        for stream in streams:
-            vectors = stream_vectors(cond, stream)
-            found[stream].append(vectors.reshape(-1, vectors.shape[-1]).float().cpu())
-    rows = {stream: torch.cat(parts) for stream, parts in found.items()}
-    size = sum(r.numel() * 4 for r in rows.values())
-    if size > VECTOR_BYTES:
-        keep = VECTOR_BYTES / size
-        generator = torch.Generator().manual_seed(seed)
-        rows = {s: r[torch.randperm(len(r), generator=generator)[:max(1, int(len(r) * keep))]] for s, r in
-                rows.items()}
-    return rows
+            cond = encode_counted(view, chunk, count)
+        rows = {s: stream_vectors(cond, s).flatten(0, 1).float().cpu() for s in streams}
+        if start == 0:  # every prompt has as many positions: the first chunk tells the whole set's size
+            size = sum(r.numel() * 4 for r in rows.values()) * len(prompts) / len(chunk)
+            keep = min(1.0, VECTOR_BYTES / size)
+        for stream, vectors in rows.items():
+            if keep < 1.0:
+                vectors = vectors[torch.randperm(len(vectors), generator=generator)[:max(1, int(len(vectors) * keep))]]
+            found[stream].append(vectors)
+    return {stream: torch.cat(parts) for stream, parts in found.items()}
+
+
+def vector_moments(vectors: dict[str, Tensor]) -> dict[str, tuple[Tensor, int]]:
+    """``sum p p^T`` and the number of vectors, per stream (what ``embeddings.preserved_moments`` gives for prompts)."""
+    return {stream: ((v.T @ v).double(), len(v)) for stream, v in vectors.items()}
 
 
 SolveFn = Callable[[Tensor, int], tuple[Tensor, dict[str, float]]]

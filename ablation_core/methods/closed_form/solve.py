@@ -35,7 +35,7 @@ from ...patches.patch import META, MODELSPEC_ARCH, SS_BASE_MODEL, AblationPatch,
 from .. import prompts as prompt_lib
 from ..progress import CancelFn, Canceller, EncodeCount, Progress, ProgressFn, no_progress
 from .embeddings import Moments, encode_units, pair_moments, preserved_moments
-from .focus import focused_solve, preserved_vectors
+from .focus import focused_solve, preserved_vectors, vector_moments
 from .settings import ClosedFormConfig, resolve_closed_form
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,9 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
     canceller.phase = "encoding prompts"
     target_prompts, anchor_prompts = _prompt_pairs(config)
     preserved_prompts = list(config.preserved_prompts or ())
+    # with the focus the preserved set is kept as vectors (its moments come from them), encoded once a run
     focus = int(config.preserve_focus) if preserved_prompts else 0
-    units = encode_units(view, target_prompts, anchor_prompts, preserved_prompts)
+    units = encode_units(view, target_prompts, anchor_prompts, [] if focus else preserved_prompts)
     count = EncodeCount(report, canceller, units + (len(preserved_prompts) if focus and not focus_vectors else 0))
     count.add(0)
     own_moments = pair_moments(view, target_prompts, anchor_prompts, count)
@@ -145,10 +146,13 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
         raise AblationError("the target prompts are identical to their anchor twins; nothing to erase")
     moments = {s: m.plus(extra_moments[s]) if extra_moments and s in extra_moments else m
                for s, m in own_moments.items()}
-    preserved = (preserved_moments(view, preserved_prompts, count)
-                 if preserved_prompts else {s: (torch.zeros_like(m.cc), 0) for s, m in moments.items()})
-    if focus and not focus_vectors:
-        focus_vectors = preserved_vectors(view, preserved_prompts, count, config.seed)
+    if focus:
+        focus_vectors = focus_vectors or preserved_vectors(view, preserved_prompts, count, config.seed)
+        preserved = vector_moments(focus_vectors)
+    elif preserved_prompts:
+        preserved = preserved_moments(view, preserved_prompts, count)
+    else:
+        preserved = {s: (torch.zeros_like(m.cc), 0) for s, m in moments.items()}
 
     # 3. Each stream's map, kept at low rank; 4. each layer's change ``W @ G`` as LoRA, and what it does.
     canceller.phase = "solving"
@@ -163,8 +167,7 @@ def erase_closed_form(view: ModelView, config: ClosedFormConfig, on_progress: Pr
                                   float(config.preserve_weight), float(config.ridge),
                                   float(config.null_space_tolerance))
 
-        g, found = (focused_solve(focus_vectors[stream], focus, solve) if focus and focus_vectors
-                    else solve(*preserved[stream]))
+        g, found = focused_solve(focus_vectors[stream], focus, solve) if focus else solve(*preserved[stream])
         left, right, error = low_rank_map(g)
         found.update({"rank": left.shape[1], "map_relative_error": round(error, 8)})
         for layer in layers:
